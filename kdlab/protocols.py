@@ -1,0 +1,57 @@
+"""The small protocols through which callbacks and the CLI reach a stage.
+
+Callbacks never poke into a stage's attributes: they check for one of these protocols
+(``isinstance(module, NeedsTeacher)``) and call its methods. A stage opts in by defining the
+attribute/methods; no inheritance is needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class NeedsTeacher(Protocol):
+    """A stage that scores with a live, frozen teacher.
+
+    ``needs_teacher`` may be False at run time (e.g. when teacher scores are read from the data),
+    in which case the teacher callback loads nothing.
+    """
+
+    needs_teacher: bool
+
+    def attach_teacher(self, teacher: nn.Module) -> None:
+        """Keep a reference to ``teacher`` without registering it as a submodule."""
+
+
+@runtime_checkable
+class HasBatchLoss(Protocol):
+    """A stage that can compute its training loss for a batch, used by the gradient-variance callback.
+
+    ``batch_loss`` must draw any randomness it needs (e.g. on-policy rollouts) afresh on every
+    call, so that M calls on one batch give M independent gradient estimates; it must not log,
+    step optimisers or change the stage's state.
+    """
+
+    def batch_loss(self, batch: Any) -> torch.Tensor:
+        """The scalar loss whose gradient is the stage's gradient estimate for ``batch``."""
+
+
+@runtime_checkable
+class ExportsPretrained(Protocol):
+    """A stage whose trained (served) model can be saved as an ordinary Hugging Face directory."""
+
+    def export_pretrained(self, directory: str) -> None:
+        """Write ``save_pretrained`` output (model + tokenizer) of the served model to ``directory``."""
+
+
+def attach_unregistered(owner: nn.Module, name: str, module: nn.Module | None) -> None:
+    """Store ``module`` on ``owner`` without making it a submodule.
+
+    The teacher must never be in ``state_dict``, ``parameters()``, ``.to()`` or the DDP wrapper;
+    writing through ``object.__setattr__`` bypasses ``nn.Module.__setattr__``'s registration.
+    """
+    object.__setattr__(owner, name, module)
