@@ -1,0 +1,250 @@
+"""Run directories: every run leaves a record that nothing else overwrites.
+
+Layout of one run::
+
+    runs/<name>/<YYYYmmdd-HHMMSS>-<6 hex>/
+        config.yaml      the resolved config (the seed actually used included)
+        manifest.json    git SHA + dirty flag, package versions, seed, devices, times, command line, status
+        metrics.json     final validation/test metrics (merged across fit → validate → test)
+        checkpoints/     Lightning checkpoints (``last.ckpt`` for resuming)
+        model/           the served model as a Hugging Face directory, when the stage exports one
+
+Every file is written atomically (temp file in the same directory + ``os.replace``), so a run
+killed at any moment leaves either the previous version of a file or the new one, never half.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from kdlab.protocols import ExportsPretrained
+
+RUN_DIR_ENV = "KDLAB_RUN_DIR"
+"""Set by the process that created a run directory, so DDP child ranks (which re-run the CLI)
+resolve the same directory instead of creating their own."""
+
+TRACKED_PACKAGES = (
+    "kdlab", "torch", "lightning", "transformers", "tokenizers", "torchmetrics", "jsonargparse",
+    "peft", "bitsandbytes", "wandb", "einops", "numpy",
+)
+
+
+# ----------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` so that readers only ever see the old or the complete new file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """Atomic, pretty, key-sorted JSON (sorted so equal records are byte-identical)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def replace_dir_atomic(build: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Move a fully built directory into place; an older ``target`` is removed only afterwards."""
+    target = Path(target)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{secrets.token_hex(3)}")
+        os.replace(target, old)
+        os.replace(build, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(build, target)
+
+
+# ----------------------------------------------------------------------------- run directory
+def new_run_dir(root: str | os.PathLike[str], name: str) -> Path:
+    """A fresh, never-before-used run directory ``root/name/<timestamp>-<random>``."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    while True:
+        candidate = Path(root) / name / f"{stamp}-{secrets.token_hex(3)}"
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+            return candidate
+        except FileExistsError:  # pragma: no cover - 1 in 16M per second
+            continue
+
+
+def resolve_run_dir(root: str, name: str, explicit: str | None) -> Path:
+    """The run directory for this process: explicit > inherited from the launching rank > new."""
+    if explicit:
+        path = Path(explicit)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited:
+        return Path(inherited)
+    return new_run_dir(root, name)
+
+
+def _git_state() -> dict[str, Any]:
+    """SHA and dirty flag of the checkout kdlab runs from (None outside a git checkout)."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10, check=True
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip()
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"sha": sha, "dirty": None if status is None else bool(status)}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            return None
+        value = value.item()
+    if isinstance(value, (int, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return None
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite scalar entries of a Lightning metrics mapping, as plain floats."""
+    out = {}
+    for key, value in metrics.items():
+        number = _as_float(value)
+        if number is not None:
+            out[key] = number
+    return out
+
+
+class RunRecord(L.Callback):
+    """Writes the run directory's record: config, manifest, metrics, and the exported model.
+
+    Added by the CLI to every run; only global rank 0 writes. The exported model goes to
+    ``model/`` when the stage follows :class:`kdlab.protocols.ExportsPretrained`.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], config_yaml: str, seed: int | None,
+                 command: str, export_model: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.config_yaml = config_yaml
+        self.seed = seed
+        self.command = command
+        self.export_model = export_model
+        self.manifest: dict[str, Any] = {}
+
+    # -- helpers
+    def _write_manifest(self, **updates: Any) -> None:
+        self.manifest.update(updates)
+        write_json_atomic(self.run_dir / "manifest.json", self.manifest)
+
+    def _merge_metrics(self, trainer: L.Trainer) -> None:
+        path = self.run_dir / "metrics.json"
+        current = json.loads(path.read_text()) if path.exists() else {}
+        current.update(scalar_metrics(trainer.callback_metrics))
+        write_json_atomic(path, current)
+
+    # -- hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero or self.manifest:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.run_dir / "config.yaml", self.config_yaml)
+        strategy = trainer.strategy
+        self._write_manifest(
+            command=self.command,
+            argv=sys.argv,
+            seed=self.seed,
+            git=_git_state(),
+            versions=package_versions(),
+            devices={
+                "accelerator": type(trainer.accelerator).__name__,
+                "strategy": type(strategy).__name__,
+                "world_size": trainer.world_size,
+                "num_nodes": trainer.num_nodes,
+                "root_device": str(strategy.root_device),
+                "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+                "cpu_count": os.cpu_count(),
+                "platform": platform.platform(),
+            },
+            start_time=_now(),
+            end_time=None,
+            status="running",
+            stage=type(pl_module).__qualname__,
+        )
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._merge_metrics(trainer)
+        if self.export_model and isinstance(pl_module, ExportsPretrained) and not trainer.sanity_checking:
+            if trainer.is_global_zero:
+                build = Path(tempfile.mkdtemp(prefix=".model.", dir=self.run_dir))
+                pl_module.export_pretrained(str(build))
+                replace_dir_atomic(build, self.run_dir / "model")
+            trainer.strategy.barrier("kdlab-export")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            self._merge_metrics(trainer)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._merge_metrics(trainer)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero and self.manifest:
+            status = "interrupted" if trainer.interrupted else "finished"
+            self._write_manifest(end_time=_now(), status=status,
+                                 global_step=trainer.global_step, epoch=trainer.current_epoch)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if trainer.is_global_zero and self.manifest:
+            self._write_manifest(end_time=_now(), status="failed", error=repr(exception)[:500])
