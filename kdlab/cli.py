@@ -353,7 +353,11 @@ def _argument_error_type() -> type[BaseException]:
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that are a user's mistake, shown as one line instead of a traceback."""
-    types: list[type[BaseException]] = [UserError, FileNotFoundError]
+    from kdlab.ablations import AblationError
+    from kdlab.runs import RunFailed
+    from kdlab.sweeps import SweepError
+
+    types: list[type[BaseException]] = [UserError, FileNotFoundError, SweepError, AblationError, RunFailed]
     try:
         from kdlab.data.readers import DataFormatError
 

@@ -248,3 +248,51 @@ class RunRecord(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.is_global_zero and self.manifest:
             self._write_manifest(end_time=_now(), status="failed", error=repr(exception)[:500])
+
+
+# ----------------------------------------------------------------------------- launching runs
+class RunFailed(RuntimeError):
+    """A launched run exited non-zero; the message names the run and the tail of its log."""
+
+
+def finished_metrics(run_dir: str | os.PathLike[str]) -> dict[str, float] | None:
+    """The metrics of a run directory whose manifest says it finished, else None (so: rerun it)."""
+    run_dir = Path(run_dir)
+    manifest, metrics = run_dir / "manifest.json", run_dir / "metrics.json"
+    if not (manifest.exists() and metrics.exists()):
+        return None
+    if json.loads(manifest.read_text()).get("status") != "finished":
+        return None
+    return json.loads(metrics.read_text())
+
+
+def launch_run(args: list[str], run_dir: str | os.PathLike[str], *, label: str | None = None,
+               command: str = "fit", quiet: bool = True) -> dict[str, float]:
+    """Run ``python -m kdlab <command> ARGS --run.dir RUN_DIR`` in a subprocess, unless already finished.
+
+    A subprocess per run keeps runs isolated (memory, global RNG, W&B state) and lets Lightning's
+    DDP launcher re-run the exact command. Output goes to ``RUN_DIR.log`` beside the run directory.
+    Returns the run's ``metrics.json``.
+    """
+    run_dir = Path(run_dir)
+    label = label or run_dir.name
+    done = finished_metrics(run_dir)
+    if done is not None:
+        print(f"[kdlab] {label}: finished earlier, reusing {run_dir}", flush=True)
+        return done
+    full = [sys.executable, "-m", "kdlab", command, *args, f"--run.dir={run_dir}"]
+    log_path = run_dir.with_name(run_dir.name + ".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[kdlab] {label}: started (log: {log_path})", flush=True)
+    env = dict(os.environ)
+    env.pop(RUN_DIR_ENV, None)
+    with open(log_path, "w") as log:
+        proc = subprocess.run(full, stdout=log if quiet else None, stderr=subprocess.STDOUT if quiet else None, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").strip().splitlines()[-8:])
+        raise RunFailed(f"{label} failed (exit {proc.returncode}): {' '.join(full[2:])}\nlog: {log_path}\n{tail}")
+    metrics = finished_metrics(run_dir)
+    if metrics is None:
+        raise RunFailed(f"{label} exited 0 but left no finished record in {run_dir}")
+    print(f"[kdlab] {label}: finished", flush=True)
+    return metrics

@@ -1,0 +1,219 @@
+"""``python -m kdlab ablate``: named variants × seeds of one base config, with a paired test.
+
+An ablation file::
+
+    name: disranker_loss
+    command: fit                       # the Lightning subcommand of every run
+    base: [--config, experiments/quickstart/disranker/distill.yaml]
+    setup:                             # optional runs made once, before the variants
+      teacher: [--config, experiments/quickstart/ketchup_teacher.yaml]
+    variants:                          # the FIRST variant is the reference of the paired tests
+      hybrid: []
+      point-only: [--model.init_args.beta=0]
+    seeds: [0, 1, 2]
+    metrics: [val/ndcg@10, val/pnr]
+    goals: {val/loss: minimize}        # default: maximize
+
+``{setup.NAME}`` anywhere in an argument, or inside a config file passed with ``--config``, is
+replaced by that setup run's directory (e.g. ``{setup.teacher}/model``). Run directories are
+``ROOT/NAME/<variant>/seed<k>``: a rerun skips finished runs, and the tables depend only on the
+metrics, so the same ablation on the same machine gives byte-identical tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdlab.runs import launch_run, write_json_atomic, write_text_atomic
+
+
+class AblationError(ValueError):
+    """A malformed ablation file: the message names the file and the field."""
+
+
+@dataclass
+class AblationSpec:
+    name: str
+    base: list[str]
+    variants: dict[str, list[str]]
+    seeds: list[int]
+    metrics: list[str]
+    command: str = "fit"
+    setup: dict[str, list[str]] = field(default_factory=dict)
+    goals: dict[str, str] = field(default_factory=dict)
+
+
+def load_ablation(path: str | Path) -> AblationSpec:
+    path = Path(path)
+    if not path.exists():
+        raise AblationError(f"{path}: no such ablation file")
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        raise AblationError(f"{path}: expected a mapping with base, variants, seeds, metrics")
+
+    def need(key: str, kind: type, what: str) -> Any:
+        value = raw.get(key)
+        if not isinstance(value, kind) or not value:
+            raise AblationError(f"{path}: field '{key}': expected {what}, got {value!r}")
+        return value
+
+    variants = need("variants", dict, "a mapping of variant name → list of overrides")
+    for name, overrides in variants.items():
+        if not isinstance(overrides, list):
+            raise AblationError(f"{path}: field 'variants.{name}': expected a list of CLI overrides")
+    seeds = need("seeds", list, "a list of integer seeds")
+    if not all(isinstance(s, int) for s in seeds):
+        raise AblationError(f"{path}: field 'seeds': expected integers, got {seeds!r}")
+    return AblationSpec(
+        name=str(raw.get("name") or path.stem),
+        base=[str(a) for a in need("base", list, "a list of CLI arguments")],
+        variants={str(k): [str(a) for a in v] for k, v in variants.items()},
+        seeds=seeds,
+        metrics=[str(m) for m in need("metrics", list, "a list of metric names")],
+        command=str(raw.get("command", "fit")),
+        setup={str(k): [str(a) for a in v] for k, v in (raw.get("setup") or {}).items()},
+        goals={str(k): str(v) for k, v in (raw.get("goals") or {}).items()},
+    )
+
+
+def _render_args(args: list[str], setup_dirs: dict[str, Path], configs_dir: Path) -> list[str]:
+    """Substitute ``{setup.NAME}`` in arguments and in the config files they name."""
+
+    def sub(text: str) -> str:
+        for name, directory in setup_dirs.items():
+            text = text.replace(f"{{setup.{name}}}", str(directory))
+        return text
+
+    out: list[str] = []
+    previous = ""
+    for arg in args:
+        arg = sub(arg)
+        if previous in ("--config", "-c") and "{setup." in Path(arg).read_text():
+            rendered = sub(Path(arg).read_text())
+            digest = hashlib.sha1(rendered.encode()).hexdigest()[:8]
+            target = configs_dir / f"{Path(arg).stem}-{digest}.yaml"
+            write_text_atomic(target, rendered)
+            arg = str(target)
+        out.append(arg)
+        previous = arg
+    return out
+
+
+def run_ablation(config_path: str, root: str = "runs/ablations", jobs: int = 1) -> Path:
+    """Run every variant × seed (resumable) and write ``ablation.md``, ``ablation.json``, ``ablation.png``."""
+    spec = load_ablation(config_path)
+    out_dir = Path(root) / spec.name
+    setup_dirs: dict[str, Path] = {}
+    for name, args in spec.setup.items():
+        run_dir = out_dir / f"setup-{name}"
+        launch_run(_render_args(args, setup_dirs, out_dir / "configs"), run_dir, label=f"setup {name}")
+        setup_dirs[name] = run_dir.resolve()
+
+    cells = [(variant, seed) for variant in spec.variants for seed in spec.seeds]
+
+    def one(cell: tuple[str, int]) -> dict[str, float]:
+        variant, seed = cell
+        args = _render_args([*spec.base, *spec.variants[variant], f"--seed_everything={seed}"], setup_dirs,
+                            out_dir / "configs")
+        return launch_run(args, out_dir / _slug(variant) / f"seed{seed}", command=spec.command,
+                          label=f"{spec.name}: {variant}, seed {seed}")
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        results = dict(zip(cells, pool.map(one, cells)))
+    table = {variant: {m: [results[(variant, s)].get(m, math.nan) for s in spec.seeds] for m in spec.metrics}
+             for variant in spec.variants}
+    write_json_atomic(out_dir / "ablation.json", {"seeds": spec.seeds, "metrics": table})
+    plot_ablation(spec, table, out_dir / "ablation.png")
+    report = out_dir / "ablation.md"
+    write_text_atomic(report, ablation_markdown(spec, table))
+    return report
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_=." else "_" for c in text)
+
+
+def summarize(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1; 0 for a single seed), NaNs ignored."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan
+    mean = sum(finite) / len(finite)
+    if len(finite) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+
+
+def paired_p_value(values: list[float], reference: list[float]) -> float:
+    """Two-sided paired t-test across seeds (scipy); NaN when undefined (n < 2 or no variance)."""
+    from scipy import stats
+
+    pairs = [(a, b) for a, b in zip(values, reference) if not (math.isnan(a) or math.isnan(b))]
+    if len(pairs) < 2:
+        return math.nan
+    diffs = [a - b for a, b in pairs]
+    if all(d == diffs[0] for d in diffs):
+        return math.nan if diffs[0] == 0 else 0.0
+    return float(stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue)
+
+
+def ablation_markdown(spec: AblationSpec, table: dict[str, dict[str, list[float]]]) -> str:
+    variants = list(spec.variants)
+    reference = variants[0]
+    lines = [f"# Ablation: {spec.name}", "",
+             f"Seeds: {', '.join(map(str, spec.seeds))} · command: `{spec.command}` · base: `{' '.join(spec.base)}`",
+             f"Mean ± sample std over seeds; best mean per metric in **bold**; p = two-sided paired t-test "
+             f"across seeds against `{reference}` (– where undefined).", "",
+             "| variant | " + " | ".join(spec.metrics) + " | " + " | ".join(f"p ({m})" for m in spec.metrics) + " |",
+             "|---" * (1 + 2 * len(spec.metrics)) + "|"]
+    best: dict[str, float] = {}
+    for metric in spec.metrics:
+        means = [summarize(table[v][metric])[0] for v in variants]
+        finite = [m for m in means if not math.isnan(m)]
+        if finite:
+            best[metric] = (min if spec.goals.get(metric) == "minimize" else max)(finite)
+    for variant in variants:
+        cells, pvalues = [], []
+        for metric in spec.metrics:
+            mean, std = summarize(table[variant][metric])
+            text = "n/a" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
+            cells.append(f"**{text}**" if metric in best and mean == best[metric] else text)
+            p = math.nan if variant == reference else paired_p_value(table[variant][metric], table[reference][metric])
+            pvalues.append("–" if math.isnan(p) else f"{p:.3g}")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " | " + " | ".join(pvalues) + " |")
+    lines += ["", "Per-seed values:", ""]
+    for variant in variants:
+        for metric in spec.metrics:
+            lines.append(f"- {variant} · {metric}: " + ", ".join(f"{v:.6g}" for v in table[variant][metric]))
+    return "\n".join(lines) + "\n"
+
+
+def plot_ablation(spec: AblationSpec, table: dict[str, dict[str, list[float]]], path: Path) -> None:
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(spec.variants)
+    fig, axes = plt.subplots(1, len(spec.metrics), figsize=(4.5 * len(spec.metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], spec.metrics):
+        stats = [summarize(table[v][metric]) for v in variants]
+        ax.bar(range(len(variants)), [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=4, color="#4c72b0")
+        ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
+        ax.set_title(metric)
+    fig.suptitle(f"{spec.name} (mean ± std over {len(spec.seeds)} seeds)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(tmp, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,257 @@
+"""Collators (dynamic padding) and the length-bucketing batch sampler.
+
+Batches are padded to the longest sequence *in the batch*, never to a global maximum: on CPU and
+on GPUs alike, padding is wasted compute. Bucketing (grouping similar lengths) cuts it further.
+
+The batch sampler yields ``(index, epoch)`` keys rather than bare indices, so a dataset can draw
+per-epoch randomness (training negatives) from a generator seeded by (seed, epoch, index): the
+result is identical across runs, across ``num_workers`` and across DDP world sizes for one index.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import BatchSampler, Sampler
+
+IGNORE_INDEX = -100
+
+
+class EpochSequentialSampler(Sampler[int]):
+    """Indices ``0..n-1`` in order, with an ``epoch`` attribute that Lightning sets each epoch
+    (it calls ``set_epoch`` on ``batch_sampler.sampler``). Under DDP Lightning swaps it for a
+    ``DistributedSampler``, which has the same attribute; the batch sampler reads either."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.size))
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class BucketBatchSampler(BatchSampler):
+    """Batches of dataset keys ``(index, epoch)``, optionally grouped by length.
+
+    Per epoch: take the indices of ``sampler`` (this rank's shard under DDP, where Lightning
+    injects a ``DistributedSampler`` through the ``sampler`` argument), shuffle them with a
+    generator seeded by (seed, epoch) when ``shuffle``; when ``bucket``, cut them into chunks of
+    ``batch_size * bucket_multiplier``, sort each chunk by length and cut it into batches; finally
+    shuffle the batch order (again seeded). Same seed and epoch → same batches.
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler[int] | Sequence[int],
+        batch_size: int,
+        drop_last: bool = False,
+        *,
+        lengths: Sequence[int],
+        shuffle: bool = True,
+        bucket: bool = True,
+        seed: int = 0,
+        bucket_multiplier: int = 50,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.lengths = list(lengths)
+        self.shuffle = shuffle
+        self.bucket = bucket
+        self.seed = seed
+        self.bucket_multiplier = bucket_multiplier
+        self._epoch = 0
+
+    @property
+    def epoch(self) -> int:
+        return int(getattr(self.sampler, "epoch", self._epoch))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch here and on the inner sampler (Lightning does the latter itself)."""
+        self._epoch = epoch
+        if callable(getattr(self.sampler, "set_epoch", None)):
+            self.sampler.set_epoch(epoch)
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches as lists of dataset indices."""
+        epoch = self.epoch
+        indices = list(iter(self.sampler))
+        rng = random.Random(f"bucket:{self.seed}:{epoch}")
+        if self.shuffle:
+            rng.shuffle(indices)
+        if self.bucket:
+            chunk = self.batch_size * max(1, self.bucket_multiplier)
+            ordered: list[int] = []
+            for start in range(0, len(indices), chunk):
+                ordered.extend(sorted(indices[start:start + chunk], key=lambda i: (self.lengths[i], i)))
+            indices = ordered
+        batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.shuffle and self.bucket:
+            rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.epoch
+        for batch in self.batches():
+            yield [(i, epoch) for i in batch]
+
+    def __len__(self) -> int:
+        n = len(self.sampler)  # type: ignore[arg-type]
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+def split_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    """``(index, epoch)`` from a sampler key; a bare index (plain samplers) means epoch 0."""
+    if isinstance(key, tuple):
+        return int(key[0]), int(key[1])
+    return int(key), 0
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int,
+                  side: Literal["right", "left"] = "right") -> torch.Tensor:
+    """Stack integer sequences into ``[B, T]`` padded to the longest one (``T >= 1``)."""
+    width = max([len(s) for s in seqs] + [1])
+    out = torch.full((len(seqs), width), pad_value, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if not seq:
+            continue
+        values = torch.as_tensor(list(seq), dtype=torch.long)
+        if side == "right":
+            out[row, : len(seq)] = values
+        else:
+            out[row, width - len(seq):] = values
+    return out
+
+
+class CausalLMCollator:
+    """Collate ``{"prompt_ids", "target_ids", "target_text"?}`` items into a causal-LM batch.
+
+    ``input_ids = prompt + target`` right-padded; ``labels`` copy ``input_ids`` with -100 on the
+    prompt (unless ``loss_on_prompt``) and on padding. With ``with_prompts`` the batch also has
+    ``prompt_input_ids``/``prompt_attention_mask`` LEFT-padded (so ``generate`` continues every row
+    from its last real token) and ``target_text``.
+    """
+
+    def __init__(self, pad_token_id: int, *, loss_on_prompt: bool = False, with_prompts: bool = False) -> None:
+        self.pad_token_id = pad_token_id
+        self.loss_on_prompt = loss_on_prompt
+        self.with_prompts = with_prompts
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        full = [list(it["prompt_ids"]) + list(it["target_ids"]) for it in items]
+        labels_rows = []
+        for it in items:
+            prompt_labels = list(it["prompt_ids"]) if self.loss_on_prompt else [IGNORE_INDEX] * len(it["prompt_ids"])
+            labels_rows.append(prompt_labels + list(it["target_ids"]))
+        input_ids = pad_sequences(full, self.pad_token_id)
+        attention_mask = pad_sequences([[1] * len(s) for s in full], 0)
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": pad_sequences(labels_rows, IGNORE_INDEX),
+        }
+        if self.with_prompts:
+            prompts = [list(it["prompt_ids"]) for it in items]
+            batch["prompt_input_ids"] = pad_sequences(prompts, self.pad_token_id, side="left")
+            batch["prompt_attention_mask"] = pad_sequences([[1] * len(p) for p in prompts], 0, side="left")
+            batch["target_text"] = [str(it.get("target_text", "")) for it in items]
+        return batch
+
+
+class RankingCollator:
+    """Collate ranking groups into the contract batch (see DEVELOPERS.md, "Ranking groups").
+
+    Items: ``{"query", "query_id", "query_index", "docs": [(doc_id, title, body)], "labels",
+    "teacher_scores" (list, NaN = missing) }``. Groups shorter than N (``group_size`` if given, else
+    the batch's largest group) are padded with ``doc_mask=False`` slots whose text is the query with
+    an empty document — real tokens, so no row is all-padding (an all-masked attention row gives NaN
+    in some attention kernels). Tokenizing here (not in ``setup``) keeps memory flat for large runs.
+
+    ``cross-encoder`` text: ``tokenizer(query, title + " " + body)`` (``[CLS] q [SEP] d [SEP]``,
+    with token_type_ids). ``decoder`` text: ``query: {q} document: {title} {body}`` + EOS, encoded
+    without special tokens; rows are right-padded, so the score token is at ``attention_mask.sum(-1) - 1``.
+    """
+
+    def __init__(self, tokenizer: Any, text_format: Literal["cross-encoder", "decoder"] = "cross-encoder",
+                 max_length: int = 128, group_size: int | None = None, with_teacher_scores: bool = False) -> None:
+        if text_format not in ("cross-encoder", "decoder"):
+            raise ValueError(f"text_format must be 'cross-encoder' or 'decoder', got {text_format!r}")
+        if text_format == "decoder" and tokenizer.eos_token_id is None:
+            raise ValueError("the decoder text format needs a tokenizer with an EOS token")
+        self.tokenizer = tokenizer
+        self.text_format = text_format
+        self.max_length = max_length
+        self.group_size = group_size
+        self.with_teacher_scores = with_teacher_scores
+
+    def encode(self, query: str, doc_text: str) -> dict[str, list[int]]:
+        """Token ids (and token types for cross-encoders) of one (query, document) pair."""
+        if self.text_format == "cross-encoder":
+            enc = self.tokenizer(query, doc_text, truncation=True, max_length=self.max_length)
+            out = {"input_ids": list(enc["input_ids"])}
+            if "token_type_ids" in enc:
+                out["token_type_ids"] = list(enc["token_type_ids"])
+            return out
+        text = f"query: {query} document: {doc_text}".rstrip()
+        ids = self.tokenizer(text, add_special_tokens=False, truncation=True,
+                             max_length=max(1, self.max_length - 1))["input_ids"]
+        return {"input_ids": list(ids) + [self.tokenizer.eos_token_id]}
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        n = self.group_size or max(len(it["docs"]) for it in items)
+        encodings: list[dict[str, list[int]]] = []
+        labels = torch.zeros(len(items), n, dtype=torch.float32)
+        doc_mask = torch.zeros(len(items), n, dtype=torch.bool)
+        teacher = torch.full((len(items), n), float("nan"), dtype=torch.float32)
+        doc_ids: list[list[str]] = []
+        for g, it in enumerate(items):
+            docs = list(it["docs"])[:n]
+            ids = []
+            for j in range(n):
+                if j < len(docs):
+                    doc_id, title, body = docs[j]
+                    encodings.append(self.encode(it["query"], f"{title} {body}".strip()))
+                    labels[g, j] = float(it["labels"][j])
+                    teacher[g, j] = float(it["teacher_scores"][j])
+                    doc_mask[g, j] = True
+                    ids.append(doc_id)
+                else:
+                    encodings.append(self.encode(it["query"], ""))
+                    ids.append("")
+            doc_ids.append(ids)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        batch: dict[str, Any] = {
+            "input_ids": pad_sequences([e["input_ids"] for e in encodings], pad_id),
+            "attention_mask": pad_sequences([[1] * len(e["input_ids"]) for e in encodings], 0),
+        }
+        if all("token_type_ids" in e for e in encodings):
+            batch["token_type_ids"] = pad_sequences([e["token_type_ids"] for e in encodings], 0)
+        batch["labels"] = labels
+        batch["doc_mask"] = doc_mask
+        if self.with_teacher_scores:
+            batch["teacher_scores"] = teacher
+        batch["query_index"] = torch.tensor([int(it["query_index"]) for it in items], dtype=torch.long)
+        batch["group_size"] = n
+        batch["doc_ids"] = doc_ids
+        batch["query_ids"] = [str(it["query_id"]) for it in items]
+        return batch
+
+
+__all__ = [
+    "IGNORE_INDEX", "BucketBatchSampler", "CausalLMCollator", "EpochSequentialSampler",
+    "RankingCollator", "pad_sequences", "split_key",
+]

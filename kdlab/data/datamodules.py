@@ -1,0 +1,411 @@
+"""LightningDataModules for click logs (CPT), ranking groups (rank SFT / distillation) and seq2seq
+(KETCHUP). Every ``__init__`` argument is typed, so LightningCLI exposes it as
+``--data.init_args.<name>``; every path defaults to the embedded sample so configs run offline.
+
+Files are read and validated in ``setup()`` — a malformed file raises :class:`DataFormatError`
+(file:line:field) before the first training step. Loaders use :class:`BucketBatchSampler`: its
+``sampler`` argument is where Lightning injects a ``DistributedSampler`` under DDP, so each rank
+gets its own shard and batches stay deterministic from (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from kdlab.data import sample_path
+from kdlab.data.collators import (
+    BucketBatchSampler,
+    CausalLMCollator,
+    EpochSequentialSampler,
+    RankingCollator,
+    split_key,
+)
+from kdlab.data.readers import (
+    ClickRecord,
+    RankingGroup,
+    Seq2SeqPair,
+    read_clicks_jsonl,
+    read_ranking_jsonl,
+    read_seq2seq_jsonl,
+)
+
+
+def load_data_tokenizer(name: str) -> Any:
+    """The tokenizer for ``name`` through the one backbone loader (``tiny-*`` → sample tokenizer)."""
+    from kdlab.models.backbones import load_tokenizer
+
+    return load_tokenizer(name)
+
+
+def _make_loader(dataset: Dataset, collate: Any, lengths: Sequence[int], batch_size: int, *,
+                 shuffle: bool, bucket: bool, seed: int, num_workers: int) -> DataLoader:
+    sampler = BucketBatchSampler(EpochSequentialSampler(len(lengths)), batch_size, False,
+                                 lengths=lengths, shuffle=shuffle, bucket=bucket, seed=seed)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                      persistent_workers=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ranking
+
+
+def _group_lengths(groups: Sequence[RankingGroup]) -> list[int]:
+    """A character-count proxy of each group's longest (query, document) pair, for bucketing
+    (exact token counts would mean tokenizing every pair up front)."""
+    return [len(g.query) + max(len(d.text) for d in g.docs) for g in groups]
+
+
+class RankingTrainDataset(Dataset):
+    """Training groups: 1 positive + ``num_negatives`` negatives (``positive-vs-negatives``), or all
+    candidates in file order (``all``). Missing labels count as 0.
+
+    The positive is a document with the group's highest label (ties broken at random); negatives are
+    drawn without replacement from documents with a strictly lower label. The generator is seeded by
+    (seed, epoch, query index), so the draw is the same on every run, worker and rank. Groups whose
+    documents all share one label carry no ranking signal and are skipped (``skipped`` counts them).
+    """
+
+    def __init__(self, groups: Sequence[RankingGroup], num_negatives: int = 7,
+                 sampling: Literal["positive-vs-negatives", "all"] = "positive-vs-negatives", seed: int = 0) -> None:
+        if num_negatives < 0:
+            raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
+        self.num_negatives = num_negatives
+        self.sampling = sampling
+        self.seed = seed
+        self.entries: list[tuple[int, RankingGroup]] = []
+        for index, g in enumerate(groups):
+            labels = [d.label or 0.0 for d in g.docs]
+            if max(labels) > min(labels):
+                self.entries.append((index, g))
+        self.skipped = len(groups) - len(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, epoch = split_key(key)
+        query_index, g = self.entries[index]
+        docs = list(g.docs)
+        if self.sampling == "positive-vs-negatives":
+            rng = random.Random(f"negatives:{self.seed}:{epoch}:{query_index}")
+            labels = [d.label or 0.0 for d in docs]
+            top = max(labels)
+            positive = rng.choice([d for d, y in zip(docs, labels) if y == top])
+            pool = [d for d, y in zip(docs, labels) if y < top]
+            negatives = rng.sample(pool, min(self.num_negatives, len(pool)))
+            docs = [positive] + negatives
+        return _group_item(g, query_index, docs)
+
+
+class RankingEvalDataset(Dataset):
+    """Evaluation groups: every candidate of a query in file order (the first ``max_docs`` if set)."""
+
+    def __init__(self, groups: Sequence[RankingGroup], max_docs: int | None = None) -> None:
+        self.groups = list(groups)
+        self.max_docs = max_docs
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, _ = split_key(key)
+        g = self.groups[index]
+        docs = list(g.docs)[: self.max_docs] if self.max_docs else list(g.docs)
+        return _group_item(g, index, docs)
+
+
+def _group_item(g: RankingGroup, query_index: int, docs: Sequence[Any]) -> dict[str, Any]:
+    return {
+        "query": g.query, "query_id": g.query_id, "query_index": query_index,
+        "docs": [(d.id, d.title, d.body) for d in docs],
+        "labels": [d.label if d.label is not None else 0.0 for d in docs],
+        "teacher_scores": [d.teacher_score if d.teacher_score is not None else math.nan for d in docs],
+    }
+
+
+class RankingDataModule(L.LightningDataModule):
+    """Ranking groups for cross-encoder or decoder rankers (batch contract: DEVELOPERS.md).
+
+    Paths left ``None`` read the embedded sample (``ranking_{train,val,test}.jsonl``; predict →
+    test). ``batch_size``/``eval_batch_size`` count query groups, so a training step sees
+    ``batch_size * (1 + num_negatives)`` sequences.
+    """
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        predict_path: str | None = None,
+        tokenizer: str = "tiny-bert",
+        text_format: Literal["cross-encoder", "decoder"] = "cross-encoder",
+        num_negatives: int = 7,
+        train_group_sampling: Literal["positive-vs-negatives", "all"] = "positive-vs-negatives",
+        eval_max_docs: int | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int = 8,
+        max_length: int = 128,
+        bucket_by_length: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.paths = {
+            "train": train_path or sample_path("ranking_train.jsonl"),
+            "val": val_path or sample_path("ranking_val.jsonl"),
+            "test": test_path or sample_path("ranking_test.jsonl"),
+            "predict": predict_path or test_path or sample_path("ranking_test.jsonl"),
+        }
+        self.tokenizer_name = tokenizer
+        self.text_format = text_format
+        self.num_negatives = num_negatives
+        self.train_group_sampling = train_group_sampling
+        self.eval_max_docs = eval_max_docs
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.max_length = max_length
+        self.bucket_by_length = bucket_by_length
+        self.seed = seed
+        self.num_workers = num_workers
+        self.tokenizer: Any = None
+        self.groups: dict[str, list[RankingGroup]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read (and validate) the files the stage needs; load the tokenizer once."""
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        for split in needed.get(stage or "", ("train", "val", "test")):
+            if split not in self.groups:
+                self.groups[split] = read_ranking_jsonl(self.paths[split])
+        if self.tokenizer is None:
+            self.tokenizer = load_data_tokenizer(self.tokenizer_name)
+
+    def has_teacher_scores(self, split: str) -> bool:
+        """Whether any document of ``split`` carries a ``teacher_score``."""
+        return any(d.teacher_score is not None for g in self.groups[split] for d in g.docs)
+
+    def _collator(self, split: str, group_size: int | None) -> RankingCollator:
+        return RankingCollator(self.tokenizer, self.text_format, self.max_length, group_size,
+                               with_teacher_scores=self.has_teacher_scores(split))
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = RankingTrainDataset(self.groups["train"], self.num_negatives, self.train_group_sampling, self.seed)
+        if len(dataset) == 0:
+            raise ValueError(f"{self.paths['train']}: no query has two documents with different labels; "
+                             "nothing to train a ranker on")
+        group_size = 1 + self.num_negatives if self.train_group_sampling == "positive-vs-negatives" else None
+        lengths = _group_lengths([g for _, g in dataset.entries])
+        return _make_loader(dataset, self._collator("train", group_size), lengths, self.batch_size,
+                            shuffle=True, bucket=self.bucket_by_length, seed=self.seed, num_workers=self.num_workers)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        groups = self.groups[split]
+        return _make_loader(RankingEvalDataset(groups, self.eval_max_docs), self._collator(split, None),
+                            _group_lengths(groups), self.eval_batch_size, shuffle=False,
+                            bucket=self.bucket_by_length, seed=self.seed, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("predict")
+
+
+# --------------------------------------------------------------------------------------------------
+# Causal LM: click logs and seq2seq
+
+
+class TokenizedDataset(Dataset):
+    """Pre-tokenized items (``prompt_ids``, ``target_ids``, ...); keys may be ``(index, epoch)``."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        return self.items[split_key(key)[0]]
+
+    def lengths(self) -> list[int]:
+        return [len(it["prompt_ids"]) + len(it["target_ids"]) for it in self.items]
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+class ClickLogDataModule(L.LightningDataModule):
+    """Causal-LM batches for continued pre-training on click logs: the prompt is the query
+    (``prompt_template``), the target the clicked title + summary (``target_template``) + EOS.
+    ``labels`` are -100 on the prompt (unless ``loss_on_prompt``) and on padding. Sequences longer
+    than ``max_length`` keep the prompt (cut to half of ``max_length`` if needed) and cut the target.
+    """
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        tokenizer: str = "tiny-llama",
+        max_length: int = 128,
+        loss_on_prompt: bool = False,
+        prompt_template: str = "query: {query}\n",
+        target_template: str = "{title}\n{summary}",
+        batch_size: int = 16,
+        bucket_by_length: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if max_length < 4:
+            raise ValueError(f"max_length must be >= 4, got {max_length}")
+        for name, template, keys in (("prompt_template", prompt_template, ("query",)),
+                                     ("target_template", target_template, ("title", "summary"))):
+            try:
+                template.format(**{k: "" for k in keys})
+            except (KeyError, IndexError, ValueError) as err:
+                raise ValueError(f"{name} {template!r} may only use {{{'}, {'.join(keys)}}}: {err}") from None
+        self.paths = {"train": train_path or sample_path("clicks_train.jsonl"),
+                      "val": val_path or sample_path("clicks_val.jsonl")}
+        self.tokenizer_name = tokenizer
+        self.max_length = max_length
+        self.loss_on_prompt = loss_on_prompt
+        self.prompt_template = prompt_template
+        self.target_template = target_template
+        self.batch_size = batch_size
+        self.bucket_by_length = bucket_by_length
+        self.seed = seed
+        self.num_workers = num_workers
+        self.tokenizer: Any = None
+        self.datasets: dict[str, TokenizedDataset] = {}
+
+    def encode(self, record: ClickRecord) -> dict[str, Any]:
+        """Prompt and target token ids of one click (target ends with EOS)."""
+        tok = self.tokenizer
+        prompt = _ids(tok, self.prompt_template.format(query=record.query))
+        prompt = prompt[: self.max_length // 2] if len(prompt) + 2 > self.max_length else prompt
+        target = _ids(tok, self.target_template.format(title=record.title, summary=record.summary))
+        target = target[: self.max_length - len(prompt) - 1] + [tok.eos_token_id]
+        return {"prompt_ids": prompt, "target_ids": target}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_data_tokenizer(self.tokenizer_name)
+        splits = {"fit": ("train", "val"), "validate": ("val",)}.get(stage or "", ("train", "val"))
+        for split in splits:
+            if split not in self.datasets:
+                self.datasets[split] = TokenizedDataset([self.encode(r) for r in read_clicks_jsonl(self.paths[split])])
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        ds = self.datasets[split]
+        return _make_loader(ds, CausalLMCollator(self.tokenizer.pad_token_id, loss_on_prompt=self.loss_on_prompt),
+                            ds.lengths(), self.batch_size, shuffle=shuffle, bucket=self.bucket_by_length,
+                            seed=self.seed, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+
+class Seq2SeqDataModule(L.LightningDataModule):
+    """Source → target pairs as causal-LM batches (for CE/KD warm-up) plus what generation and RL
+    need: ``prompt_input_ids``/``prompt_attention_mask`` LEFT-padded and ``target_text``.
+
+    The prompt is ``prompt_template`` with the source cut to ``max_source_length`` tokens (the
+    template's text around ``{source}`` is kept whole); the target is cut to ``max_target_length``
+    tokens and ends with EOS. Paths left ``None`` read the embedded sample; predict → test.
+    """
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        predict_path: str | None = None,
+        tokenizer: str = "tiny-llama",
+        prompt_template: str = "summarize: {source}\nsummary:",
+        max_source_length: int = 96,
+        max_target_length: int = 32,
+        loss_on_prompt: bool = False,
+        batch_size: int = 16,
+        eval_batch_size: int = 16,
+        bucket_by_length: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if prompt_template.count("{source}") != 1:
+            raise ValueError(f"prompt_template must contain '{{source}}' exactly once, got {prompt_template!r}")
+        if max_source_length < 1 or max_target_length < 1:
+            raise ValueError("max_source_length and max_target_length must be >= 1")
+        self.paths = {
+            "train": train_path or sample_path("seq2seq_train.jsonl"),
+            "val": val_path or sample_path("seq2seq_val.jsonl"),
+            "test": test_path or sample_path("seq2seq_test.jsonl"),
+            "predict": predict_path or test_path or sample_path("seq2seq_test.jsonl"),
+        }
+        self.tokenizer_name = tokenizer
+        self.prompt_template = prompt_template
+        self.max_source_length = max_source_length
+        self.max_target_length = max_target_length
+        self.loss_on_prompt = loss_on_prompt
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.bucket_by_length = bucket_by_length
+        self.seed = seed
+        self.num_workers = num_workers
+        self.tokenizer: Any = None
+        self.datasets: dict[str, TokenizedDataset] = {}
+
+    def encode(self, pair: Seq2SeqPair) -> dict[str, Any]:
+        """Prompt ids (template prefix + truncated source + suffix) and target ids + EOS."""
+        tok = self.tokenizer
+        prefix, suffix = self.prompt_template.split("{source}")
+        prompt = _ids(tok, prefix) + _ids(tok, pair.source)[: self.max_source_length] + _ids(tok, suffix)
+        target = _ids(tok, pair.target)[: self.max_target_length] + [tok.eos_token_id]
+        return {"prompt_ids": prompt, "target_ids": target, "target_text": pair.target}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_data_tokenizer(self.tokenizer_name)
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        for split in needed.get(stage or "", ("train", "val", "test")):
+            if split not in self.datasets:
+                self.datasets[split] = TokenizedDataset([self.encode(p) for p in read_seq2seq_jsonl(self.paths[split])])
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        ds = self.datasets[split]
+        collate = CausalLMCollator(self.tokenizer.pad_token_id, loss_on_prompt=self.loss_on_prompt, with_prompts=True)
+        return _make_loader(ds, collate, ds.lengths(), batch_size, shuffle=shuffle, bucket=self.bucket_by_length,
+                            seed=self.seed, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", False, self.eval_batch_size)
+
+
+__all__ = [
+    "ClickLogDataModule", "RankingDataModule", "RankingEvalDataset", "RankingTrainDataset",
+    "Seq2SeqDataModule", "TokenizedDataset", "load_data_tokenizer",
+]

@@ -1,0 +1,553 @@
+"""Readers for the formats kdlab users bring, with one-line errors a person can act on.
+
+Every malformed input raises :class:`DataFormatError` naming the file, the line (1-based) and the
+field, and saying what was expected, e.g.::
+
+    data.jsonl:17: field 'docs[2].label': expected a number, got 'high'
+
+Readers validate everything up front (they are called from ``DataModule.setup``), so a bad file
+fails before any training step rather than in the middle of an epoch.
+
+Formats: JSONL ranking groups, click logs and seq2seq pairs; MS MARCO TSV collection/queries;
+TREC qrels and run files; BEIR directories. :func:`assemble_ranking_groups` turns a collection +
+queries + qrels + run into the same ranking groups the JSONL reader yields, so every format feeds
+one data module (write them with :func:`write_ranking_jsonl`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PathLike = str | os.PathLike
+
+
+class DataFormatError(ValueError):
+    """A malformed input file. ``str(err)`` is the whole user-facing message, on one line."""
+
+    def __init__(self, path: PathLike, line: int | None, field: str | None, message: str) -> None:
+        self.path = str(path)
+        self.line = line
+        self.field = field
+        self.message = message
+        where = self.path if line is None else f"{self.path}:{line}"
+        what = f" field '{field}':" if field else ""
+        super().__init__(f"{where}:{what} {message}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass(frozen=True)
+class RankingDoc:
+    """One candidate document of a ranking group. ``label``/``teacher_score`` are None when absent."""
+
+    id: str
+    title: str
+    body: str
+    label: float | None = None
+    teacher_score: float | None = None
+
+    @property
+    def text(self) -> str:
+        """Title and body joined by a space (what a cross-encoder reads as the document)."""
+        return f"{self.title} {self.body}".strip()
+
+
+@dataclass(frozen=True)
+class RankingGroup:
+    """A query and its candidate documents (in file order)."""
+
+    query_id: str
+    query: str
+    docs: tuple[RankingDoc, ...]
+
+
+@dataclass(frozen=True)
+class ClickRecord:
+    """A query and the (title, summary) of the document clicked for it."""
+
+    query: str
+    title: str
+    summary: str
+
+
+@dataclass(frozen=True)
+class Seq2SeqPair:
+    """A source text and its reference target."""
+
+    source: str
+    target: str
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    """One line of a TREC run file."""
+
+    doc_id: str
+    rank: int
+    score: float
+
+
+@dataclass
+class BeirDataset:
+    """A BEIR directory: corpus id → (title, text), query id → text, qrels query → doc → relevance."""
+
+    corpus: dict[str, tuple[str, str]]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Low-level line iteration and field checks
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def iter_lines(path: PathLike) -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, text)`` for the non-blank lines of a UTF-8 text file.
+
+    Decoding per line (instead of opening in text mode) is what lets a non-UTF-8 byte be reported
+    with its line number. Raises on a missing file and on a file with no non-blank line.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataFormatError(p, None, None, "file not found" if not p.exists() else "not a regular file")
+    seen = False
+    with open(p, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(
+                    p, number, None, f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+                ) from None
+            if number == 1:
+                text = text.removeprefix("\ufeff")
+            text = text.rstrip("\r\n")
+            if not text.strip():
+                continue
+            seen = True
+            yield number, text
+    if not seen:
+        raise DataFormatError(p, None, None, "file is empty (expected at least one record)")
+
+
+def iter_jsonl(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, object)`` for each JSON object line; bad JSON or non-objects raise."""
+    for number, text in iter_lines(path):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(path, number, None, f"invalid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataFormatError(path, number, None, f"expected a JSON object, got {type(obj).__name__}")
+        yield number, obj
+
+
+def _require_str(path: PathLike, line: int, obj: Mapping[str, Any], key: str, name: str | None = None,
+                 *, allow_empty: bool = False) -> str:
+    name = name or key
+    if key not in obj:
+        raise DataFormatError(path, line, name, "missing (expected a string)")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise DataFormatError(path, line, name, f"expected a string, got {_describe(value)}")
+    if not allow_empty and not value.strip():
+        raise DataFormatError(path, line, name, "expected a non-empty string, got ''")
+    return value
+
+
+def _optional_id(path: PathLike, line: int, obj: Mapping[str, Any], key: str, name: str) -> str | None:
+    if key not in obj or obj[key] is None:
+        return None
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataFormatError(path, line, name, f"expected a string or integer id, got {_describe(value)}")
+    text = str(value)
+    if not text.strip():
+        raise DataFormatError(path, line, name, "expected a non-empty id, got ''")
+    return text
+
+
+def _as_number(path: PathLike, line: int, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataFormatError(path, line, name, f"expected a number, got {_describe(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise DataFormatError(path, line, name, f"expected a finite number, got {value}")
+    return number
+
+
+def _optional_number(path: PathLike, line: int, obj: Mapping[str, Any], key: str, name: str) -> float | None:
+    if key not in obj or obj[key] is None:
+        return None
+    return _as_number(path, line, name, obj[key])
+
+
+def _parse_float(path: PathLike, line: int, name: str, token: str) -> float:
+    try:
+        value = float(token)
+    except ValueError:
+        raise DataFormatError(path, line, name, f"expected a number, got {token!r}") from None
+    if not math.isfinite(value):
+        raise DataFormatError(path, line, name, f"expected a finite number, got {token!r}")
+    return value
+
+
+def _parse_int(path: PathLike, line: int, name: str, token: str) -> int:
+    try:
+        return int(token)
+    except ValueError:
+        raise DataFormatError(path, line, name, f"expected an integer, got {token!r}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# JSONL formats
+
+
+def read_ranking_jsonl(path: PathLike) -> list[RankingGroup]:
+    """Read ranking groups: one JSON object per line,
+    ``{"query_id"?: str, "query": str, "docs": [{"id", "text" | "title"+"summary", "label"?,
+    "teacher_score"?}, ...]}``. Other keys (e.g. ``bm25``) are ignored.
+
+    ``query_id`` defaults to the line number. Document ids must be unique within a group and query
+    ids unique in the file; labels and teacher scores must be finite numbers.
+    """
+    groups: list[RankingGroup] = []
+    seen_queries: dict[str, int] = {}
+    for line, obj in iter_jsonl(path):
+        query = _require_str(path, line, obj, "query")
+        query_id = _optional_id(path, line, obj, "query_id", "query_id") or f"line{line}"
+        if query_id in seen_queries:
+            raise DataFormatError(path, line, "query_id",
+                                  f"duplicate id {query_id!r} (first on line {seen_queries[query_id]})")
+        seen_queries[query_id] = line
+        if "docs" not in obj:
+            raise DataFormatError(path, line, "docs", "missing (expected a list of documents)")
+        raw_docs = obj["docs"]
+        if not isinstance(raw_docs, list) or not raw_docs:
+            raise DataFormatError(path, line, "docs", f"expected a non-empty list of documents, got {_describe(raw_docs)}")
+        docs: list[RankingDoc] = []
+        seen_docs: set[str] = set()
+        for j, d in enumerate(raw_docs):
+            prefix = f"docs[{j}]"
+            if not isinstance(d, dict):
+                raise DataFormatError(path, line, prefix, f"expected an object, got {_describe(d)}")
+            doc_id = _optional_id(path, line, d, "id", f"{prefix}.id")
+            if doc_id is None:
+                raise DataFormatError(path, line, f"{prefix}.id", "missing (expected a document id)")
+            if doc_id in seen_docs:
+                raise DataFormatError(path, line, f"{prefix}.id", f"duplicate document id {doc_id!r} in this group")
+            seen_docs.add(doc_id)
+            if "text" in d:
+                title, body = "", _require_str(path, line, d, "text", f"{prefix}.text")
+            elif "title" in d or "summary" in d:
+                title = _require_str(path, line, d, "title", f"{prefix}.title", allow_empty=True) if "title" in d else ""
+                body = _require_str(path, line, d, "summary", f"{prefix}.summary", allow_empty=True) if "summary" in d else ""
+                if not (title.strip() or body.strip()):
+                    raise DataFormatError(path, line, f"{prefix}.title", "title and summary are both empty")
+            else:
+                raise DataFormatError(path, line, f"{prefix}.text", "missing (expected 'text' or 'title'+'summary')")
+            docs.append(RankingDoc(
+                id=doc_id, title=title, body=body,
+                label=_optional_number(path, line, d, "label", f"{prefix}.label"),
+                teacher_score=_optional_number(path, line, d, "teacher_score", f"{prefix}.teacher_score"),
+            ))
+        groups.append(RankingGroup(query_id, query, tuple(docs)))
+    return groups
+
+
+def read_clicks_jsonl(path: PathLike) -> list[ClickRecord]:
+    """Read click logs: ``{"query": str, "title": str, "summary": str}`` per line."""
+    rows = []
+    for line, obj in iter_jsonl(path):
+        rows.append(ClickRecord(
+            _require_str(path, line, obj, "query"),
+            _require_str(path, line, obj, "title"),
+            _require_str(path, line, obj, "summary", allow_empty=True),
+        ))
+    return rows
+
+
+def read_seq2seq_jsonl(path: PathLike) -> list[Seq2SeqPair]:
+    """Read seq2seq pairs: ``{"source": str, "target": str}`` per line."""
+    return [
+        Seq2SeqPair(_require_str(path, line, obj, "source"), _require_str(path, line, obj, "target"))
+        for line, obj in iter_jsonl(path)
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# MS MARCO TSV and TREC formats
+
+
+def read_tsv_texts(path: PathLike, id_field: str = "pid") -> dict[str, str]:
+    """Read an MS MARCO style ``id \\t text`` file (``collection.tsv`` with ``pid``,
+    ``queries.*.tsv`` with ``qid``). Ids must be unique and texts non-empty."""
+    texts: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for line, text in iter_lines(path):
+        parts = text.split("\t")
+        if len(parts) != 2:
+            raise DataFormatError(path, line, None, f"expected 2 tab-separated columns ({id_field}, text), got {len(parts)}")
+        key, value = parts[0].strip(), parts[1].strip()
+        if not key:
+            raise DataFormatError(path, line, id_field, "empty id")
+        if not value:
+            raise DataFormatError(path, line, "text", "empty text")
+        if key in texts:
+            raise DataFormatError(path, line, id_field, f"duplicate id {key!r} (first on line {first_line[key]})")
+        texts[key], first_line[key] = value, line
+    return texts
+
+
+def read_msmarco_collection(path: PathLike) -> dict[str, str]:
+    """MS MARCO ``collection.tsv``: passage id → text."""
+    return read_tsv_texts(path, "pid")
+
+
+def read_msmarco_queries(path: PathLike) -> dict[str, str]:
+    """MS MARCO ``queries.*.tsv``: query id → text."""
+    return read_tsv_texts(path, "qid")
+
+
+def read_trec_qrels(path: PathLike, doc_ids: Iterable[str] | None = None,
+                    query_ids: Iterable[str] | None = None) -> dict[str, dict[str, int]]:
+    """Read TREC qrels ``qid 0 pid rel`` (whitespace-separated). When ``doc_ids``/``query_ids`` are
+    given, ids outside them are errors (a qrels file for another collection is a common mistake)."""
+    known_docs = set(doc_ids) if doc_ids is not None else None
+    known_queries = set(query_ids) if query_ids is not None else None
+    qrels: dict[str, dict[str, int]] = {}
+    for line, text in iter_lines(path):
+        parts = text.split()
+        if len(parts) != 4:
+            raise DataFormatError(path, line, None, f"expected 4 columns 'qid 0 pid rel', got {len(parts)}")
+        qid, _, pid, rel_token = parts
+        rel = _parse_int(path, line, "rel", rel_token)
+        if known_queries is not None and qid not in known_queries:
+            raise DataFormatError(path, line, "qid", f"unknown query id {qid!r} (not in the queries file)")
+        if known_docs is not None and pid not in known_docs:
+            raise DataFormatError(path, line, "pid", f"unknown document id {pid!r} (not in the collection)")
+        judged = qrels.setdefault(qid, {})
+        if pid in judged:
+            raise DataFormatError(path, line, "pid", f"duplicate judgement for query {qid!r}, document {pid!r}")
+        judged[pid] = rel
+    return qrels
+
+
+def read_trec_run(path: PathLike, doc_ids: Iterable[str] | None = None,
+                  query_ids: Iterable[str] | None = None) -> dict[str, list[RunEntry]]:
+    """Read a TREC run ``qid Q0 pid rank score tag``. Each query's entries are returned best first
+    (by score descending, then rank ascending, then doc id, so ties are ordered deterministically).
+    Scores must be finite; a (qid, pid) pair may appear once."""
+    known_docs = set(doc_ids) if doc_ids is not None else None
+    known_queries = set(query_ids) if query_ids is not None else None
+    run: dict[str, dict[str, RunEntry]] = {}
+    for line, text in iter_lines(path):
+        parts = text.split()
+        if len(parts) != 6:
+            raise DataFormatError(path, line, None, f"expected 6 columns 'qid Q0 pid rank score tag', got {len(parts)}")
+        qid, _, pid, rank_token, score_token, _tag = parts
+        rank = _parse_int(path, line, "rank", rank_token)
+        score = _parse_float(path, line, "score", score_token)
+        if known_queries is not None and qid not in known_queries:
+            raise DataFormatError(path, line, "qid", f"unknown query id {qid!r} (not in the queries file)")
+        if known_docs is not None and pid not in known_docs:
+            raise DataFormatError(path, line, "pid", f"unknown document id {pid!r} (not in the collection)")
+        entries = run.setdefault(qid, {})
+        if pid in entries:
+            raise DataFormatError(path, line, "pid", f"duplicate entry for query {qid!r}, document {pid!r}")
+        entries[pid] = RunEntry(pid, rank, score)
+    return {
+        qid: sorted(entries.values(), key=lambda e: (-e.score, e.rank, e.doc_id))
+        for qid, entries in run.items()
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# BEIR
+
+
+def _read_beir_jsonl(path: Path, with_title: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    first_line: dict[str, int] = {}
+    for line, obj in iter_jsonl(path):
+        key = _optional_id(path, line, obj, "_id", "_id")
+        if key is None:
+            raise DataFormatError(path, line, "_id", "missing (expected an id)")
+        if key in out:
+            raise DataFormatError(path, line, "_id", f"duplicate id {key!r} (first on line {first_line[key]})")
+        text = _require_str(path, line, obj, "text", allow_empty=with_title)
+        if with_title:
+            title = _require_str(path, line, obj, "title", allow_empty=True) if "title" in obj else ""
+            if not (title.strip() or text.strip()):
+                raise DataFormatError(path, line, "text", "title and text are both empty")
+            out[key] = (title, text)
+        else:
+            out[key] = text
+        first_line[key] = line
+    return out
+
+
+def read_beir(directory: PathLike, split: str = "test") -> BeirDataset:
+    """Read a BEIR dataset directory: ``corpus.jsonl`` (``_id``, ``title``, ``text``),
+    ``queries.jsonl`` (``_id``, ``text``) and ``qrels/<split>.tsv`` (header
+    ``query-id corpus-id score``, tab-separated). Qrels ids must exist in corpus and queries."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise DataFormatError(root, None, None, "not a directory (expected a BEIR dataset directory)")
+    corpus = _read_beir_jsonl(root / "corpus.jsonl", with_title=True)
+    queries = _read_beir_jsonl(root / "queries.jsonl", with_title=False)
+    qrels_path = root / "qrels" / f"{split}.tsv"
+    qrels: dict[str, dict[str, int]] = {}
+    header_seen = False
+    for line, text in iter_lines(qrels_path):
+        parts = text.split("\t")
+        if not header_seen:
+            header_seen = True
+            if parts[0].strip().lower() in {"query-id", "query_id", "qid"}:
+                continue
+            raise DataFormatError(qrels_path, line, None, "expected a header 'query-id\\tcorpus-id\\tscore'")
+        if len(parts) != 3:
+            raise DataFormatError(qrels_path, line, None, f"expected 3 tab-separated columns, got {len(parts)}")
+        qid, pid, score_token = (p.strip() for p in parts)
+        if qid not in queries:
+            raise DataFormatError(qrels_path, line, "query-id", f"unknown query id {qid!r} (not in queries.jsonl)")
+        if pid not in corpus:
+            raise DataFormatError(qrels_path, line, "corpus-id", f"unknown document id {pid!r} (not in corpus.jsonl)")
+        judged = qrels.setdefault(qid, {})
+        if pid in judged:
+            raise DataFormatError(qrels_path, line, "corpus-id", f"duplicate judgement for query {qid!r}, document {pid!r}")
+        judged[pid] = _parse_int(qrels_path, line, "score", score_token)
+    return BeirDataset(corpus=corpus, queries=queries, qrels=qrels)
+
+
+# --------------------------------------------------------------------------------------------------
+# Assembling ranking groups from collection + queries + qrels + run
+
+
+def assemble_ranking_groups(
+    queries: Mapping[str, str],
+    corpus: Mapping[str, str | tuple[str, str]],
+    qrels: Mapping[str, Mapping[str, int]],
+    run: Mapping[str, list[RunEntry]],
+    top_k: int = 20,
+    *,
+    add_missing_positives: bool = False,
+    only_judged_queries: bool = True,
+) -> list[RankingGroup]:
+    """Ranking groups from a run's top-k candidates per query, labelled from qrels (unjudged → 0).
+
+    This is how MS MARCO / BEIR data feed the same data module as JSONL groups. Queries come out
+    sorted by id so the result does not depend on dict order. ``add_missing_positives`` appends
+    judged-relevant documents the run missed (useful for training sets; leave off for evaluation,
+    where it would inflate metrics). ``only_judged_queries`` drops run queries without qrels, which
+    carry no label signal. Unknown query/document ids raise ``KeyError`` naming the id — read the
+    run with ``doc_ids``/``query_ids`` to get file:line errors instead.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    groups: list[RankingGroup] = []
+    for qid in sorted(run):
+        judged = qrels.get(qid, {})
+        if only_judged_queries and not judged:
+            continue
+        if qid not in queries:
+            raise KeyError(f"query id {qid!r} of the run is not in the queries")
+        doc_ids = [e.doc_id for e in run[qid][:top_k]]
+        if add_missing_positives:
+            doc_ids += sorted(pid for pid, rel in judged.items() if rel > 0 and pid not in doc_ids)
+        docs = []
+        for pid in doc_ids:
+            if pid not in corpus:
+                raise KeyError(f"document id {pid!r} of the run is not in the collection")
+            entry = corpus[pid]
+            title, body = entry if isinstance(entry, tuple) else ("", entry)
+            docs.append(RankingDoc(id=pid, title=title, body=body, label=float(judged.get(pid, 0))))
+        groups.append(RankingGroup(qid, queries[qid], tuple(docs)))
+    return groups
+
+
+def read_msmarco_groups(collection: PathLike, queries: PathLike, qrels: PathLike, run: PathLike,
+                        top_k: int = 20, *, add_missing_positives: bool = False) -> list[RankingGroup]:
+    """MS MARCO files → ranking groups, with qrels/run ids checked against collection and queries."""
+    corpus = read_msmarco_collection(collection)
+    query_texts = read_msmarco_queries(queries)
+    judgements = read_trec_qrels(qrels, doc_ids=corpus.keys(), query_ids=query_texts.keys())
+    entries = read_trec_run(run, doc_ids=corpus.keys(), query_ids=query_texts.keys())
+    return assemble_ranking_groups(query_texts, corpus, judgements, entries, top_k,
+                                   add_missing_positives=add_missing_positives)
+
+
+def read_beir_groups(directory: PathLike, run: PathLike, split: str = "test", top_k: int = 20, *,
+                     add_missing_positives: bool = False) -> list[RankingGroup]:
+    """BEIR directory + a TREC run over its corpus → ranking groups."""
+    data = read_beir(directory, split)
+    entries = read_trec_run(run, doc_ids=data.corpus.keys(), query_ids=data.queries.keys())
+    return assemble_ranking_groups(data.queries, data.corpus, data.qrels, entries, top_k,
+                                   add_missing_positives=add_missing_positives)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_jsonl_atomic(path: PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write rows as JSONL so that readers never see a half-written file: the rows go to a temporary
+    file in the same directory (same filesystem, so the rename is atomic), which is fsynced and then
+    moved over ``path`` with ``os.replace``. On any error the temporary file is removed and the old
+    file, if any, is left untouched. NaN/inf are refused (they are not JSON)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def ranking_group_to_json(group: RankingGroup) -> dict[str, Any]:
+    """The JSONL form of a group (inverse of :func:`read_ranking_jsonl`); absent fields stay absent."""
+    docs = []
+    for d in group.docs:
+        row: dict[str, Any] = {"id": d.id, "title": d.title, "summary": d.body}
+        if d.label is not None:
+            row["label"] = d.label
+        if d.teacher_score is not None:
+            row["teacher_score"] = d.teacher_score
+        docs.append(row)
+    return {"query_id": group.query_id, "query": group.query, "docs": docs}
+
+
+def write_ranking_jsonl(path: PathLike, groups: Iterable[RankingGroup]) -> None:
+    """Write ranking groups atomically in the JSONL format the ranking data module reads."""
+    write_jsonl_atomic(path, (ranking_group_to_json(g) for g in groups))
+
+
+__all__ = [
+    "BeirDataset", "ClickRecord", "DataFormatError", "RankingDoc", "RankingGroup", "RunEntry",
+    "Seq2SeqPair", "assemble_ranking_groups", "iter_jsonl", "iter_lines", "ranking_group_to_json",
+    "read_beir", "read_beir_groups", "read_clicks_jsonl", "read_msmarco_collection",
+    "read_msmarco_groups", "read_msmarco_queries", "read_ranking_jsonl", "read_seq2seq_jsonl",
+    "read_trec_qrels", "read_trec_run", "read_tsv_texts", "write_jsonl_atomic", "write_ranking_jsonl",
+]

@@ -1,0 +1,219 @@
+"""Readers: good files parse; every kind of malformed file fails with file:line and the field."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kdlab.data.readers import (
+    DataFormatError,
+    RunEntry,
+    assemble_ranking_groups,
+    read_beir,
+    read_beir_groups,
+    read_clicks_jsonl,
+    read_msmarco_collection,
+    read_msmarco_groups,
+    read_msmarco_queries,
+    read_ranking_jsonl,
+    read_seq2seq_jsonl,
+    read_trec_qrels,
+    read_trec_run,
+    write_jsonl_atomic,
+    write_ranking_jsonl,
+)
+
+GOOD_GROUP = {"query_id": "q1", "query": "open a file",
+              "docs": [{"id": "d1", "title": "io.open", "summary": "Open file", "label": 2, "teacher_score": 1.5},
+                       {"id": "d2", "text": "Close it", "label": 0}]}
+
+
+def _write(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return path
+
+
+def _jsonl(path: Path, rows: list) -> Path:
+    return _write(path, "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def _expect(fn, path: Path, line: int | None, field: str | None, fragment: str,
+            reported: Path | None = None) -> DataFormatError:
+    """Call ``fn(path)``; the error must start with ``reported``(default ``path``)``:line:``."""
+    with pytest.raises(DataFormatError) as info:
+        fn(path)
+    err = info.value
+    msg = str(err)
+    assert "\n" not in msg
+    shown = reported or path
+    where = f"{shown}:{line}:" if line is not None else f"{shown}:"
+    assert msg.startswith(where), msg
+    assert err.line == line and err.field == field, msg
+    if field:
+        assert f"field '{field}'" in msg
+    assert fragment in msg, msg
+    return err
+
+
+def test_ranking_jsonl_good(tmp_path: Path) -> None:
+    groups = read_ranking_jsonl(_jsonl(tmp_path / "r.jsonl", [GOOD_GROUP, {"query": "x", "docs": [{"id": 7, "text": "t"}]}]))
+    assert [g.query_id for g in groups] == ["q1", "line2"]
+    d1, d2 = groups[0].docs
+    assert (d1.text, d1.label, d1.teacher_score) == ("io.open Open file", 2.0, 1.5)
+    assert (d2.text, d2.teacher_score) == ("Close it", None)
+    assert groups[1].docs[0].id == "7" and groups[1].docs[0].label is None
+
+
+@pytest.mark.parametrize("row, field, fragment", [
+    ({"docs": []}, "query", "missing"),
+    ({"query": 3, "docs": []}, "query", "expected a string, got 3"),
+    ({"query": "q"}, "docs", "missing"),
+    ({"query": "q", "docs": []}, "docs", "non-empty list"),
+    ({"query": "q", "docs": [{"text": "t"}]}, "docs[0].id", "missing"),
+    ({"query": "q", "docs": [{"id": "a"}]}, "docs[0].text", "expected 'text' or 'title'+'summary'"),
+    ({"query": "q", "docs": [{"id": "a", "text": "t"}, {"id": "b", "text": "u"}, {"id": "c", "text": "v", "label": "high"}]},
+     "docs[2].label", "expected a number, got 'high'"),
+    ({"query": "q", "docs": [{"id": "a", "text": "t", "label": True}]}, "docs[0].label", "expected a number"),
+    ({"query": "q", "docs": [{"id": "a", "text": "t", "teacher_score": "NaN"}]}, "docs[0].teacher_score", "expected a number"),
+    ({"query": "q", "docs": [{"id": "a", "text": "t"}, {"id": "a", "text": "u"}]}, "docs[1].id", "duplicate document id 'a'"),
+])
+def test_ranking_jsonl_field_errors(tmp_path: Path, row: dict, field: str, fragment: str) -> None:
+    path = _jsonl(tmp_path / "data.jsonl", [GOOD_GROUP, row])
+    _expect(read_ranking_jsonl, path, 2, field, fragment)
+
+
+def test_ranking_jsonl_nan_and_inf_literals(tmp_path: Path) -> None:
+    bad = '{"query": "q", "docs": [{"id": "a", "text": "t", "teacher_score": NaN}]}'
+    _expect(read_ranking_jsonl, _jsonl(tmp_path / "n.jsonl", [bad]), 1, "docs[0].teacher_score", "finite")
+    bad = '{"query": "q", "docs": [{"id": "a", "text": "t", "label": Infinity}]}'
+    _expect(read_ranking_jsonl, _jsonl(tmp_path / "i.jsonl", [bad]), 1, "docs[0].label", "finite")
+
+
+def test_ranking_jsonl_file_level_errors(tmp_path: Path) -> None:
+    _expect(read_ranking_jsonl, _jsonl(tmp_path / "j.jsonl", [GOOD_GROUP, "", '{"query": "q", "docs": [}']),
+            3, None, "invalid JSON")
+    _expect(read_ranking_jsonl, _jsonl(tmp_path / "a.jsonl", ["[1, 2]"]), 1, None, "expected a JSON object")
+    _expect(read_ranking_jsonl, _write(tmp_path / "e.jsonl", "\n  \n"), None, None, "empty")
+    _expect(read_ranking_jsonl, tmp_path / "missing.jsonl", None, None, "not found")
+    dup = dict(GOOD_GROUP)
+    _expect(read_ranking_jsonl, _jsonl(tmp_path / "d.jsonl", [GOOD_GROUP, dup]), 2, "query_id", "first on line 1")
+    raw = json.dumps(GOOD_GROUP).encode() + b"\n" + b'{"query": "caf\xe9", "docs": []}\n'
+    _expect(read_ranking_jsonl, _write(tmp_path / "u.jsonl", raw), 2, None, "not valid UTF-8 (byte 0xe9")
+
+
+def test_clicks_and_seq2seq(tmp_path: Path) -> None:
+    clicks = read_clicks_jsonl(_jsonl(tmp_path / "c.jsonl", [{"query": "q", "title": "t", "summary": "s"}]))
+    assert clicks[0].title == "t"
+    _expect(read_clicks_jsonl, _jsonl(tmp_path / "c2.jsonl", [{"query": "q", "summary": "s"}]), 1, "title", "missing")
+    pairs = read_seq2seq_jsonl(_jsonl(tmp_path / "s.jsonl", [{"source": "a b", "target": "c"}]))
+    assert pairs[0].target == "c"
+    _expect(read_seq2seq_jsonl, _jsonl(tmp_path / "s2.jsonl", [{"source": "a", "target": ["c"]}]),
+            1, "target", "expected a string")
+
+
+@pytest.fixture()
+def msmarco(tmp_path: Path) -> dict[str, Path]:
+    return {
+        "collection": _write(tmp_path / "collection.tsv", "p1\tfirst passage\np2\tsecond passage\np3\tthird\n"),
+        "queries": _write(tmp_path / "queries.tsv", "q1\twhat is first\nq2\tsecond?\n"),
+        "qrels": _write(tmp_path / "qrels.txt", "q1 0 p1 1\nq2 0 p3 2\n"),
+        "run": _write(tmp_path / "run.trec", "q1 Q0 p2 1 9.5 bm25\nq1 Q0 p1 2 7.0 bm25\nq1 Q0 p3 3 1 bm25\n"
+                                             "q2 Q0 p1 1 3.0 bm25\n"),
+    }
+
+
+def test_msmarco_and_trec_good(msmarco: dict[str, Path]) -> None:
+    assert read_msmarco_collection(msmarco["collection"])["p2"] == "second passage"
+    assert read_msmarco_queries(msmarco["queries"])["q2"] == "second?"
+    assert read_trec_qrels(msmarco["qrels"]) == {"q1": {"p1": 1}, "q2": {"p3": 2}}
+    run = read_trec_run(msmarco["run"])
+    assert [e.doc_id for e in run["q1"]] == ["p2", "p1", "p3"]
+    groups = read_msmarco_groups(msmarco["collection"], msmarco["queries"], msmarco["qrels"], msmarco["run"], top_k=2)
+    assert [g.query_id for g in groups] == ["q1", "q2"]
+    assert [(d.id, d.label) for d in groups[0].docs] == [("p2", 0.0), ("p1", 1.0)]
+    assert [(d.id, d.label) for d in groups[1].docs] == [("p1", 0.0)]
+    with_pos = read_msmarco_groups(msmarco["collection"], msmarco["queries"], msmarco["qrels"], msmarco["run"],
+                                   top_k=1, add_missing_positives=True)
+    assert [d.id for d in with_pos[0].docs] == ["p2", "p1"] and [d.id for d in with_pos[1].docs] == ["p1", "p3"]
+
+
+def test_msmarco_and_trec_errors(tmp_path: Path, msmarco: dict[str, Path]) -> None:
+    _expect(read_msmarco_collection, _write(tmp_path / "c.tsv", "p1\ta\np1\tb\n"), 2, "pid", "duplicate id 'p1'")
+    _expect(read_msmarco_collection, _write(tmp_path / "c2.tsv", "p1\ta\np2 no tab\n"), 2, None, "2 tab-separated")
+    _expect(read_msmarco_queries, _write(tmp_path / "q.tsv", "q1\t \n"), 1, "text", "empty text")
+    _expect(read_trec_qrels, _write(tmp_path / "qr.txt", "q1 0 p1 1\nq1 0 p2 yes\n"), 2, "rel", "expected an integer, got 'yes'")
+    _expect(read_trec_qrels, _write(tmp_path / "qr2.txt", "q1 0 p1\n"), 1, None, "expected 4 columns")
+    _expect(lambda p: read_trec_qrels(p, doc_ids={"p1"}), _write(tmp_path / "qr3.txt", "q1 0 p1 1\nq1 0 p9 1\n"),
+            2, "pid", "unknown document id 'p9'")
+    _expect(read_trec_run, _write(tmp_path / "r.trec", "q1 Q0 p1 1 nan t\n"), 1, "score", "finite")
+    _expect(read_trec_run, _write(tmp_path / "r2.trec", "q1 Q0 p1 1 inf t\n"), 1, "score", "finite")
+    _expect(read_trec_run, _write(tmp_path / "r3.trec", "q1 Q0 p1 1 2 t\nq1 Q0 p1 2 1 t\n"), 2, "pid", "duplicate")
+    _expect(read_trec_run, _write(tmp_path / "r4.trec", "q1 Q0 p1 first 2 t\n"), 1, "rank", "expected an integer")
+    _expect(lambda p: read_trec_run(p, query_ids={"q1"}), _write(tmp_path / "r5.trec", "q7 Q0 p1 1 2 t\n"),
+            1, "qid", "unknown query id 'q7'")
+    bad_run = _write(tmp_path / "run_bad.trec", "q1 Q0 p1 1 2 t\nq1 Q0 zzz 2 1 t\n")
+    with pytest.raises(DataFormatError, match=r"run_bad\.trec:2: field 'pid': unknown document id 'zzz'"):
+        read_msmarco_groups(msmarco["collection"], msmarco["queries"], msmarco["qrels"], bad_run)
+
+
+def test_assemble_checks_ids() -> None:
+    run = {"q1": [RunEntry("p1", 1, 1.0)]}
+    with pytest.raises(KeyError, match="p1"):
+        assemble_ranking_groups({"q1": "x"}, {}, {"q1": {"p1": 1}}, run)
+    with pytest.raises(ValueError):
+        assemble_ranking_groups({"q1": "x"}, {"p1": "t"}, {"q1": {"p1": 1}}, run, top_k=0)
+
+
+def _beir(root: Path, qrels: str) -> Path:
+    (root / "qrels").mkdir(parents=True)
+    _jsonl(root / "corpus.jsonl", [{"_id": "d1", "title": "T1", "text": "one"}, {"_id": "d2", "title": "", "text": "two"}])
+    _jsonl(root / "queries.jsonl", [{"_id": "q1", "text": "find one"}])
+    _write(root / "qrels" / "test.tsv", qrels)
+    return root
+
+
+def test_beir(tmp_path: Path) -> None:
+    root = _beir(tmp_path / "beir", "query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    data = read_beir(root)
+    assert data.corpus["d1"] == ("T1", "one") and data.qrels == {"q1": {"d1": 1}}
+    run = _write(tmp_path / "run.trec", "q1 Q0 d2 1 5 x\nq1 Q0 d1 2 4 x\n")
+    groups = read_beir_groups(root, run)
+    assert [(d.id, d.title, d.label) for d in groups[0].docs] == [("d2", "", 0.0), ("d1", "T1", 1.0)]
+
+    bad = _beir(tmp_path / "b2", "query-id\tcorpus-id\tscore\nq1\tdX\t1\n")
+    _expect(read_beir, bad, 2, "corpus-id", "unknown document id 'dX'", bad / "qrels" / "test.tsv")
+    no_header = _beir(tmp_path / "b3", "q1\td1\t1\n")
+    _expect(read_beir, no_header, 1, None, "header", no_header / "qrels" / "test.tsv")
+    dup = tmp_path / "b4"
+    _beir(dup, "query-id\tcorpus-id\tscore\n")
+    _jsonl(dup / "corpus.jsonl", [{"_id": "d1", "text": "a"}, {"_id": "d1", "text": "b"}])
+    with pytest.raises(DataFormatError, match=r"corpus\.jsonl:2: field '_id': duplicate id 'd1'"):
+        read_beir(dup)
+
+
+def test_write_jsonl_atomic(tmp_path: Path) -> None:
+    target = tmp_path / "out" / "rows.jsonl"
+    write_jsonl_atomic(target, [{"a": 1}, {"b": "é"}])
+    assert target.read_text(encoding="utf-8").splitlines() == ['{"a": 1}', '{"b": "é"}']
+
+    def rows():
+        yield {"a": 2}
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl_atomic(target, rows())
+    assert target.read_text(encoding="utf-8").startswith('{"a": 1}'), "old file must survive a failed write"
+    with pytest.raises(ValueError):
+        write_jsonl_atomic(target, [{"x": float("nan")}])
+    assert sorted(os.listdir(target.parent)) == ["rows.jsonl"], "no temp files left behind"
+
+
+def test_ranking_roundtrip(tmp_path: Path) -> None:
+    src = read_ranking_jsonl(_jsonl(tmp_path / "r.jsonl", [GOOD_GROUP]))
+    write_ranking_jsonl(tmp_path / "w.jsonl", src)
+    again = read_ranking_jsonl(tmp_path / "w.jsonl")
+    assert [(d.id, d.text, d.label, d.teacher_score) for d in again[0].docs] == \
+           [(d.id, d.text, d.label, d.teacher_score) for d in src[0].docs]
