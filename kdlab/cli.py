@@ -219,19 +219,19 @@ def run_tool(command: str, argv: Sequence[str]) -> ToolResult:
 
         if cfg.action == "list":
             for alias, spec in prep.ALIASES.items():
-                print(f"{alias}\t{spec}")
+                print(f"{alias}\t{spec.description}")
             return ToolResult()
-        paths = prep.prepare_all(force=cfg.force) if cfg.alias == "all" else [prep.prepare(cfg.alias, force=cfg.force)]
+        paths = list(prep.prepare_all(force=cfg.force).values()) if cfg.alias == "all" else [prep.prepare(cfg.alias, force=cfg.force)]
         for path in paths:
             print(f"ready: {path}")
         return ToolResult(outputs=[Path(p) for p in paths])
     if command == "label":
         from kdlab.labeling import score_file
 
-        out = score_file(cfg.teacher, cfg.input, cfg.output, batch_size=cfg.batch_size,
-                         max_length=cfg.max_length, resume=cfg.resume)
-        print(f"wrote {out}")
-        return ToolResult(outputs=[Path(out)])
+        count = score_file(cfg.teacher, cfg.input, cfg.output, batch_size=cfg.batch_size,
+                           max_length=cfg.max_length, resume=cfg.resume)
+        print(f"wrote {count} scored groups to {cfg.output}")
+        return ToolResult(outputs=[Path(cfg.output)])
     if command == "pipeline":
         from kdlab.pipeline import PipelineConfig, run_pipeline
 
@@ -354,10 +354,11 @@ def _argument_error_type() -> type[BaseException]:
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that are a user's mistake, shown as one line instead of a traceback."""
     from kdlab.ablations import AblationError
+    from kdlab.models.prepare import PrepareError
     from kdlab.runs import RunFailed
     from kdlab.sweeps import SweepError
 
-    types: list[type[BaseException]] = [UserError, FileNotFoundError, SweepError, AblationError, RunFailed]
+    types: list[type[BaseException]] = [UserError, FileNotFoundError, SweepError, AblationError, RunFailed, PrepareError]
     try:
         from kdlab.data.readers import DataFormatError
 

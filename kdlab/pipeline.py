@@ -103,8 +103,9 @@ def label_split(teacher_dir: Path, source: str, output: Path, config: PipelineCo
 
     if output.exists():
         return output
-    return Path(score_file(str(teacher_dir), source, str(output), batch_size=config.label_batch_size,
-                           max_length=config.label_max_length, resume=True))
+    score_file(str(teacher_dir), source, str(output), batch_size=config.label_batch_size,
+               max_length=config.label_max_length, resume=True)
+    return output
 
 
 def run_pipeline(config: PipelineConfig) -> Path:
@@ -118,10 +119,10 @@ def run_pipeline(config: PipelineConfig) -> Path:
     started = time.perf_counter()
     steps: dict[str, StepResult] = {}
 
-    sft_args = ["--config", config.rank_sft_config, *common, *data_args, *config.step_args.get("rank_sft", [])]
+    sft_args = [*common, "--config", config.rank_sft_config, *data_args, *config.step_args.get("rank_sft", [])]
     if config.run_no_cpt_baseline:
         steps["rank_sft_no_cpt"] = run_step("rank_sft_no_cpt", pipeline_dir, sft_args)
-    steps["cpt"] = run_step("cpt", pipeline_dir, ["--config", config.cpt_config, *common,
+    steps["cpt"] = run_step("cpt", pipeline_dir, [*common, "--config", config.cpt_config,
                                                   *config.step_args.get("cpt", [])])
     cpt_model = pipeline_dir / "cpt" / "model"
     steps["rank_sft_cpt"] = run_step("rank_sft_cpt", pipeline_dir,
@@ -136,7 +137,7 @@ def run_pipeline(config: PipelineConfig) -> Path:
     label_args = [f"--data.init_args.{split}_path={path}" for split, path in labels.items()]
     for variant, extra in config.variants.items():
         step = f"student_{_slug(variant)}"
-        steps[step] = run_step(step, pipeline_dir, ["--config", config.distill_config, *common, *label_args,
+        steps[step] = run_step(step, pipeline_dir, [*common, "--config", config.distill_config, *label_args,
                                                     *config.step_args.get("distill", []), *extra])
 
     from kdlab.evaluation import evaluate_models

