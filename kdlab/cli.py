@@ -32,9 +32,10 @@ DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_a
 
 def _register_components() -> None:
     """Import every stage, data module and callback so short class names resolve in configs."""
-    import importlib, contextlib
-    for m in ("callbacks.grad_variance","callbacks.teacher","kdlab.data","kdlab.stages"):
-        with contextlib.suppress(ImportError): importlib.import_module(m)  # TEMP
+    import callbacks.grad_variance  # noqa: F401
+    import callbacks.teacher  # noqa: F401
+    import kdlab.data  # noqa: F401
+    import kdlab.stages  # noqa: F401
 
 
 def _quiet_wandb_defaults() -> None:
@@ -142,6 +143,27 @@ def _strip_subcommand(dumped: str, subcommand: str, parser: Any, config: Any) ->
     if isinstance(data.get("run"), dict):
         data["run"]["dir"] = None
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def parse_lightning(args: Sequence[str]) -> Any:
+    """Parse (and type-check) Lightning subcommand arguments without building anything."""
+    _register_components()
+    base = _lightning_cli_class()
+
+    class ParseOnly(base):  # type: ignore[misc, valid-type]
+        def before_instantiate_classes(self) -> None:
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            pass
+
+    cli = ParseOnly(args=list(args), run=True, seed_everything_default=0, save_config_callback=None,
+                    trainer_defaults={"logger": DEFAULT_LOGGER, "deterministic": "warn"},
+                    parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False})
+    return cli.config
 
 
 def run_lightning(args: Sequence[str]) -> Path:

@@ -1,0 +1,188 @@
+"""Helpers shared by the ranking stages: optimizer + warmup, LoRA, export, batch plumbing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS",
+    "build_optimizer",
+    "linear_warmup",
+    "apply_lora",
+    "merge_lora",
+    "save_tokenizer",
+    "save_score_head",
+    "load_score_head",
+    "SCORE_HEAD_FILE",
+    "SCORE_HEAD_META",
+    "count_parameters",
+    "group_scores",
+    "RankingEvalMixin",
+    "PASSTHROUGH_KEYS",
+]
+
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+SCORE_HEAD_FILE = "score_head.safetensors"
+SCORE_HEAD_META = "kdlab_score_head.json"
+
+
+def linear_warmup(warmup_steps: int):  # type: ignore[no-untyped-def]
+    """LR multiplier ``f(step) = min(1, (step + 1) / warmup_steps)`` (constant 1 when
+    ``warmup_steps <= 0``): linear warmup, then the base learning rate."""
+
+    def factor(step: int) -> float:
+        if warmup_steps <= 0:
+            return 1.0
+        return min(1.0, (step + 1) / warmup_steps)
+
+    return factor
+
+
+def build_optimizer(
+    module: nn.Module, lr: float, weight_decay: float, warmup_steps: int
+) -> dict[str, Any]:
+    """AdamW over trainable parameters (no weight decay on biases and norm weights, i.e. tensors
+    with ``ndim < 2``) with a per-step linear-warmup ``LambdaLR``; the Lightning
+    ``configure_optimizers`` dict."""
+    decay, no_decay = [], []
+    for _, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(warmup_steps))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def apply_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str] | None,
+    task_type: str,
+) -> nn.Module:
+    """Wrap ``model`` with a peft LoRA adapter of rank ``rank`` (``rank == 0``: return ``model``
+    unchanged, i.e. full fine-tuning). ``task_type`` is a ``peft.TaskType`` name
+    (``CAUSAL_LM`` or ``FEATURE_EXTRACTION``/``SEQ_CLS``)."""
+    if rank <= 0:
+        return model
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules or DEFAULT_LORA_TARGETS),
+        task_type=getattr(TaskType, task_type),
+    )
+    return get_peft_model(model, config)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """A plain ``transformers`` model: LoRA weights merged in (``merge_and_unload``) when ``model``
+    is a peft model, else ``model`` itself. Works on a deep copy so training can go on."""
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload()  # type: ignore[operator]
+    return model
+
+
+def save_tokenizer(name: str, directory: str | Path) -> None:
+    """Save the tokenizer of backbone ``name`` (a tiny name, alias, path or hub id) to ``directory``."""
+    from kdlab.models.backbones import load_tokenizer
+
+    load_tokenizer(name).save_pretrained(str(directory))
+
+
+def save_score_head(head: nn.Module, directory: str | Path, meta: dict[str, Any]) -> None:
+    """Write ``score_head.safetensors`` (the head's state dict) and ``kdlab_score_head.json``."""
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(out / SCORE_HEAD_FILE))
+    (out / SCORE_HEAD_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def load_score_head(head: nn.Module, directory: str | Path) -> dict[str, Any]:
+    """Load ``score_head.safetensors`` into ``head``; return the JSON metadata."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    head.load_state_dict(load_file(str(d / SCORE_HEAD_FILE)))
+    return json.loads((d / SCORE_HEAD_META).read_text())
+
+
+def count_parameters(*modules: nn.Module) -> int:
+    """Total number of parameters (trainable or not) of ``modules``."""
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def group_scores(flat: Tensor, batch: dict[str, Any]) -> Tensor:
+    """Reshape per-document scores ``[G*N]`` to ``[G, N]`` using ``batch["doc_mask"]``'s shape."""
+    g, n = batch["doc_mask"].shape
+    return flat.view(g, n)
+
+
+PASSTHROUGH_KEYS: tuple[str, ...] = ("query_ids", "doc_ids")
+
+
+class RankingEvalMixin:
+    """Validation / test / predict for ranking stages (mixed into a ``LightningModule``).
+
+    The stage provides ``score_groups(batch) -> [G, N]`` (served model only) and creates
+    ``self.val_metrics`` / ``self.test_metrics`` (:class:`kdlab.metrics.RankingMetrics`). Logged at
+    epoch end: ``val/ndcg@k``, ``val/mrr@k``, ``val/pnr`` (and ``test/...``).
+    """
+
+    def score_groups(self, batch: dict[str, Any]) -> Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _eval_update(self, metrics: Any, batch: dict[str, Any]) -> None:
+        scores = self.score_groups(batch)
+        metrics.update(scores.float(), batch["labels"], batch["doc_mask"], batch["query_index"])
+
+    def _eval_log(self, metrics: Any, prefix: str) -> None:
+        values = metrics.compute()
+        metrics.reset()
+        for name, value in values.items():
+            self.log(f"{prefix}/{name}", value.float(), prog_bar=name.startswith("ndcg"))  # type: ignore[attr-defined]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_update(self.val_metrics, batch)  # type: ignore[attr-defined]
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_log(self.val_metrics, "val")  # type: ignore[attr-defined]
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_update(self.test_metrics, batch)  # type: ignore[attr-defined]
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_log(self.test_metrics, "test")  # type: ignore[attr-defined]
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """``{"scores" [G, N], "doc_mask", "query_index", "labels"}`` on CPU, plus ``query_ids`` /
+        ``doc_ids`` when the batch carries them (so labeling can write them out)."""
+        out: dict[str, Any] = {
+            "scores": self.score_groups(batch).detach().float().cpu(),
+            "doc_mask": batch["doc_mask"].cpu(),
+            "query_index": batch["query_index"].cpu(),
+        }
+        if "labels" in batch:
+            out["labels"] = batch["labels"].cpu()
+        for key in PASSTHROUGH_KEYS:
+            if key in batch:
+                out[key] = batch[key]
+        return out

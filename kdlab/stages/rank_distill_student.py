@@ -1,0 +1,266 @@
+"""Stage C of DisRanker (and RRADistill's RRA-BERT): distil teacher ranking scores into a student.
+
+Per batch of groups (1 positive + n negatives, positive first), with student scores ``s``, teacher
+scores ``t`` (optionally standardised, ``t' = (t − μ) / σ`` with the training set's μ, σ) and labels y:
+
+``L(s) = α · mean_i (s_i − t_i)^2 + β · mean_{(p, j)} ((s_p − s_j) − (t_p − t_j))^2 + γ · L_rank(s, y)``
+
+(:func:`kdlab.losses.ranking.hybrid_distill_loss`; γ = ``gt_weight``, ``L_rank`` = ``gt_loss``).
+With the Term Control Layer (``use_tcl``, RRADistill, our reading): ``L = L(s) + λ · L(s_tcl)``,
+where ``s_tcl`` is the score of :class:`kdlab.models.heads.TermControlLayer` over the encoder's last
+hidden states at the selected term positions. The TCL is training-only: validation, prediction and
+``export_pretrained`` use the main head only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from kdlab.losses.ranking import hybrid_distill_loss, rank_loss
+from kdlab.metrics import RankingMetrics
+from kdlab.models.backbones import load_backbone, load_tokenizer
+from kdlab.models.heads import DecoderRanker, SequenceClassificationRanker, TermControlLayer, select_term_tokens
+from kdlab.protocols import attach_unregistered
+from kdlab.stages._common import (
+    RankingEvalMixin,
+    build_optimizer,
+    group_scores,
+    save_score_head,
+    save_tokenizer,
+)
+
+__all__ = ["RankDistillStudent"]
+
+
+def _as_scores(output: Any) -> Tensor:
+    """Per-document scores ``[B]`` from a teacher's output: a tensor ``[B]``/``[B, 1]`` (kdlab
+    rankers) or a Hugging Face output with ``logits [B, 1]`` (a ``seq-cls`` teacher loaded by the
+    teacher callback)."""
+    t = output.logits if hasattr(output, "logits") else output
+    if t.dim() == 2:
+        if t.shape[1] != 1:
+            raise ValueError(f"a live ranking teacher must give one score per document, got logits {tuple(t.shape)}")
+        t = t[:, 0]
+    return t
+
+
+class RankDistillStudent(RankingEvalMixin, L.LightningModule):
+    """Ranking student trained on teacher scores (read from the data, or from a live teacher).
+
+    Args:
+        backbone: ``tiny-bert`` / an alias / a path / a hub id (``tiny-llama`` etc. for ``decoder``).
+        backbone_config: tiny-model config overrides.
+        architecture: ``cross-encoder`` = ``[CLS] q [SEP] d [SEP]`` → pooled ``[CLS]`` → linear
+            (a ``*ForSequenceClassification`` with one label, served as a plain HF model);
+            ``decoder`` = base causal LM + last-token score head (RRA-GPT-like, without reasons).
+        alpha, beta: weights of point-MSE and margin-MSE (α = 0 / β = 0 are the ablations).
+        margin_pairs: ``positive`` (positive vs each negative, Hofstätter) or ``all`` pairs.
+        gt_weight, gt_loss, gt_margin: optional ground-truth rank loss on the labels.
+        standardize_teacher: use ``(t − μ) / σ``; μ, σ are ``teacher_mean``/``teacher_std`` when
+            given, otherwise computed once over the training dataloader's valid teacher scores
+            (summed over all ranks) at the start of training, and kept in the checkpoint.
+        use_tcl, tcl_weight (λ), tcl_heads: the Term Control Layer (cross-encoder only).
+        teacher_source: ``data`` (``batch["teacher_scores"]``) or ``live`` (a frozen teacher attached
+            through :class:`kdlab.protocols.NeedsTeacher`; it is called on
+            ``teacher_input_ids``/``teacher_attention_mask`` when the batch has them, otherwise on
+            the student's own inputs, so it must then share the student's tokenizer and text format).
+        teacher_path: a ranker export (:func:`kdlab.labeling.load_rank_teacher`: a TeacherRankSFT
+            export or a one-label seq-cls cross-encoder) loaded at fit start when ``live`` and no
+            teacher was attached. The teacher callback may attach any module returning ``[B]``
+            scores or an HF output with ``logits [B, 1]``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tiny-bert",
+        backbone_config: dict[str, Any] | None = None,
+        architecture: Literal["cross-encoder", "decoder"] = "cross-encoder",
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        margin_pairs: Literal["positive", "all"] = "positive",
+        gt_weight: float = 0.0,
+        gt_loss: Literal["listwise", "hinge", "ranknet"] = "listwise",
+        gt_margin: float = 1.0,
+        standardize_teacher: bool = False,
+        teacher_mean: float | None = None,
+        teacher_std: float | None = None,
+        use_tcl: bool = False,
+        tcl_weight: float = 0.5,
+        tcl_heads: int = 4,
+        teacher_source: Literal["data", "live"] = "data",
+        teacher_path: str | None = None,
+        lr: float = 5e-5,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        eval_k: int = 10,
+        dtype: str = "float32",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if use_tcl and architecture != "cross-encoder":
+            raise ValueError("use_tcl needs architecture='cross-encoder' (token selection uses token_type_ids)")
+        self.ranker: nn.Module
+        if architecture == "cross-encoder":
+            model = load_backbone(backbone, task="seq-cls", config=backbone_config, dtype=dtype, num_labels=1)
+            self.ranker = SequenceClassificationRanker(model)
+            hidden = int(model.config.hidden_size)
+        elif architecture == "decoder":
+            base = load_backbone(backbone, task="encoder", config=backbone_config, dtype=dtype)
+            hidden = int(base.config.hidden_size)
+            self.ranker = DecoderRanker(base, hidden)
+        else:
+            raise ValueError(f"architecture must be 'cross-encoder' or 'decoder', got {architecture!r}")
+        self.tcl: TermControlLayer | None = TermControlLayer(hidden, tcl_heads) if use_tcl else None
+        self.special_ids: list[int] = list(load_tokenizer(backbone).all_special_ids) if use_tcl else []
+        self.register_buffer("teacher_stats", torch.tensor(
+            [teacher_mean if teacher_mean is not None else float("nan"),
+             teacher_std if teacher_std is not None else float("nan")], dtype=torch.float32))
+        self.needs_teacher: bool = teacher_source == "live"
+        attach_unregistered(self, "teacher", None)
+        self.val_metrics = RankingMetrics(k=eval_k)
+        self.test_metrics = RankingMetrics(k=eval_k)
+
+    # ---------------------------------------------------------------- teacher
+    def attach_teacher(self, teacher: nn.Module) -> None:
+        """Keep the frozen live teacher without registering it (never in state_dict / DDP / .to())."""
+        attach_unregistered(self, "teacher", teacher)
+
+    def _teacher_scores(self, batch: dict[str, Any]) -> Tensor:
+        if self.hparams.teacher_source == "live":
+            teacher = getattr(self, "teacher", None)
+            if teacher is None:
+                raise RuntimeError(
+                    "teacher_source='live' but no teacher is attached: add the teacher callback or set teacher_path"
+                )
+            ids = batch.get("teacher_input_ids", batch["input_ids"])
+            mask = batch.get("teacher_attention_mask", batch["attention_mask"])
+            extra = {} if "teacher_input_ids" in batch or "token_type_ids" not in batch else {
+                "token_type_ids": batch["token_type_ids"]}
+            with torch.no_grad():
+                t = _as_scores(teacher(input_ids=ids, attention_mask=mask, **extra))
+            t = group_scores(t.float(), batch)
+        else:
+            if "teacher_scores" not in batch:
+                raise KeyError("the batch has no 'teacher_scores': label the data first or use teacher_source='live'")
+            t = batch["teacher_scores"].float()
+        if self.hparams.standardize_teacher:
+            mean, std = self.teacher_stats[0], self.teacher_stats[1]
+            if not torch.isfinite(self.teacher_stats).all():
+                raise RuntimeError("standardize_teacher is on but the teacher mean/std are not set")
+            t = (t - mean) / std.clamp(min=1e-6)
+        return t
+
+    def on_fit_start(self) -> None:
+        if self.needs_teacher and getattr(self, "teacher", None) is None and self.hparams.teacher_path:
+            from kdlab.labeling import load_rank_teacher
+
+            self.attach_teacher(load_rank_teacher(self.hparams.teacher_path, device=self.device))
+
+    def on_train_start(self) -> None:
+        if self.hparams.standardize_teacher and not torch.isfinite(self.teacher_stats).all():
+            self.teacher_stats.copy_(self._compute_teacher_stats())
+
+    def _compute_teacher_stats(self) -> Tensor:
+        """``[μ, σ]`` of all valid, finite teacher scores of the training data (all ranks)."""
+        if self.needs_teacher:
+            raise ValueError("standardize_teacher with a live teacher needs teacher_mean and teacher_std")
+        dm = getattr(self.trainer, "datamodule", None)
+        loader = dm.train_dataloader() if dm is not None else self.trainer.train_dataloader
+        acc = torch.zeros(3, dtype=torch.float64, device=self.device)  # Σt, Σt², n
+        for batch in loader:
+            t = batch["teacher_scores"].double()
+            ok = batch["doc_mask"].bool() & torch.isfinite(t)
+            v = t[ok]
+            acc += torch.stack([v.sum(), v.pow(2).sum(), torch.tensor(float(v.numel()), dtype=torch.float64)]).to(acc)
+        acc = self.trainer.strategy.reduce(acc, reduce_op="sum")
+        n = acc[2].clamp(min=1)
+        mean = acc[0] / n
+        std = (acc[1] / n - mean.pow(2)).clamp(min=0).sqrt()
+        return torch.stack([mean, std]).float()
+
+    # ---------------------------------------------------------------- scoring
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """Served scores ``[B]`` (main head only)."""
+        return self.ranker(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+
+    def score_groups(self, batch: dict[str, Any]) -> Tensor:
+        """Main-head scores ``[G, N]``."""
+        return group_scores(self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")), batch)
+
+    def _train_scores(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        if self.tcl is None:
+            return self.score_groups(batch), None
+        tt = batch.get("token_type_ids")
+        if tt is None:
+            raise KeyError("use_tcl needs token_type_ids in the batch (cross-encoder text format)")
+        out = self.ranker.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=tt,
+            output_hidden_states=True,
+        )
+        selection = select_term_tokens(batch["input_ids"], tt, batch["attention_mask"], self.special_ids)
+        s_tcl = self.tcl(out.hidden_states[-1], selection)
+        return group_scores(out.logits[:, 0], batch), group_scores(s_tcl, batch)
+
+    def _score_loss(self, scores: Tensor, teacher: Tensor, batch: dict[str, Any]) -> Tensor:
+        hp = self.hparams
+        mask = batch["doc_mask"]
+        loss = hybrid_distill_loss(scores.float(), teacher, mask, hp.alpha, hp.beta, pairs=hp.margin_pairs)
+        if hp.gt_weight != 0.0:
+            loss = loss + hp.gt_weight * rank_loss(hp.gt_loss, scores.float(), batch["labels"], mask, margin=hp.gt_margin)
+        return loss
+
+    def batch_loss(self, batch: dict[str, Any]) -> Tensor:
+        """``L(s) (+ λ · L(s_tcl))`` for the batch (see the module docstring)."""
+        return self._losses(batch)[0]
+
+    def _losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
+        teacher = self._teacher_scores(batch)
+        scores, s_tcl = self._train_scores(batch)
+        main = self._score_loss(scores, teacher, batch)
+        if s_tcl is None:
+            return main, main, None
+        aux = self._score_loss(s_tcl, teacher, batch)
+        return main + self.hparams.tcl_weight * aux, main, aux
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, main, aux = self._losses(batch)
+        bs = batch["doc_mask"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        if aux is not None:
+            self.log("train/loss_main", main, batch_size=bs)
+            self.log("train/loss_tcl", aux, batch_size=bs)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        return build_optimizer(self, hp.lr, hp.weight_decay, hp.warmup_steps)
+
+    # ---------------------------------------------------------------- export
+    def served_model(self) -> nn.Module:
+        """The module that is served (never includes the TCL)."""
+        return self.ranker
+
+    def export_pretrained(self, directory: str) -> None:
+        """Save the served model + tokenizer; the TCL is never saved.
+
+        cross-encoder: a plain ``*ForSequenceClassification`` directory (one label), loadable by
+        ``AutoModelForSequenceClassification`` or sentence-transformers' ``CrossEncoder``;
+        decoder: backbone + ``score_head.safetensors`` like :class:`TeacherRankSFT`.
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.ranker, SequenceClassificationRanker):
+            self.ranker.model.save_pretrained(str(out))
+        else:
+            self.ranker.backbone.save_pretrained(str(out))
+            save_score_head(
+                self.ranker.head, out,
+                {"kind": "decoder-last-token", "hidden_size": self.ranker.head.hidden_size,
+                 "text_format": "decoder", "stage": "RankDistillStudent"},
+            )
+        save_tokenizer(self.hparams.backbone, out)

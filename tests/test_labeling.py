@@ -1,0 +1,158 @@
+"""Labeling: resumable scoring equals an uninterrupted run; permutation parsing; RRADistill labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from kdlab.data import sample_path
+from kdlab.data.readers import RankingDoc, RankingGroup, read_ranking_jsonl
+from kdlab.labeling import (
+    build_listwise_prompt,
+    load_rank_teacher,
+    parse_permutation,
+    rradistill_labels,
+    score_file,
+)
+from kdlab.stages.teacher_rank_sft import TeacherRankSFT
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 2}
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    L.seed_everything(0)
+    out = tmp_path_factory.mktemp("teacher") / "export"
+    TeacherRankSFT(backbone_config=TINY).export_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    lines = Path(sample_path("ranking_val.jsonl")).read_text().splitlines(True)[:20]
+    path = tmp_path_factory.mktemp("input") / "groups.jsonl"
+    path.write_text("".join(lines))
+    return path
+
+
+def test_resumed_labeling_equals_uninterrupted(tmp_path: Path, teacher_dir: Path, small_input: Path) -> None:
+    full = tmp_path / "full.jsonl"
+    n = score_file(str(teacher_dir), str(small_input), str(full), batch_size=16, max_length=48,
+                   chunk_groups=6, progress=False)
+    assert n == 20
+
+    out = tmp_path / "resumed.jsonl"
+    partial = tmp_path / "resumed.jsonl.partial"
+    calls: list[int] = []
+
+    def crash(done: int) -> None:
+        calls.append(done)
+        if done >= 12:
+            raise Interrupted("simulated kill")
+
+    with pytest.raises(Interrupted):
+        score_file(str(teacher_dir), str(small_input), str(out), batch_size=16, max_length=48,
+                   chunk_groups=6, progress=False, on_chunk=crash)
+    assert calls == [6, 12]
+    assert not out.exists()  # never a half-written output
+    assert len(partial.read_text().splitlines()) == 12
+    # a write cut short mid-line is tolerated (truncated away) on restart
+    with open(partial, "a") as f:
+        f.write('{"query_id": "val:trunc')
+    seen: list[int] = []
+    score_file(str(teacher_dir), str(small_input), str(out), batch_size=16, max_length=48,
+               chunk_groups=6, progress=False, on_chunk=seen.append)
+    assert seen == [18, 20]  # only the 8 missing groups were scored
+    assert not partial.exists()
+    assert out.read_bytes() == full.read_bytes()
+
+    groups = read_ranking_jsonl(str(out))
+    src = read_ranking_jsonl(str(small_input))
+    assert [g.query_id for g in groups] == [g.query_id for g in src]
+    assert all(d.teacher_score is not None for g in groups for d in g.docs)
+    assert [d.label for d in groups[0].docs] == [d.label for d in src[0].docs]
+
+
+def test_scores_match_the_teacher_and_ignore_bucketing(tmp_path: Path, teacher_dir: Path, small_input: Path) -> None:
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    score_file(str(teacher_dir), str(small_input), str(a), batch_size=3, max_length=48, progress=False)
+    score_file(str(teacher_dir), str(small_input), str(b), batch_size=64, max_length=48, progress=False,
+               resume=False)
+    sa = [d.teacher_score for g in read_ranking_jsonl(str(a)) for d in g.docs]
+    sb = [d.teacher_score for g in read_ranking_jsonl(str(b)) for d in g.docs]
+    assert sa == pytest.approx(sb, abs=1e-4)  # batch composition / padding does not change scores
+    # and equal the teacher applied to one unpadded pair
+    from kdlab.data.collators import RankingCollator
+    from kdlab.models.backbones import load_tokenizer
+
+    teacher = load_rank_teacher(str(teacher_dir))
+    g = read_ranking_jsonl(str(small_input))[0]
+    enc = RankingCollator(load_tokenizer(str(teacher_dir)), "decoder", max_length=48).encode(g.query, g.docs[0].text)
+    ids = torch.tensor([enc["input_ids"]])
+    with torch.no_grad():
+        direct = teacher(input_ids=ids, attention_mask=torch.ones_like(ids)).item()
+    assert sa[0] == pytest.approx(direct, abs=1e-4)
+
+
+@pytest.mark.parametrize("text,n,expected", [
+    ("[2] > [1] > [3]", 3, [2, 1, 3]),
+    ("[2] > [2] > [1]", 3, [2, 1]),  # duplicate dropped, first kept
+    ("[4] > [9] > [0] > [1]", 4, [4, 1]),  # out of range ignored
+    ("Sure! The ranking is: [ 3 ] > [1]. Passage [5] is irrelevant.", 4, [3, 1]),
+    ("3 > 1 > 2", 3, [3, 1, 2]),  # bare numbers when no brackets
+    ("2, 2, 7, 1.5, 1", 3, [2, 1]),
+    ("I cannot rank these passages.", 5, []),
+    ("", 5, []),
+    ("[1] > [2]", 0, []),
+])
+def test_parse_permutation_malformed(text: str, n: int, expected: list[int]) -> None:
+    assert parse_permutation(text, n) == expected
+
+
+def _group(n: int) -> RankingGroup:
+    docs = tuple(RankingDoc(id=f"d{i}", title=f"title {i}", body=f"body {i}", label=0.0) for i in range(n))
+    return RankingGroup("q1", "what is it", docs)
+
+
+def test_listwise_prompt_numbers_documents() -> None:
+    prompt = build_listwise_prompt("q?", ["alpha  doc", "beta"])
+    assert "[1] alpha doc" in prompt and "[2] beta" in prompt and "[3]" not in prompt.split("Answer")[0]
+
+
+def test_rradistill_labels_top_bottom_and_hard_negatives() -> None:
+    group = _group(8)
+    prescores = [float(i) for i in range(8)]  # d7 best ... d0 worst
+    prompts: list[str] = []
+
+    def llm(prompt: str) -> str:
+        prompts.append(prompt)
+        return "[3] > [1] > [3] > [9] garbage"  # shown order: d7, d6, d1, d0
+
+    rows = rradistill_labels([group], {"q1": prescores}, llm, top_k=2, bottom_k=2)
+    assert len(prompts) == 1
+    assert "[1] title 7 body 7" in prompts[0] and "[4] title 0 body 0" in prompts[0]
+    docs = rows[0]["docs"]
+    assert [d["id"] for d in docs] == ["d1", "d7", "d6", "d0"]
+    assert [d["label"] for d in docs] == [2.0, 1.0, 0.0, 0.0]
+    assert [d["hard_negative"] for d in docs] == [False, False, True, True]
+    assert [d.get("llm_rank") for d in docs] == [1, 2, None, None]
+    # the rows are valid ranking JSONL
+    path_rows = json.loads(json.dumps(rows[0]))
+    assert path_rows["query_id"] == "q1"
+
+
+def test_rradistill_labels_small_group_and_bad_prescores() -> None:
+    rows = rradistill_labels([_group(3)], [[0.1, 0.3, 0.2]], lambda p: "nothing useful", top_k=10, bottom_k=10)
+    docs = rows[0]["docs"]
+    assert [d["id"] for d in docs] == ["d1", "d2", "d0"] and all(d["hard_negative"] for d in docs)
+    with pytest.raises(ValueError, match="pre-ranker scores"):
+        rradistill_labels([_group(3)], [[0.1]], lambda p: "")
