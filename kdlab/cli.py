@@ -173,7 +173,10 @@ def run_lightning(args: Sequence[str]) -> Path:
     _quiet_wandb_defaults()
     _register_components()
     cli_class = _lightning_cli_class()
-    previous = os.environ.pop(RUN_DIR_ENV, None)
+    # Ranks > 0 started by Lightning's launcher (LOCAL_RANK set) must keep the run directory that
+    # rank 0 chose; a fresh top-level run (e.g. the next one of a sweep) must not inherit it.
+    launched_rank = "LOCAL_RANK" in os.environ
+    previous = os.environ.get(RUN_DIR_ENV) if launched_rank else os.environ.pop(RUN_DIR_ENV, None)
     # DDP children re-run sys.argv, so sys.argv must stay as given; the warning about that is noise.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     try:

@@ -109,6 +109,15 @@ def resolve_run_dir(root: str, name: str, explicit: str | None) -> Path:
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited:
         return Path(inherited)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun / SLURM start every rank at once: all ranks must derive the same name.
+        job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
+        if not job or job == "none":
+            raise ValueError("multi-process launch without a shared run directory: pass --run.dir "
+                             "(or run under torchrun with --rdzv-id / SLURM, which name the job)")
+        path = Path(root) / name / f"job-{job}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
     return new_run_dir(root, name)
 
 

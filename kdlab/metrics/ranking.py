@@ -134,7 +134,9 @@ class RankingMetrics(nn.Module):
         """``{"ndcg@k", "mrr@k", "pnr"}`` over everything seen since the last :meth:`reset`."""
         out: dict[str, Tensor] = {}
         for name, metric in zip(self.names, (self.ndcg, self.mrr, self.pnr)):
-            if metric is not self.pnr and not getattr(metric, "indexes", None):
+            # Under DDP every rank must call compute() (it syncs), even a rank that saw no query.
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            if metric is not self.pnr and not getattr(metric, "indexes", None) and not distributed:
                 out[name] = torch.tensor(0.0)
             else:
                 out[name] = metric.compute()

@@ -49,6 +49,17 @@ def _as_scores(output: Any) -> Tensor:
     return t
 
 
+def _data_teacher_scores(batch: dict[str, Any]) -> Tensor:
+    """``teacher_scores`` of a batch, or an error that says how to get them."""
+    if "teacher_scores" not in batch:
+        raise ValueError(
+            "the ranking data has no 'teacher_score' fields: score it first with `python -m kdlab label "
+            "--teacher <TeacherRankSFT export> --input <file> --output <file>` and point the data's "
+            "train_path/val_path at the output, or set model.init_args.teacher_source=live"
+        )
+    return batch["teacher_scores"]
+
+
 class RankDistillStudent(RankingEvalMixin, L.LightningModule):
     """Ranking student trained on teacher scores (read from the data, or from a live teacher).
 
@@ -147,7 +158,7 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
         else:
             if "teacher_scores" not in batch:
                 raise KeyError("the batch has no 'teacher_scores': label the data first or use teacher_source='live'")
-            t = batch["teacher_scores"].float()
+            t = _data_teacher_scores(batch).float()
         if self.hparams.standardize_teacher:
             mean, std = self.teacher_stats[0], self.teacher_stats[1]
             if not torch.isfinite(self.teacher_stats).all():
@@ -173,7 +184,7 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
         loader = dm.train_dataloader() if dm is not None else self.trainer.train_dataloader
         acc = torch.zeros(3, dtype=torch.float64, device=self.device)  # Σt, Σt², n
         for batch in loader:
-            t = batch["teacher_scores"].double()
+            t = _data_teacher_scores(batch).double()
             ok = batch["doc_mask"].bool() & torch.isfinite(t)
             v = t[ok]
             acc += torch.stack([v.sum(), v.pow(2).sum(), torch.tensor(float(v.numel()), dtype=torch.float64)]).to(acc)
@@ -230,10 +241,10 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, main, aux = self._losses(batch)
         bs = batch["doc_mask"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         if aux is not None:
-            self.log("train/loss_main", main, batch_size=bs)
-            self.log("train/loss_tcl", aux, batch_size=bs)
+            self.log("train/loss_main", main, batch_size=bs, sync_dist=True)
+            self.log("train/loss_tcl", aux, batch_size=bs, sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:

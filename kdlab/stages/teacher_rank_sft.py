@@ -92,7 +92,7 @@ class TeacherRankSFT(RankingEvalMixin, L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.batch_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["doc_mask"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["doc_mask"].shape[0], sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -1,0 +1,498 @@
+"""RLDistillKStep — KETCHUP: on-policy sampling, teacher-induced rewards, K-step returns, policy gradient.
+
+One training step (``objective="pg"``)::
+
+    y ~ π_θ(· | x)                      student samples continuations (KV cache, no grad, left-padded x)
+    q = teacher(x ⊕ y)                  one teacher forward pass over prompt + continuation (no grad)
+    R^(K)_t = q(s_t,a_t) − V(s_{t+K})   induced K-step segment rewards     (kdlab.losses.returns)
+    G^(K)_t = Σ_j R^(K)_{t+jK}          K-step returns
+    loss = − mean_t (G_t − b_t) · log π_θ(a_t | s_t)   (log-probs recomputed with grad)
+
+The mask of generated tokens runs up to and including the first EOS. Baselines ``ce`` (teacher-forced
+cross-entropy on the references) and ``kd`` (token-level forward KL to the teacher on the references)
+are selected by the same config; ``warmup_steps_ce`` runs CE for the first optimiser steps of ``pg``.
+
+Decoder-only students see ``prompt ⊕ continuation``; encoder-decoder (T5-style) students encode the
+prompt and decode the continuation. The teacher is always a causal LM scoring ``prompt ⊕
+continuation``, so teacher and student must share a vocabulary (checked in :meth:`attach_teacher`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.text import BLEUScore
+from torchmetrics.text.rouge import ROUGEScore
+
+from kdlab.losses.returns import induced_rewards, kstep_returns, policy_gradient_loss
+from kdlab.protocols import attach_unregistered
+
+__all__ = ["RLDistillKStep", "Rollout", "load_generation_student"]
+
+
+@dataclass
+class Rollout:
+    """Sampled (or greedy) continuations of a batch of prompts, laid out for one-pass scoring.
+
+    ``full_ids = prompt_ids ⊕ actions`` (prompt left-padded), ``full_mask`` its attention mask;
+    ``actions[:, t]`` is predicted by position ``prompt_len − 1 + t`` of a causal model on ``full_ids``.
+    For encoder-decoder students ``decoder_ids = [start] ⊕ actions``.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    actions: Tensor
+    action_mask: Tensor
+    full_ids: Tensor
+    full_mask: Tensor
+    position_ids: Tensor
+    decoder_ids: Tensor | None
+    seconds: float
+
+    @property
+    def num_generated(self) -> int:
+        """Valid generated tokens (up to and including EOS)."""
+        return int(self.action_mask.sum().item())
+
+
+def load_generation_student(name: str, config: dict[str, Any] | None = None, dtype: str = "float32") -> nn.Module:
+    """Load a student for generation: a causal LM via ``load_backbone``, or an encoder-decoder
+    (``config.is_encoder_decoder``, e.g. T5) from a local directory / hub id via ``AutoModelForSeq2SeqLM``."""
+    from kdlab.models import backbones
+
+    kind, location = backbones.resolve_name(name)
+    if kind != "tiny":
+        from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+        cfg = AutoConfig.from_pretrained(location, local_files_only=kind == "local")
+        if getattr(cfg, "is_encoder_decoder", False):
+            return AutoModelForSeq2SeqLM.from_pretrained(
+                location, dtype=backbones.resolve_dtype(dtype), local_files_only=kind == "local", **(config or {})
+            )
+    return backbones.load_backbone(name, "causal-lm", config=config, dtype=dtype)
+
+
+def _output_vocab_size(model: nn.Module) -> int:
+    """Rows of the LM head = width of the logits (what rewards index by token id)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None and head.weight.dim() == 2:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def _model_name(model: nn.Module) -> str:
+    return str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+
+
+def _positions(mask: Tensor) -> Tensor:
+    """Position ids for a left-padded mask: ``cumsum(mask) − 1`` clamped at 0 (what ``generate`` uses)."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _until_first_eos(tokens: Tensor, eos_ids: list[int]) -> Tensor:
+    """Bool mask of tokens up to and including the first EOS of each row (all True if none)."""
+    if not eos_ids:
+        return torch.ones_like(tokens, dtype=torch.bool)
+    is_eos = torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device))
+    seen_before = is_eos.long().cumsum(-1) - is_eos.long()
+    return seen_before == 0
+
+
+def _pack_index(valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices that move each row's valid positions to the front (order kept), and the packed mask."""
+    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+    counts = valid.sum(-1)
+    length = max(int(counts.max().item()) if valid.numel() else 0, 1)
+    index = order[:, :length]
+    packed_mask = torch.arange(length, device=valid.device)[None, :] < counts[:, None]
+    return index, packed_mask
+
+
+class RLDistillKStep(L.LightningModule):
+    """KETCHUP distillation of a generation teacher into a student by K-step-return policy gradient.
+
+    Args:
+        student: backbone name for the student (``tiny-llama``, alias, local dir, hub id; a directory
+            whose config is encoder-decoder loads as ``AutoModelForSeq2SeqLM``).
+        student_config: tiny-model config overrides / pretrained config attribute overrides.
+        tokenizer: tokenizer name (default: the student's). Must equal the data module's ``tokenizer``
+            (Lightning merges both hparams and refuses differing values).
+        k: segment length K of the K-step return (K = 1: one-step RL-KD of Hao et al.).
+        objective: ``pg`` (KETCHUP), ``ce`` (teacher-forced CE on references), ``kd`` (forward KL).
+        bellman: ``hard`` (V = max_a q) or ``soft`` (V = logsumexp_a q, [reading]).
+        center_logits: centre teacher logits over the vocabulary before inducing rewards (LMReward).
+        reward_clip / reward_divisor: ``R ← clamp(R / divisor, ±clip)`` (LMReward options).
+        baseline: ``none`` | ``batch-mean`` (per position) | ``running-mean`` (EMA of the mean return).
+        running_mean_momentum: EMA momentum m: ``b ← m·b + (1 − m)·mean(G)``.
+        normalize_advantages: whiten advantages over the batch's valid tokens.
+        temperature / top_k / top_p: sampling; defaults (1, 0 = off, 1.0 = off) sample from π_θ itself.
+            The log-probs of the PG loss use ``logits / temperature`` (the policy that sampled).
+        max_new_tokens: continuation budget (training and validation).
+        num_samples_per_prompt: continuations per prompt (each prompt repeated n times).
+        warmup_steps_ce: optimiser steps of CE on references before PG starts (``pg`` only).
+        kd_temperature: τ of the ``kd`` objective, ``loss = τ² · KL(p_T^τ ‖ p_S^τ)``.
+        lr / weight_decay: AdamW.
+        generation_kwargs: extra ``generate`` kwargs (e.g. ``repetition_penalty``) for training rollouts.
+        teacher_for_eval: with ``objective="ce"``, still ask for a teacher to report
+            ``val/teacher_logprob`` (pg/kd always need one).
+        dtype: student dtype.
+    """
+
+    def __init__(
+        self,
+        student: str = "tiny-llama",
+        student_config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        k: int = 1,
+        objective: Literal["pg", "ce", "kd"] = "pg",
+        bellman: Literal["hard", "soft"] = "hard",
+        center_logits: bool = True,
+        reward_clip: float | None = None,
+        reward_divisor: float = 1.0,
+        baseline: Literal["none", "batch-mean", "running-mean"] = "batch-mean",
+        running_mean_momentum: float = 0.9,
+        normalize_advantages: bool = False,
+        temperature: float = 1.0,
+        max_new_tokens: int = 32,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        num_samples_per_prompt: int = 1,
+        warmup_steps_ce: int = 0,
+        kd_temperature: float = 1.0,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        generation_kwargs: dict[str, Any] | None = None,
+        teacher_for_eval: bool = False,
+        dtype: str = "float32",
+    ) -> None:
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"k must be ≥ 1, got {k}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if num_samples_per_prompt < 1:
+            raise ValueError(f"num_samples_per_prompt must be ≥ 1, got {num_samples_per_prompt}")
+        # Recorded resolved (save_hyperparameters reads the locals): Lightning refuses a data module
+        # whose ``tokenizer`` hparam differs, which also catches stage and data tokenising differently.
+        tokenizer = tokenizer or student
+        self.save_hyperparameters()
+        from kdlab.models.backbones import load_tokenizer
+
+        self.student = load_generation_student(student, student_config, dtype)
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.is_encoder_decoder = bool(getattr(self.student.config, "is_encoder_decoder", False))
+        self.needs_teacher: bool = objective in ("pg", "kd") or teacher_for_eval
+        attach_unregistered(self, "teacher", None)
+        self.register_buffer("return_running_mean", torch.tensor(float("nan")), persistent=True)
+        eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.student.config.eos_token_id
+        self._eos_ids: list[int] = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [int(eos)])
+        pad = self.tokenizer.pad_token_id
+        self._pad_id: int = int(pad if pad is not None else (self._eos_ids[0] if self._eos_ids else 0))
+        self.val_rouge = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))
+        self.val_bleu = BLEUScore()
+        self.val_teacher_logprob = MeanMetric()
+        self.val_gen_length = MeanMetric()
+
+    # ------------------------------------------------------------------ teacher protocol
+    def attach_teacher(self, teacher: nn.Module, tokenizer: Any | None = None) -> None:
+        """Keep ``teacher`` unregistered (never a submodule / in a checkpoint) after checking vocabularies.
+
+        Rewards index the teacher's logits by the student's token ids, so the logit widths and
+        ``config.vocab_size`` must match; if the caller passes the teacher's tokenizer, the
+        token ↔ id maps must match too (``assert_same_vocabulary``).
+        """
+        from kdlab.models.backbones import VocabularyMismatchError, assert_same_vocabulary
+
+        t_head, s_head = _output_vocab_size(teacher), _output_vocab_size(self.student)
+        t_cfg = getattr(getattr(teacher, "config", None), "vocab_size", t_head)
+        s_cfg = getattr(self.student.config, "vocab_size", s_head)
+        if t_head != s_head or t_cfg != s_cfg:
+            raise VocabularyMismatchError(
+                f"teacher and student vocabularies differ: teacher {_model_name(teacher)!r} has vocab_size "
+                f"{t_cfg} (logits {t_head}), student {_model_name(self.student)!r} has vocab_size {s_cfg} "
+                f"(logits {s_head}); RLDistillKStep scores the student's tokens with the teacher's logits, "
+                "so both must use the same tokenizer"
+            )
+        if tokenizer is not None:
+            assert_same_vocabulary(tokenizer, self.tokenizer)
+        teacher.eval()
+        teacher.requires_grad_(False)
+        attach_unregistered(self, "teacher", teacher)
+
+    def _require_teacher(self) -> nn.Module:
+        teacher = getattr(self, "teacher", None)
+        if teacher is None:
+            raise RuntimeError(
+                f"RLDistillKStep(objective={self.hparams.objective!r}) needs a teacher: add the "
+                "callbacks.teacher.TeacherLoader callback (trainer.callbacks) or call attach_teacher()"
+            )
+        return teacher
+
+    # ------------------------------------------------------------------ rollouts
+    def _generation_config(self, greedy: bool, max_new_tokens: int) -> Any:
+        from transformers import GenerationConfig
+
+        hp = self.hparams
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "pad_token_id": self._pad_id,
+            "eos_token_id": self._eos_ids or None,
+            "use_cache": True,
+        }
+        if self.is_encoder_decoder:
+            start = self.student.config.decoder_start_token_id
+            kwargs["decoder_start_token_id"] = start if start is not None else self._pad_id
+        if greedy:
+            kwargs.update(do_sample=False, num_beams=1)
+        else:
+            kwargs.update(do_sample=True, temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p)
+            kwargs.update(hp.generation_kwargs or {})
+        return GenerationConfig(**kwargs)
+
+    @torch.no_grad()
+    def rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, greedy: bool = False, max_new_tokens: int | None = None) -> Rollout:
+        """Generate continuations of left-padded prompts (KV cache, no grad; student in eval mode
+        during generation, mode restored) and lay them out for scoring."""
+        n = 1 if greedy else self.hparams.num_samples_per_prompt
+        if n > 1:
+            prompt_ids = prompt_ids.repeat_interleave(n, dim=0)
+            prompt_mask = prompt_mask.repeat_interleave(n, dim=0)
+        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device).long()
+        was_training = self.student.training
+        self.student.eval()
+        start = time.perf_counter()
+        try:
+            out = self.student.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                generation_config=self._generation_config(greedy, max_new_tokens or self.hparams.max_new_tokens),
+            )
+        finally:
+            self.student.train(was_training)
+        seconds = time.perf_counter() - start
+        if self.is_encoder_decoder:
+            decoder_ids, actions = out, out[:, 1:]
+        else:
+            decoder_ids, actions = None, out[:, prompt_ids.shape[1]:]
+        action_mask = _until_first_eos(actions, self._eos_ids)
+        full_ids = torch.cat([prompt_ids, actions], dim=1)
+        full_mask = torch.cat([prompt_mask, action_mask.long()], dim=1)
+        return Rollout(
+            prompt_ids, prompt_mask, actions, action_mask, full_ids, full_mask, _positions(full_mask), decoder_ids, seconds
+        )
+
+    def _causal_action_logits(self, model: nn.Module, ro: Rollout) -> Tensor:
+        """Logits ``[B, N, V]`` of a causal LM at the positions predicting each action (one pass)."""
+        n = ro.actions.shape[1]
+        device = next(model.parameters()).device
+        out = model(
+            input_ids=ro.full_ids.to(device),
+            attention_mask=ro.full_mask.to(device),
+            position_ids=ro.position_ids.to(device),
+            logits_to_keep=n + 1,
+            use_cache=False,
+        )
+        return out.logits[:, :-1].to(self.device)
+
+    def student_action_logprobs(self, ro: Rollout) -> Tensor:
+        """``log π_θ(a_t | s_t)`` ``[B, N]`` with grad, from ``logits / temperature`` (0 where masked)."""
+        if self.is_encoder_decoder:
+            assert ro.decoder_ids is not None
+            dec_mask = torch.cat([torch.ones_like(ro.action_mask[:, :1]), ro.action_mask[:, :-1]], dim=1).long()
+            logits = self.student(
+                input_ids=ro.prompt_ids, attention_mask=ro.prompt_mask,
+                decoder_input_ids=ro.decoder_ids[:, :-1], decoder_attention_mask=dec_mask, use_cache=False,
+            ).logits
+        else:
+            logits = self._causal_action_logits(self.student, ro)
+        logp = torch.log_softmax(logits.float() / self.hparams.temperature, dim=-1)
+        lp = logp.gather(-1, ro.actions.unsqueeze(-1)).squeeze(-1)
+        return lp.masked_fill(~ro.action_mask, 0.0)
+
+    @torch.no_grad()
+    def teacher_action_logits(self, ro: Rollout) -> Tensor:
+        """Teacher logits ``[B, N, V]`` (float32) predicting each action, one forward pass, no grad."""
+        return self._causal_action_logits(self._require_teacher(), ro).float()
+
+    # ------------------------------------------------------------------ losses
+    def _pg_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        hp = self.hparams
+        for key in ("prompt_input_ids", "prompt_attention_mask"):
+            if key not in batch:
+                raise KeyError(f"objective 'pg' needs {key!r} in the batch (use kdlab.data.Seq2SeqDataModule)")
+        ro = self.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+        t_logits = self.teacher_action_logits(ro)
+        rewards = induced_rewards(
+            t_logits, ro.actions, ro.action_mask, k=hp.k, bellman=hp.bellman,
+            center_logits=hp.center_logits, clip=hp.reward_clip, divisor=hp.reward_divisor,
+        )
+        returns = kstep_returns(rewards, ro.action_mask, hp.k)
+        running = None if torch.isnan(self.return_running_mean) else self.return_running_mean
+        logprobs = self.student_action_logprobs(ro)
+        out = policy_gradient_loss(logprobs, returns, ro.action_mask, hp.baseline, running, hp.normalize_advantages)
+        n_valid = ro.action_mask.sum().clamp_min(1)
+        stats = {
+            "reward_mean": rewards.sum() / n_valid,
+            "return_mean": out.return_mean,
+            "pg_loss": out.loss.detach(),
+            "advantage_std": out.advantage_std,
+            "gen_length": ro.action_mask.sum(-1).float().mean(),
+            "gen_tokens_per_s": torch.tensor(ro.num_generated / max(ro.seconds, 1e-9)),
+            "logprob_mean": (logprobs.detach().sum() / n_valid),
+        }
+        return out.loss, stats
+
+    def _reference_logits(self, model: nn.Module, batch: dict[str, Any], causal_only: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """Packed logits ``[B, L, V]`` at the reference target positions, targets ``[B, L]``, mask ``[B, L]``.
+
+        Causal models read ``input_ids`` (prompt ⊕ target) and predict ``labels[:, 1:]``; encoder-decoder
+        students encode ``prompt_input_ids`` and decode the packed targets.
+        """
+        labels = batch["labels"]
+        valid = labels[:, 1:] != -100
+        index, packed_mask = _pack_index(valid)
+        targets = labels[:, 1:].gather(1, index).masked_fill(~packed_mask, -100)
+        if self.is_encoder_decoder and not causal_only:
+            dec_in = self.student.prepare_decoder_input_ids_from_labels(labels=targets)
+            logits = model(
+                input_ids=batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"],
+                decoder_input_ids=dec_in, decoder_attention_mask=torch.cat(
+                    [torch.ones_like(packed_mask[:, :1]), packed_mask[:, :-1]], dim=1).long(),
+                use_cache=False,
+            ).logits
+        else:
+            device = next(model.parameters()).device
+            mask = batch["attention_mask"]
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device), use_cache=False,
+            ).logits[:, :-1].to(self.device)
+            logits = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        return logits, targets, packed_mask
+
+    def _ce_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Teacher-forced cross-entropy on the references: ``− mean_t log p_θ(y_t | x, y_<t)``."""
+        logits, targets, mask = self._reference_logits(self.student, batch)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return loss, {"ce_loss": loss.detach()}
+
+    def _kd_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Token-level forward KL on the references::
+
+            loss = τ² · mean_t Σ_v p_T^τ(v) (log p_T^τ(v) − log p_S^τ(v)),  p^τ = softmax(logits / τ)
+        """
+        tau = self.hparams.kd_temperature
+        s_logits, _, mask = self._reference_logits(self.student, batch)
+        with torch.no_grad():
+            t_logits, _, _ = self._reference_logits(self._require_teacher(), batch, causal_only=True)
+        log_ps = torch.log_softmax(s_logits.float() / tau, dim=-1)
+        log_pt = torch.log_softmax(t_logits.float() / tau, dim=-1)
+        kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+        m = mask.float()
+        loss = tau**2 * (kl * m).sum() / m.sum().clamp_min(1.0)
+        return loss, {"kd_loss": loss.detach()}
+
+    def _active_objective(self) -> str:
+        hp = self.hparams
+        if hp.objective == "pg" and self.global_step < hp.warmup_steps_ce:
+            return "ce"
+        return hp.objective
+
+    def _loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        objective = self._active_objective()
+        if objective == "pg":
+            return self._pg_loss(batch)
+        if objective == "kd":
+            return self._kd_loss(batch)
+        return self._ce_loss(batch)
+
+    def batch_loss(self, batch: Any) -> Tensor:
+        """The training loss for ``batch`` with fresh rollouts; no logging, no state change (HasBatchLoss)."""
+        return self._loss(batch)[0]
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, stats = self._loss(batch)
+        if "return_mean" in stats and self.hparams.baseline == "running-mean":
+            m = self.hparams.running_mean_momentum
+            new = stats["return_mean"].to(self.return_running_mean)
+            rm = self.return_running_mean
+            self.return_running_mean.copy_(new if torch.isnan(rm) else m * rm + (1 - m) * new)
+        bs = int(batch["input_ids"].shape[0]) if "input_ids" in batch else None
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs, sync_dist=True)
+        for name, value in stats.items():
+            self.log(f"train/{name}", value.float(), batch_size=bs)
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        ro = self.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"], greedy=True)
+        preds = self.decode(ro)
+        targets = list(batch["target_text"])
+        self.val_rouge.update(preds, targets)
+        self.val_bleu.update(preds, [[t] for t in targets])
+        self.val_gen_length.update(ro.action_mask.sum(-1).float())
+        if getattr(self, "teacher", None) is not None and ro.num_generated > 0:
+            logp = torch.log_softmax(self.teacher_action_logits(ro), dim=-1)
+            ll = logp.gather(-1, ro.actions.unsqueeze(-1)).squeeze(-1)
+            self.val_teacher_logprob.update(ll[ro.action_mask])
+
+    def _eval_epoch_end(self, prefix: str) -> None:
+        rouge = self.val_rouge.compute()
+        for key in ("rouge1", "rouge2", "rougeL"):
+            self.log(f"{prefix}/{key}", rouge[f"{key}_fmeasure"], prog_bar=key == "rougeL")
+        self.log(f"{prefix}/bleu", self.val_bleu.compute())
+        self.log(f"{prefix}/gen_length", self.val_gen_length.compute())
+        if self.val_teacher_logprob.update_count > 0:
+            self.log(f"{prefix}/teacher_logprob", self.val_teacher_logprob.compute())
+        for metric in (self.val_rouge, self.val_bleu, self.val_teacher_logprob, self.val_gen_length):
+            metric.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
+        return self.decode(self.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"], greedy=True))
+
+    def decode(self, ro: Rollout) -> list[str]:
+        """Continuations as text (tokens after the first EOS dropped, special tokens skipped)."""
+        ids = ro.actions.masked_fill(~ro.action_mask, self._pad_id)
+        return [s.strip() for s in self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.student.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    # ------------------------------------------------------------------ export
+    def export_pretrained(self, directory: str) -> None:
+        """Write the student + tokenizer (``save_pretrained``) to ``directory`` atomically
+        (a sibling temp dir renamed into place)."""
+        directory = os.path.abspath(directory)
+        parent = os.path.dirname(directory)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+        try:
+            self.student.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            if os.path.isdir(directory):
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
