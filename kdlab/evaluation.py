@@ -25,6 +25,9 @@ from kdlab.metrics import RankingMetrics
 
 LEXICAL = "bm25"
 """Model spec naming the lexical pre-ranker: its scores are the ``bm25`` field of each document."""
+RANDOM = "random"
+"""Model spec naming random ordering: metrics averaged over ``RANDOM_DRAWS`` seeded shuffles."""
+RANDOM_DRAWS = 20
 
 
 def _metrics_row(name: str, per_query: list[tuple[list[float], list[float]]], k: int) -> dict[str, Any]:
@@ -82,7 +85,13 @@ def evaluate_models(models: Mapping[str, str | Path], test_path: str, max_length
     labels = [[float(doc.label or 0.0) for doc in group.docs] for group in read_ranking_jsonl(test_path)]
     rows = []
     for name, spec in models.items():
-        if str(spec) == LEXICAL:
+        if str(spec) == RANDOM:
+            generator = torch.Generator().manual_seed(0)
+            draws = [_metrics_row(name, [(torch.rand(len(y), generator=generator).tolist(), y) for y in labels], k)
+                     for _ in range(RANDOM_DRAWS)]
+            row = {"model": name, **{key: sum(d[key] for d in draws) / RANDOM_DRAWS for key in draws[0] if key != "model"}}
+            row.update(parameters=None, ms_per_query=None)
+        elif str(spec) == LEXICAL:
             row = _metrics_row(name, list(zip(lexical_scores(test_path), labels)), k)
             row.update(parameters=None, ms_per_query=None)
         else:

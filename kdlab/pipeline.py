@@ -50,6 +50,9 @@ class PipelineConfig:
         step_args: extra CLI arguments per step: keys ``cpt``, ``rank_sft``, ``distill``, ``all``.
         variants: student variant name → extra CLI arguments for the distill step.
         train_path / val_path / test_path: ranking groups JSONL (None: the embedded sample).
+        max_train_queries / max_eval_queries: use only the first N queries of the training /
+            validation and test files (the subsets are written into the pipeline directory and
+            their sizes printed in the report) — to fit a large teacher into a time budget.
         label_batch_size / label_max_length: teacher scoring.
         eval_max_length: tokens per (query, doc) when evaluating.
         min_student_ratio: the report checks student NDCG@10 ≥ this × teacher NDCG@10.
@@ -67,6 +70,8 @@ class PipelineConfig:
     train_path: str | None = None
     val_path: str | None = None
     test_path: str | None = None
+    max_train_queries: int | None = None
+    max_eval_queries: int | None = None
     label_batch_size: int = 32
     label_max_length: int = 192
     eval_max_length: int = 192
@@ -92,9 +97,36 @@ def _sample_or(path: str | None, name: str) -> str:
 
 def run_step(name: str, pipeline_dir: Path, args: Sequence[str]) -> StepResult:
     """Run one ``fit`` step in a subprocess (or reuse its finished record) and time it."""
-    start = time.perf_counter()
     metrics = launch_run([*args, f"--run.name={name}"], pipeline_dir / name, label=f"pipeline step {name}")
-    return StepResult(name, pipeline_dir / name, metrics, time.perf_counter() - start)
+    return StepResult(name, pipeline_dir / name, metrics, _recorded_seconds(pipeline_dir / name))
+
+
+def _recorded_seconds(run_dir: Path) -> float:
+    """The step's own wall time from its manifest (also right for a step reused on resume)."""
+    import datetime as dt
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    start, end = (dt.datetime.fromisoformat(manifest[k]) for k in ("start_time", "end_time"))
+    return (end - start).total_seconds()
+
+
+def _split_files(config: PipelineConfig, pipeline_dir: Path) -> dict[str, str]:
+    """The ranking files of each split, cut to ``max_*_queries`` (written once, atomically)."""
+    from kdlab.data.readers import iter_lines
+
+    out = {}
+    for split, path in (("train", config.train_path), ("val", config.val_path), ("test", config.test_path)):
+        source = _sample_or(path, f"ranking_{split}.jsonl")
+        limit = config.max_train_queries if split == "train" else config.max_eval_queries
+        if limit is None:
+            out[split] = source
+            continue
+        subset = pipeline_dir / "data" / f"ranking_{split}.jsonl"
+        if not subset.exists():
+            lines = [text for _, text in iter_lines(source)][:limit]
+            write_text_atomic(subset, "".join(line + "\n" for line in lines))
+        out[split] = str(subset)
+    return out
 
 
 def label_split(teacher_dir: Path, source: str, output: Path, config: PipelineConfig) -> Path:
@@ -114,8 +146,8 @@ def run_pipeline(config: PipelineConfig) -> Path:
     pipeline_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(pipeline_dir / "pipeline.json", asdict(config))
     common = list(config.step_args.get("all", []))
-    data_args = [f"--data.init_args.{k}_path={v}" for k, v in
-                 (("train", config.train_path), ("val", config.val_path), ("test", config.test_path)) if v]
+    splits = _split_files(config, pipeline_dir)
+    data_args = [f"--data.init_args.{split}_path={path}" for split, path in splits.items()]
     started = time.perf_counter()
     steps: dict[str, StepResult] = {}
 
@@ -130,10 +162,8 @@ def run_pipeline(config: PipelineConfig) -> Path:
     teacher_dir = pipeline_dir / "rank_sft_cpt" / "model"
 
     labels_dir = pipeline_dir / "labels"
-    labels = {
-        split: label_split(teacher_dir, _sample_or(path, f"ranking_{split}.jsonl"), labels_dir / f"{split}.jsonl", config)
-        for split, path in (("train", config.train_path), ("val", config.val_path), ("test", config.test_path))
-    }
+    labels = {split: label_split(teacher_dir, path, labels_dir / f"{split}.jsonl", config)
+              for split, path in splits.items()}
     label_args = [f"--data.init_args.{split}_path={path}" for split, path in labels.items()]
     for variant, extra in config.variants.items():
         step = f"student_{_slug(variant)}"
@@ -142,29 +172,44 @@ def run_pipeline(config: PipelineConfig) -> Path:
 
     from kdlab.evaluation import evaluate_models
 
-    models: dict[str, Path | str] = {"lexical pre-ranker (BM25)": "bm25"}
+    models: dict[str, Path | str] = {"random ordering (mean of 20)": "random", "lexical pre-ranker (BM25)": "bm25"}
     if config.run_no_cpt_baseline:
         models["teacher, no CPT"] = pipeline_dir / "rank_sft_no_cpt" / "model"
     models["teacher, CPT"] = teacher_dir
     for variant in config.variants:
         models[f"student, {variant}"] = pipeline_dir / f"student_{_slug(variant)}" / "model"
-    rows = evaluate_models(models, str(labels["test"]), max_length=config.eval_max_length)
+    rows = evaluate_models(models, splits["test"], max_length=config.eval_max_length)
     total = time.perf_counter() - started
-    return write_report(pipeline_dir, config, rows, steps, total)
+    return write_report(pipeline_dir, config, rows, steps, total, data_sizes(splits))
 
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
 
 
+def data_sizes(splits: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """(queries, documents) of each split's ranking file."""
+    from kdlab.data.readers import read_ranking_jsonl
+
+    sizes = {}
+    for split, path in splits.items():
+        groups = read_ranking_jsonl(path)
+        sizes[split] = (len(groups), sum(len(g.docs) for g in groups))
+    return sizes
+
+
 def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str, Any]],
-                 steps: dict[str, StepResult], total_seconds: float) -> Path:
+                 steps: dict[str, StepResult], total_seconds: float,
+                 sizes: dict[str, tuple[int, int]] | None = None) -> Path:
     """``report.md`` (table + checks), ``report.json`` (the same numbers) and ``report.png``."""
     teacher = next((r for r in rows if r["model"] == "teacher, CPT"), None)
     no_cpt = next((r for r in rows if r["model"] == "teacher, no CPT"), None)
+    lexical = next((r for r in rows if "BM25" in r["model"]), None)
+    chance = next((r for r in rows if r["model"].startswith("random")), None)
     lines = [f"# {config.name}: DisRanker pipeline report", "",
-             f"Pipeline directory: `{pipeline_dir}`; total wall time {total_seconds / 60:.1f} min on this machine "
-             f"({os.cpu_count()} CPU cores).", "",
+             f"Pipeline directory: `{pipeline_dir}`; steps {sum(s.seconds for s in steps.values()) / 60:.1f} min "
+             f"(sum of the steps' recorded wall times), this invocation {total_seconds / 60:.1f} min, on "
+             f"{os.cpu_count()} CPU cores.", "",
              "Held-out test split. NDCG@10 uses torchmetrics' gain (linear in the label); "
              "PNR = concordant / discordant pairs of one query with different labels (score ties count neither way).",
              "", "| model | NDCG@10 | MRR@10 | PNR | parameters | ms / query |", "|---|---|---|---|---|---|"]
@@ -178,6 +223,11 @@ def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str
         lines.append(f"- The CPT teacher ranks {verdict} the teacher without CPT "
                      f"(NDCG@10 {teacher['ndcg@10']:.4f} vs {no_cpt['ndcg@10']:.4f}).")
     if teacher:
+        for baseline in (chance, lexical):
+            if baseline:
+                verdict = "beats" if teacher["ndcg@10"] > baseline["ndcg@10"] else "does NOT beat"
+                lines.append(f"- The CPT teacher {verdict} {baseline['model']} "
+                             f"(NDCG@10 {teacher['ndcg@10']:.4f} vs {baseline['ndcg@10']:.4f}).")
         for row in rows:
             if row["model"].startswith("student") and teacher["ndcg@10"] > 0:
                 ratio = row["ndcg@10"] / teacher["ndcg@10"]
@@ -186,6 +236,9 @@ def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str
                          if row.get("ms_per_query") and teacher.get("ms_per_query") else "")
                 lines.append(f"- {row['model']}: {ratio:.1%} of the teacher's NDCG@10 ({ok} the "
                              f"{config.min_student_ratio:.0%} target){speed}.")
+    if sizes:
+        lines += ["", "## Data", "", "| split | queries | (query, doc) pairs |", "|---|---|---|"]
+        lines += [f"| {split} | {q} | {d} |" for split, (q, d) in sizes.items()]
     lines += ["", "## Steps", "", "| step | wall time | run directory |", "|---|---|---|"]
     for name, step in steps.items():
         lines.append(f"| {name} | {step.seconds:.0f} s | `{step.run_dir}` |")

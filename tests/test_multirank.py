@@ -129,7 +129,7 @@ def test_ddp_ranks_resolve_one_run_directory_written_once(toy_runs: dict[str, Pa
     assert [(cwd / r["default_root_dir"]).resolve() for r in ranks] == [run.resolve()] * 2, ranks
     assert sorted(p.name for p in (cwd / "runs" / "two").iterdir()) == [run.name], "one run directory only"
     assert {p.name for p in run.iterdir()} >= {"config.yaml", "manifest.json", "metrics.json", "checkpoints"}
-    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["devices"] == 2
+    assert str(yaml.safe_load((run / "config.yaml").read_text())["trainer"]["devices"]) == "2"
     assert not list(run.rglob("*.tmp"))
 
 
