@@ -61,6 +61,16 @@ def _group_lengths(groups: Sequence[RankingGroup]) -> list[int]:
     return [len(g.query) + max(len(d.text) for d in g.docs) for g in groups]
 
 
+def split_paths(kind: str, **given: str | None) -> dict[str, str]:
+    """Each split's file: the one given, else the embedded sample's ``<kind>_<split>.jsonl``.
+
+    ``predict`` falls back to the test file (given or sample)."""
+    paths = {split: path or sample_path(f"{kind}_{split}.jsonl") for split, path in given.items() if split != "predict"}
+    if "predict" in given:
+        paths["predict"] = given["predict"] or paths["test"]
+    return paths
+
+
 class RankingTrainDataset(Dataset):
     """Training groups: 1 positive + ``num_negatives`` negatives (``positive-vs-negatives``), or all
     candidates in file order (``all``). Missing labels count as 0.
@@ -157,12 +167,7 @@ class RankingDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.paths = {
-            "train": train_path or sample_path("ranking_train.jsonl"),
-            "val": val_path or sample_path("ranking_val.jsonl"),
-            "test": test_path or sample_path("ranking_test.jsonl"),
-            "predict": predict_path or test_path or sample_path("ranking_test.jsonl"),
-        }
+        self.paths = split_paths("ranking", train=train_path, val=val_path, test=test_path, predict=predict_path)
         self.tokenizer_name = tokenizer
         self.text_format = text_format
         self.num_negatives = num_negatives
@@ -275,8 +280,7 @@ class ClickLogDataModule(L.LightningDataModule):
                 template.format(**{k: "" for k in keys})
             except (KeyError, IndexError, ValueError) as err:
                 raise ValueError(f"{name} {template!r} may only use {{{'}, {'.join(keys)}}}: {err}") from None
-        self.paths = {"train": train_path or sample_path("clicks_train.jsonl"),
-                      "val": val_path or sample_path("clicks_val.jsonl")}
+        self.paths = split_paths("clicks", train=train_path, val=val_path)
         self.tokenizer_name = tokenizer
         self.max_length = max_length
         self.loss_on_prompt = loss_on_prompt
@@ -351,12 +355,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
             raise ValueError(f"prompt_template must contain '{{source}}' exactly once, got {prompt_template!r}")
         if max_source_length < 1 or max_target_length < 1:
             raise ValueError("max_source_length and max_target_length must be >= 1")
-        self.paths = {
-            "train": train_path or sample_path("seq2seq_train.jsonl"),
-            "val": val_path or sample_path("seq2seq_val.jsonl"),
-            "test": test_path or sample_path("seq2seq_test.jsonl"),
-            "predict": predict_path or test_path or sample_path("seq2seq_test.jsonl"),
-        }
+        self.paths = split_paths("seq2seq", train=train_path, val=val_path, test=test_path, predict=predict_path)
         self.tokenizer_name = tokenizer
         self.prompt_template = prompt_template
         self.max_source_length = max_source_length
