@@ -1,0 +1,190 @@
+"""On-policy step throughput: RLDistillKStep vs TRL's GKDTrainer (lmbda = 1, fully on-policy).
+
+Both sides get the same student and teacher weights (tiny Llamas by default, sharing the embedded
+sample tokenizer), the same prompts (embedded seq2seq sample, left-padded), the same sampling
+(temperature 1, top-k off, top-p 1, ``max_new_tokens``, KV cache) and the same batch size. One
+"on-policy step" = sample continuations with the student, score them with the teacher, compute the
+loss and backpropagate (TRL: ``GKDTrainer.training_step``; kdlab: ``RLDistillKStep.batch_loss`` +
+``backward``); the optimiser step is excluded from both.
+
+Printed: generated tokens per second of the whole step (valid generated tokens up to and including
+EOS, divided by the step's wall time) and of generation alone, for each, and the ratio kdlab / TRL.
+Usage::
+
+    python bench/rl_step_vs_trl.py [--steps 5] [--batch-size 8] [--max-new-tokens 32] \
+        [--student-config '{"hidden_size": 64}'] [--teacher-config '{"hidden_size": 128}'] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from kdlab.data import sample_path  # noqa: E402
+from kdlab.models.backbones import load_backbone, load_tokenizer  # noqa: E402
+from kdlab.stages.rl_distill_kstep import RLDistillKStep  # noqa: E402
+
+
+def prompts(tok: Any, n: int, max_src: int) -> list[list[int]]:
+    rows = [json.loads(line) for line in Path(sample_path("seq2seq_train.jsonl")).read_text().splitlines()[:n]]
+    return [[tok.bos_token_id] + tok("summarize: " + r["source"], add_special_tokens=False)["input_ids"][:max_src] + tok(
+        "\nsummary:", add_special_tokens=False)["input_ids"] for r in rows]
+
+
+def left_pad(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in batch)
+    ids = torch.full((len(batch), width), pad)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for i, p in enumerate(batch):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def bench_kdlab(student_dir: str, teacher: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                max_new_tokens: int, k: int) -> dict[str, float]:
+    stage = RLDistillKStep(student=student_dir, tokenizer="tiny-llama", k=k, max_new_tokens=max_new_tokens,
+                           num_samples_per_prompt=1, baseline="batch-mean")
+    stage.attach_teacher(teacher)
+    stage.train()
+    gen_time = [0.0]
+    orig = stage.rollout
+
+    def timed_rollout(*a: Any, **kw: Any) -> Any:
+        ro = orig(*a, **kw)
+        gen_time[0] += ro.seconds
+        counts.append(ro.num_generated)
+        return ro
+
+    stage.rollout = timed_rollout  # type: ignore[method-assign]
+    counts: list[int] = []
+    times: list[float] = []
+    gen: list[float] = []
+    for i, (ids, mask) in enumerate(batches):
+        batch = {"prompt_input_ids": ids, "prompt_attention_mask": mask}
+        gen_time[0] = 0.0
+        start = time.perf_counter()
+        stage.batch_loss(batch).backward()
+        times.append(time.perf_counter() - start)
+        gen.append(gen_time[0])
+        stage.student.zero_grad(set_to_none=True)
+    return _summary(counts[1:], times[1:], gen[1:])  # first step = warm-up
+
+
+def bench_trl(student_dir: str, teacher: torch.nn.Module, tok: Any, batches: list[tuple[torch.Tensor, torch.Tensor]],
+              max_new_tokens: int) -> dict[str, float]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    rows = [{"idx": i} for i in range(len(batches))]
+
+    def collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids, mask = batches[features[0]["idx"]]
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100),  # only counted for num_items_in_batch; GKD relabels
+                "prompts": ids, "prompt_attention_mask": mask}
+
+    out_dir = tempfile.mkdtemp(prefix="gkd-bench-")
+    args = GKDConfig(output_dir=out_dir, per_device_train_batch_size=1, max_steps=len(batches), lmbda=1.0, beta=0.0,
+                     temperature=1.0, max_new_tokens=max_new_tokens, report_to="none", use_cpu=True, logging_steps=1000,
+                     save_strategy="no", learning_rate=1e-5, disable_dropout=True, dataloader_num_workers=0,
+                     max_length=None, gradient_checkpointing=False, bf16=False, fp16=False)  # fp32 + KV cache, like kdlab
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, data_collator=collate,
+                         train_dataset=Dataset.from_list(rows), processing_class=tok)
+    trainer.generation_config.eos_token_id = tok.eos_token_id
+    counts: list[int] = []
+    times: list[float] = []
+    gen: list[float] = []
+    orig_gen = GKDTrainer.generate_on_policy_outputs
+    gen_time = [0.0]
+    threads: list[int] = []
+
+    def timed_gen(model: Any, inputs: Any, generation_config: Any) -> Any:
+        start = time.perf_counter()
+        out = orig_gen(model, inputs, generation_config)
+        gen_time[0] += time.perf_counter() - start
+        counts.append(int(out[1][:, inputs["prompts"].shape[1]:].sum()))
+        threads.append(torch.get_num_threads())
+        return out
+
+    trainer.generate_on_policy_outputs = timed_gen  # type: ignore[method-assign]
+    orig_step = trainer.training_step
+
+    def timed_step(*a: Any, **kw: Any) -> Any:
+        gen_time[0] = 0.0
+        start = time.perf_counter()
+        loss = orig_step(*a, **kw)
+        times.append(time.perf_counter() - start)
+        gen.append(gen_time[0])
+        return loss
+
+    trainer.training_step = timed_step  # type: ignore[method-assign]
+    trainer.train()
+    result = _summary(counts[1:], times[1:], gen[1:])
+    result["threads_during_generation"] = float(min(threads))
+    return result
+
+
+def _summary(counts: list[int], times: list[float], gen: list[float]) -> dict[str, float]:
+    tokens = sum(counts)
+    return {"steps": len(times), "tokens": tokens, "step_s_median": statistics.median(times),
+            "tokens_per_s": tokens / sum(times), "gen_tokens_per_s": tokens / sum(gen)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="measured steps (one extra warm-up step)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-source-tokens", type=int, default=48)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--student-config", type=json.loads,
+                        default={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128})
+    parser.add_argument("--teacher-config", type=json.loads,
+                        default={"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 256})
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    ns = parser.parse_args(argv)
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    tok = load_tokenizer("tiny-llama")
+    torch.manual_seed(0)
+    student = load_backbone("tiny-llama", "causal-lm", config=ns.student_config)
+    teacher = load_backbone("tiny-llama", "causal-lm", config=ns.teacher_config).eval().requires_grad_(False)
+    student_dir = tempfile.mkdtemp(prefix="bench-student-")
+    student.save_pretrained(student_dir)
+    tok.save_pretrained(student_dir)
+    n = (ns.steps + 1) * ns.batch_size
+    ps = prompts(tok, n, ns.max_source_tokens)
+    batches = [left_pad(ps[i:i + ns.batch_size], tok.pad_token_id) for i in range(0, n, ns.batch_size)]
+    print(f"device=cpu threads={torch.get_num_threads()} batch={ns.batch_size} max_new_tokens={ns.max_new_tokens} "
+          f"steps={ns.steps} (+1 warm-up) student={sum(p.numel() for p in student.parameters()):,} params "
+          f"teacher={sum(p.numel() for p in teacher.parameters()):,} params")
+    torch.manual_seed(1)
+    ours = bench_kdlab(student_dir, teacher, batches, ns.max_new_tokens, ns.k)
+    torch.manual_seed(1)
+    theirs = bench_trl(student_dir, teacher, tok, batches, ns.max_new_tokens)
+    for name, r in (("kdlab RLDistillKStep", ours), ("TRL GKDTrainer (lmbda=1, beta=0)", theirs)):
+        print(f"{name:34s} tokens={r['tokens']:5d}  step median {r['step_s_median'] * 1000:7.1f} ms  "
+              f"step tokens/s {r['tokens_per_s']:8.1f}  generation-only tokens/s {r['gen_tokens_per_s']:8.1f}")
+    print(f"torch threads inside TRL's generation: {int(theirs['threads_during_generation'])}")
+    print(f"ratio kdlab/TRL: step tokens/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x   "
+          f"generation-only {ours['gen_tokens_per_s'] / theirs['gen_tokens_per_s']:.2f}x   (target >= 1.2x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
