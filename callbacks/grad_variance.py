@@ -31,6 +31,8 @@ modules' train/eval modes are restored, and the optimiser is never touched. Meas
 
 from __future__ import annotations
 
+import math
+
 import random
 import re
 from typing import Any
@@ -156,6 +158,12 @@ class GradVariance(L.Callback):
         self.history.append(result)
         for key in ("trace", "mean_sq_norm", "ratio", "noise_scale"):
             pl_module.log(f"grad_var/{key}", result[key], on_step=True, on_epoch=False, batch_size=1)
+            # The run's summary (metrics.json, ablation tables): the mean over every measurement so far,
+            # less noisy than the last one.
+            values = [h[key] for h in self.history if math.isfinite(h[key])]
+            if values:
+                pl_module.log(f"grad_var/{key}_mean", sum(values) / len(values), on_step=True, on_epoch=False,
+                              batch_size=1)
 
     # ------------------------------------------------------------------ measurement
     def measure(self, pl_module: nn.Module, batch: Any) -> dict[str, float]:
