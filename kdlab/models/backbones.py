@@ -243,8 +243,13 @@ def _load_pretrained(
         kwargs["quantization_config"] = qcfg
         kwargs["device_map"] = _device_map(device)
     model = cls.from_pretrained(location, **kwargs)
-    if qcfg is None and device is not None:
-        model = model.to(device)
+    if qcfg is None:
+        # from_pretrained returns eval mode and Lightning keeps submodule modes as found: a stage
+        # fine-tuning a pretrained backbone would silently train without dropout. Frozen users
+        # (teachers, labeling, evaluation) call eval() themselves.
+        model.train()
+        if device is not None:
+            model = model.to(device)
     return model
 
 

@@ -60,6 +60,22 @@ def _data_teacher_scores(batch: dict[str, Any]) -> Tensor:
     return batch["teacher_scores"]
 
 
+def _length_chunked(ranker: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                    token_type_ids: Tensor | None, chunk: int) -> Tensor:
+    """``ranker`` scores ``[B]`` computed on rows sorted by real length, in chunks of ``chunk`` rows,
+    each cut to its longest row (right padding: the collator's layout), then put back in order."""
+    lengths = attention_mask.sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    pieces = []
+    for start in range(0, order.numel(), chunk):
+        idx = order[start:start + chunk]
+        width = max(int(lengths[idx].max()), 1)
+        tt = None if token_type_ids is None else token_type_ids[idx, :width]
+        pieces.append(ranker(input_ids=input_ids[idx, :width], attention_mask=attention_mask[idx, :width],
+                             token_type_ids=tt))
+    return torch.cat(pieces)[torch.argsort(order)]
+
+
 class RankDistillStudent(RankingEvalMixin, L.LightningModule):
     """Ranking student trained on teacher scores (read from the data, or from a live teacher).
 
@@ -80,6 +96,10 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
             through :class:`kdlab.protocols.NeedsTeacher`; it is called on
             ``teacher_input_ids``/``teacher_attention_mask`` when the batch has them, otherwise on
             the student's own inputs, so it must then share the student's tokenizer and text format).
+        length_chunk_size: when > 0, the ``G*N`` rows of a batch are sorted by real length and scored
+            in chunks of this many rows, each cut to its own longest row (scores are put back in
+            batch order; padding is masked, so only float noise changes). A batch is padded to its
+            longest row over all groups, so this cuts the padded tokens a forward pays for (0 = off).
         teacher_path: a ranker export (:func:`kdlab.labeling.load_rank_teacher`: a TeacherRankSFT
             export or a one-label seq-cls cross-encoder) loaded at fit start when ``live`` and no
             teacher was attached. The teacher callback may attach any module returning ``[B]``
@@ -110,6 +130,7 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
         warmup_steps: int = 0,
         eval_k: int = 10,
         dtype: str = "float32",
+        length_chunk_size: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -197,6 +218,9 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
     # ---------------------------------------------------------------- scoring
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         """Served scores ``[B]`` (main head only)."""
+        chunk = int(self.hparams.get("length_chunk_size", 0) or 0)
+        if chunk > 0 and input_ids.shape[0] > chunk:
+            return _length_chunked(self.ranker, input_ids, attention_mask, token_type_ids, chunk)
         return self.ranker(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
 
     def score_groups(self, batch: dict[str, Any]) -> Tensor:
