@@ -285,11 +285,15 @@ def launch_run(args: list[str], run_dir: str | os.PathLike[str], *, label: str |
     """
     run_dir = Path(run_dir)
     label = label or run_dir.name
+    full = [sys.executable, "-m", "kdlab", command, *args, f"--run.dir={run_dir}"]
     done = finished_metrics(run_dir)
     if done is not None:
+        recorded = json.loads((run_dir / "manifest.json").read_text()).get("argv", [])[1:]
+        if recorded != full[3:]:
+            raise RunFailed(f"{run_dir} holds a finished run with other arguments ({' '.join(recorded)}); "
+                            "delete it or choose another root to rerun")
         print(f"[kdlab] {label}: finished earlier, reusing {run_dir}", flush=True)
         return done
-    full = [sys.executable, "-m", "kdlab", command, *args, f"--run.dir={run_dir}"]
     log_path = run_dir.with_name(run_dir.name + ".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"[kdlab] {label}: started (log: {log_path})", flush=True)
