@@ -46,7 +46,10 @@ class TeacherLoader(L.Callback):
         backbone: anything :func:`kdlab.models.backbones.load_backbone` accepts (``tiny-llama``,
             an alias such as ``smollm2-135m``, a local directory, a hub id).
         task: which head the teacher needs: ``causal-lm`` (token distributions, generation),
-            ``encoder`` (last hidden state, no LM head) or ``seq-cls``.
+            ``encoder`` (last hidden state, no LM head), ``seq-cls``, or ``ranker``: an exported
+            ranker directory (a TeacherRankSFT export with its score head, or a cross-encoder),
+            loaded with :func:`kdlab.labeling.load_rank_teacher` so a student can distil from live
+            teacher scores (full precision only).
         config: tiny-model config overrides, or config attribute overrides for pretrained models.
         dtype: ``float32`` | ``bfloat16`` | ``float16`` (compute dtype for quantized teachers).
         quantization: ``8bit`` / ``4bit`` through bitsandbytes, or None for full precision.
@@ -59,7 +62,7 @@ class TeacherLoader(L.Callback):
     def __init__(
         self,
         backbone: str,
-        task: Literal["causal-lm", "encoder", "seq-cls"] = "causal-lm",
+        task: Literal["causal-lm", "encoder", "seq-cls", "ranker"] = "causal-lm",
         config: Optional[dict[str, Any]] = None,
         dtype: str = "float32",
         quantization: Optional[Literal["8bit", "4bit"]] = None,
@@ -115,6 +118,13 @@ class TeacherLoader(L.Callback):
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
+            if self.task == "ranker":
+                if self.quantization is not None:
+                    raise ValueError("TeacherLoader: task 'ranker' loads full-precision exports; "
+                                     "set quantization: null (or quantize a causal-lm/encoder teacher)")
+                from kdlab.labeling import load_rank_teacher
+
+                return load_rank_teacher(self.backbone, dtype=self.dtype, device=device)
             teacher = load_backbone(
                 self.backbone,
                 self.task,

@@ -191,3 +191,21 @@ def test_two_rank_ddp_on_cpu_loads_one_teacher_per_rank(tmp_path: Path) -> None:
     assert sorted(ckpt["state_dict"]) == ["embed.weight", "head.bias", "head.weight"]
     assert ckpt["state_dict"]["head.weight"].shape == (VOCAB, 16)
     assert time.time() - started < 170
+
+
+def test_ranker_task_loads_an_exported_rank_teacher_for_live_distillation(tmp_path) -> None:
+    """A TeacherRankSFT export (backbone + score head) reaches a student as a frozen scorer."""
+    import lightning as L
+    import torch
+
+    from callbacks.teacher import TeacherLoader
+    from kdlab.stages import TeacherRankSFT
+
+    L.seed_everything(0)
+    TeacherRankSFT(backbone="tiny-llama").export_pretrained(str(tmp_path / "teacher"))
+    loader = TeacherLoader(backbone=str(tmp_path / "teacher"), task="ranker")
+    teacher = loader._load(torch.device("cpu"))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    ids = torch.randint(5, 100, (3, 7))
+    scores = teacher(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert scores.shape == (3,)
