@@ -160,7 +160,7 @@ def paired_p_value(values: list[float], reference: list[float]) -> float:
         return math.nan
     diffs = [a - b for a, b in pairs]
     if all(d == diffs[0] for d in diffs):
-        return math.nan if diffs[0] == 0 else 0.0
+        return math.nan  # no spread in the differences: the t statistic is undefined
     return float(stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue)
 
 
