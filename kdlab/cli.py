@@ -364,10 +364,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_error_types() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        # jsonargparse wraps errors raised while instantiating a class (a backbone path that does
+        # not exist, say) in its own ValueError: show the user's mistake, not the wrapper.
+        cause = _find_cause(err, _user_error_types())
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        return 2
     close = difflib.get_close_matches(command, [*LIGHTNING_COMMANDS, *TOOL_COMMANDS], n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     print(f"error: unknown command '{command}'{hint}; see `python -m kdlab --help`", file=sys.stderr)
     return 2
+
+
+def _find_cause(err: BaseException, types: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of ``types`` in ``err``'s cause/context chain."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, types):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _argument_error_type() -> type[BaseException]:

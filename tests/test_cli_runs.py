@@ -125,3 +125,12 @@ def test_atomic_write_leaves_old_file_when_interrupted(tmp_path: Path) -> None:
         raise RuntimeError("killed")
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_instantiation_errors_are_one_line(tmp_path: Path, repo_root: Path) -> None:
+    """A missing backbone path raised inside jsonargparse's instantiation still reads as one line."""
+    proc = _kdlab(tmp_path, "fit", "--config", str(repo_root / "experiments/quickstart/disranker/distill.yaml"),
+                  "--model.init_args.backbone=./no-such-model", "--trainer.logger=false")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: model path './no-such-model' does not exist"
+    assert "Traceback" not in proc.stderr
