@@ -1,0 +1,72 @@
+"""Real-weight experiments at reduced size (``-m slow``): they need ``python -m kdlab models prepare all``.
+
+The DisRanker experiment ``experiments/real/disranker_smollm2_to_minilm.yaml`` runs end to end
+(SmolLM2-135M CPT → rank SFT → labels → MiniLM-L6 students → report) on a few queries with a few
+optimizer steps per step; the check is that the plumbing works with real weights and the report
+has every row, not the quality (that is the full run, docs/real_disranker.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, subprocess_env
+
+from kdlab.models.prepare import alias_dir, is_ready
+from kdlab.pipeline import PipelineConfig, run_pipeline
+
+DISRANKER = REPO / "experiments" / "real" / "disranker_smollm2_to_minilm.yaml"
+ALIASES = ("smollm2-135m", "minilm-l6")
+
+
+def _require_aliases() -> None:
+    missing = [a for a in ALIASES if not is_ready(alias_dir(a))]
+    if missing:
+        pytest.skip(f"real model aliases not prepared ({', '.join(missing)} missing under "
+                    f"{alias_dir(missing[0]).parent}); run `python -m kdlab models prepare all`")
+
+
+@pytest.mark.slow
+def test_real_disranker_pipeline_reduced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real DisRanker config, cut to 8 train / 4 eval queries and 3 steps per training step."""
+    _require_aliases()
+    for key, value in subprocess_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(REPO)  # the config's step paths are relative to the repository root
+    fields = yaml.safe_load(DISRANKER.read_text())
+    assert set(fields) <= set(PipelineConfig.__dataclass_fields__), "the experiment YAML has unknown keys"
+    # Per-step overrides (they come after each step's own --config, so they win over its
+    # max_steps / limit_val_batches; `all` arguments come before it).
+    small = ["--trainer.max_epochs=1", "--trainer.max_steps=3", "--trainer.limit_val_batches=1",
+             "--trainer.logger=false"]
+    step_args = {key: list(value) for key, value in fields.get("step_args", {}).items()}
+    for step in ("cpt", "rank_sft", "distill"):
+        step_args[step] = [*step_args.get(step, []), *small]
+    fields.update(root=str(tmp_path), pipeline_dir=str(tmp_path / "p"), step_args=step_args,
+                  max_train_queries=8, max_eval_queries=4, label_max_length=64, eval_max_length=64)
+    config = PipelineConfig(**fields)
+    assert set(config.variants) >= {"hybrid", "point-only"}
+
+    report = run_pipeline(config)
+
+    text = report.read_text()
+    expected = ["random ordering (mean of 20)", "lexical pre-ranker (BM25)", "teacher, CPT",
+                *(f"student, {variant}" for variant in config.variants)]
+    if config.run_no_cpt_baseline:
+        expected.append("teacher, no CPT")
+    for row in expected:
+        assert f"| {row} |" in text, row
+    assert "| train | 8 |" in text and "| test | 4 |" in text
+    assert "of the teacher's NDCG@10" in text and "faster per query" in text
+    rows = {r["model"]: r for r in json.loads((report.parent / "report.json").read_text())["rows"]}
+    teacher = rows["teacher, CPT"]
+    assert teacher["parameters"] > 100e6  # SmolLM2-135M without its LM head
+    for variant in config.variants:
+        student = rows[f"student, {variant}"]
+        assert 0.0 <= student["ndcg@10"] <= 1.0 and student["ms_per_query"] > 0
+        assert 20e6 < student["parameters"] < 30e6  # MiniLM-L6 + one-label head
+    labels = [json.loads(line) for line in (report.parent / "labels" / "train.jsonl").read_text().splitlines()]
+    assert len(labels) == 8 and all("teacher_score" in d for g in labels for d in g["docs"])
