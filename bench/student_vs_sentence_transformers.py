@@ -54,6 +54,15 @@ def _groups(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [ds[(i, 0)] for i in range(len(ds))]
 
 
+def fed_tokens(attention_mask: Any, chunk: int) -> int:
+    """Token positions the student's forward pays for: the padded batch, or with length chunking
+    the rows sorted by length in chunks of ``chunk``, each cut to its longest row."""
+    if chunk <= 0 or attention_mask.shape[0] <= chunk:
+        return int(attention_mask.numel())
+    lengths = sorted(int(n) for n in attention_mask.sum(dim=1))
+    return sum(max(lengths[i:i + chunk]) * len(lengths[i:i + chunk]) for i in range(0, len(lengths), chunk))
+
+
 def child_kdlab(args: argparse.Namespace) -> dict[str, Any]:
     import lightning as L
 
@@ -88,7 +97,7 @@ def child_kdlab(args: argparse.Namespace) -> dict[str, Any]:
             elif self.calls > args.warmup:
                 self.t1 = time.perf_counter()
                 self.pairs += int(batch["doc_mask"].sum())
-                self.tokens += int(batch["input_ids"].numel())
+                self.tokens += fed_tokens(batch["attention_mask"], args.kdlab_chunk)
 
     clock = Clock()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.warmup + args.steps, logger=False,

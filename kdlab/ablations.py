@@ -5,8 +5,12 @@ An ablation file::
     name: disranker_loss
     command: fit                       # the Lightning subcommand of every run
     base: [--config, experiments/quickstart/disranker/distill.yaml]
-    setup:                             # optional runs made once, before the variants
+    setup:                             # optional runs made once, before the variants, in order
       teacher: [--config, experiments/quickstart/ketchup_teacher.yaml]
+      teacher-eval: {command: validate, args: [--config, eval.yaml]}   # a non-fit setup run
+    references: [teacher-eval]         # setup runs shown as extra rows of the table
+    ratios: [grad_var/trace_mean]      # add "mean / mean of the first variant" for these metrics
+    report: ablation.md                # the table's file name (its .png/.json beside it)
     variants:                          # the FIRST variant is the reference of the paired tests
       hybrid: []
       point-only: [--model.init_args.beta=0]
@@ -47,7 +51,11 @@ class AblationSpec:
     metrics: list[str]
     command: str = "fit"
     setup: dict[str, list[str]] = field(default_factory=dict)
+    setup_commands: dict[str, str] = field(default_factory=dict)
     goals: dict[str, str] = field(default_factory=dict)
+    references: list[str] = field(default_factory=list)
+    ratios: list[str] = field(default_factory=list)
+    report: str = "ablation.md"
 
 
 def load_ablation(path: str | Path) -> AblationSpec:
@@ -71,15 +79,41 @@ def load_ablation(path: str | Path) -> AblationSpec:
     seeds = need("seeds", list, "a list of integer seeds")
     if not all(isinstance(s, int) for s in seeds):
         raise AblationError(f"{path}: field 'seeds': expected integers, got {seeds!r}")
+    setup: dict[str, list[str]] = {}
+    setup_commands: dict[str, str] = {}
+    for name, entry in (raw.get("setup") or {}).items():
+        if isinstance(entry, dict):
+            args, setup_commands[str(name)] = entry.get("args"), str(entry.get("command", "fit"))
+        else:
+            args = entry
+        if not isinstance(args, list):
+            raise AblationError(f"{path}: field 'setup.{name}': expected a list of CLI arguments or "
+                                "{command: ..., args: [...]}")
+        setup[str(name)] = [str(a) for a in args]
+    references = [str(r) for r in raw.get("references") or []]
+    unknown = [r for r in references if r not in setup]
+    if unknown:
+        raise AblationError(f"{path}: field 'references': {unknown} are not setup runs (have {list(setup)})")
+    metrics = [str(m) for m in need("metrics", list, "a list of metric names")]
+    ratios = [str(m) for m in raw.get("ratios") or []]
+    if set(ratios) - set(metrics):
+        raise AblationError(f"{path}: field 'ratios': {sorted(set(ratios) - set(metrics))} are not in 'metrics'")
+    report = str(raw.get("report", "ablation.md"))
+    if not report.endswith(".md") or "/" in report:
+        raise AblationError(f"{path}: field 'report': expected a file name ending in .md, got {report!r}")
     return AblationSpec(
         name=str(raw.get("name") or path.stem),
         base=[str(a) for a in need("base", list, "a list of CLI arguments")],
         variants={str(k): [str(a) for a in v] for k, v in variants.items()},
         seeds=seeds,
-        metrics=[str(m) for m in need("metrics", list, "a list of metric names")],
+        metrics=metrics,
         command=str(raw.get("command", "fit")),
-        setup={str(k): [str(a) for a in v] for k, v in (raw.get("setup") or {}).items()},
+        setup=setup,
+        setup_commands=setup_commands,
         goals={str(k): str(v) for k, v in (raw.get("goals") or {}).items()},
+        references=references,
+        ratios=ratios,
+        report=report,
     )
 
 
@@ -107,13 +141,16 @@ def _render_args(args: list[str], setup_dirs: dict[str, Path], configs_dir: Path
 
 
 def run_ablation(config_path: str, root: str = "runs/ablations", jobs: int = 1) -> Path:
-    """Run every variant × seed (resumable) and write ``ablation.md``, ``ablation.json``, ``ablation.png``."""
+    """Run every variant × seed (resumable) and write the report (``ablation.md`` unless the file's
+    ``report`` says otherwise) with its ``.json`` and ``.png`` beside it."""
     spec = load_ablation(config_path)
     out_dir = Path(root) / spec.name
     setup_dirs: dict[str, Path] = {}
+    setup_metrics: dict[str, dict[str, float]] = {}
     for name, args in spec.setup.items():
         run_dir = out_dir / f"setup-{name}"
-        launch_run(_render_args(args, setup_dirs, out_dir / "configs"), run_dir, label=f"setup {name}")
+        setup_metrics[name] = launch_run(_render_args(args, setup_dirs, out_dir / "configs"), run_dir,
+                                         command=spec.setup_commands.get(name, "fit"), label=f"setup {name}")
         setup_dirs[name] = run_dir.resolve()
 
     cells = [(variant, seed) for variant in spec.variants for seed in spec.seeds]
@@ -129,10 +166,12 @@ def run_ablation(config_path: str, root: str = "runs/ablations", jobs: int = 1) 
         results = dict(zip(cells, pool.map(one, cells)))
     table = {variant: {m: [results[(variant, s)].get(m, math.nan) for s in spec.seeds] for m in spec.metrics}
              for variant in spec.variants}
-    write_json_atomic(out_dir / "ablation.json", {"seeds": spec.seeds, "metrics": table})
-    plot_ablation(spec, table, out_dir / "ablation.png")
-    report = out_dir / "ablation.md"
-    write_text_atomic(report, ablation_markdown(spec, table))
+    references = {f"{name} (setup)": {m: [setup_metrics[name].get(m, math.nan)] for m in spec.metrics}
+                  for name in spec.references}
+    report = out_dir / spec.report
+    write_json_atomic(report.with_suffix(".json"), {"seeds": spec.seeds, "metrics": table, "references": references})
+    plot_ablation(spec, table, report.with_suffix(".png"))
+    write_text_atomic(report, ablation_markdown(spec, table, references))
     return report
 
 
@@ -164,15 +203,21 @@ def paired_p_value(values: list[float], reference: list[float]) -> float:
     return float(stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue)
 
 
-def ablation_markdown(spec: AblationSpec, table: dict[str, dict[str, list[float]]]) -> str:
+def ablation_markdown(spec: AblationSpec, table: dict[str, dict[str, list[float]]],
+                      references: dict[str, dict[str, list[float]]] | None = None) -> str:
+    """The report: one row per variant (mean ± std, paired p against the first variant, ratios),
+    then the reference rows (setup runs, one value each, no test), then every per-seed value."""
     variants = list(spec.variants)
     reference = variants[0]
+    references = references or {}
+    ratio_note = (f" × {reference} = variant mean / `{reference}` mean." if spec.ratios else "")
     lines = [f"# Ablation: {spec.name}", "",
              f"Seeds: {', '.join(map(str, spec.seeds))} · command: `{spec.command}` · base: `{' '.join(spec.base)}`",
              f"Mean ± sample std over seeds; best mean per metric in **bold**; p = two-sided paired t-test "
-             f"across seeds against `{reference}` (– where undefined).", "",
-             "| variant | " + " | ".join(spec.metrics) + " | " + " | ".join(f"p ({m})" for m in spec.metrics) + " |",
-             "|---" * (1 + 2 * len(spec.metrics)) + "|"]
+             f"across seeds against `{reference}` (– where undefined).{ratio_note}", "",
+             "| variant | " + " | ".join(spec.metrics) + " | " + " | ".join(f"p ({m})" for m in spec.metrics)
+             + "".join(f" | {m} × {reference}" for m in spec.ratios) + " |",
+             "|---" * (1 + 2 * len(spec.metrics) + len(spec.ratios)) + "|"]
     best: dict[str, float] = {}
     for metric in spec.metrics:
         means = [summarize(table[v][metric])[0] for v in variants]
@@ -187,7 +232,15 @@ def ablation_markdown(spec: AblationSpec, table: dict[str, dict[str, list[float]
             cells.append(f"**{text}**" if metric in best and mean == best[metric] else text)
             p = math.nan if variant == reference else paired_p_value(table[variant][metric], table[reference][metric])
             pvalues.append("–" if math.isnan(p) else f"{p:.3g}")
-        lines.append(f"| {variant} | " + " | ".join(cells) + " | " + " | ".join(pvalues) + " |")
+        ratios = []
+        for metric in spec.ratios:
+            num, den = summarize(table[variant][metric])[0], summarize(table[reference][metric])[0]
+            ratios.append("n/a" if math.isnan(num) or math.isnan(den) or den == 0 else f"{num / den:.3f}")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " | " + " | ".join(pvalues)
+                     + "".join(f" | {r}" for r in ratios) + " |")
+    for name, row in references.items():
+        cells = ["n/a" if math.isnan(row[m][0]) else f"{row[m][0]:.4f}" for m in spec.metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |" + " – |" * (len(spec.metrics) + len(spec.ratios)))
     lines += ["", "Per-seed values:", ""]
     for variant in variants:
         for metric in spec.metrics:

@@ -7,7 +7,8 @@ right command):
 1. ``rank_sft_no_cpt``  rank fine-tuning of the teacher backbone as it is (the "without CPT" row);
 2. ``cpt``              continued pre-training on click logs (query → clicked title + summary);
 3. ``rank_sft_cpt``     rank fine-tuning starting from the CPT export;
-4. ``labels/``          the CPT teacher scores train/val/test candidates once (``kdlab label``);
+4. ``labels/``          the CPT teacher scores the train/val candidates once (``kdlab label``; the
+                        test split is scored by evaluation, never by labels the students could read);
 5. ``student_<variant>`` distillation runs (hybrid, point-only, margin-only, TCL, ...);
 6. evaluation of every model on the held-out test split in this process (same machine, same
    batching), written to ``report.md``, ``report.json`` and ``report.png``.
@@ -47,12 +48,17 @@ class PipelineConfig:
         cpt_config: YAML for TeacherCPT on click logs.
         rank_sft_config: YAML for TeacherRankSFT (its ``backbone`` is the teacher without CPT).
         distill_config: YAML for RankDistillStudent (its data paths are replaced by the labels).
-        step_args: extra CLI arguments per step: keys ``cpt``, ``rank_sft``, ``distill``, ``all``.
+        step_args: extra CLI arguments per step: keys ``cpt``, ``rank_sft``, ``distill`` (after the
+            step's own config: they win), ``all`` (before every step's config, e.g. a shared base
+            YAML: the step's config wins over it) and ``all_after`` (after everything: wins).
         variants: student variant name → extra CLI arguments for the distill step.
         train_path / val_path / test_path: ranking groups JSONL (None: the embedded sample).
         max_train_queries / max_eval_queries: use only the first N queries of the training /
             validation and test files (the subsets are written into the pipeline directory and
             their sizes printed in the report) — to fit a large teacher into a time budget.
+        test_query_offset: skip this many queries of the test file before taking
+            ``max_eval_queries`` (e.g. a fresh held-out slice for a confirmation run after an
+            earlier run's test queries were looked at).
         label_batch_size / label_max_length: teacher scoring.
         eval_max_length: tokens per (query, doc) when evaluating.
         min_student_ratio: the report checks student NDCG@10 ≥ this × teacher NDCG@10.
@@ -72,6 +78,7 @@ class PipelineConfig:
     test_path: str | None = None
     max_train_queries: int | None = None
     max_eval_queries: int | None = None
+    test_query_offset: int = 0
     label_batch_size: int = 32
     label_max_length: int = 192
     eval_max_length: int = 192
@@ -118,12 +125,15 @@ def _split_files(config: PipelineConfig, pipeline_dir: Path) -> dict[str, str]:
     for split, path in (("train", config.train_path), ("val", config.val_path), ("test", config.test_path)):
         source = _sample_or(path, f"ranking_{split}.jsonl")
         limit = config.max_train_queries if split == "train" else config.max_eval_queries
-        if limit is None:
+        offset = config.test_query_offset if split == "test" else 0
+        if limit is None and offset == 0:
             out[split] = source
             continue
         subset = pipeline_dir / "data" / f"ranking_{split}.jsonl"
         if not subset.exists():
-            lines = [text for _, text in iter_lines(source)][:limit]
+            lines = [text for _, text in iter_lines(source)][offset:None if limit is None else offset + limit]
+            if not lines:
+                raise ValueError(f"{source}: no queries left after test_query_offset={offset}")
             write_text_atomic(subset, "".join(line + "\n" for line in lines))
         out[split] = str(subset)
     return out
@@ -146,29 +156,30 @@ def run_pipeline(config: PipelineConfig) -> Path:
     pipeline_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(pipeline_dir / "pipeline.json", asdict(config))
     common = list(config.step_args.get("all", []))
+    last = list(config.step_args.get("all_after", []))
     splits = _split_files(config, pipeline_dir)
     data_args = [f"--data.init_args.{split}_path={path}" for split, path in splits.items()]
     started = time.perf_counter()
     steps: dict[str, StepResult] = {}
 
-    sft_args = [*common, "--config", config.rank_sft_config, *data_args, *config.step_args.get("rank_sft", [])]
+    sft_args = [*common, "--config", config.rank_sft_config, *data_args, *config.step_args.get("rank_sft", []), *last]
     if config.run_no_cpt_baseline:
         steps["rank_sft_no_cpt"] = run_step("rank_sft_no_cpt", pipeline_dir, sft_args)
     steps["cpt"] = run_step("cpt", pipeline_dir, [*common, "--config", config.cpt_config,
-                                                  *config.step_args.get("cpt", [])])
+                                                  *config.step_args.get("cpt", []), *last])
     cpt_model = pipeline_dir / "cpt" / "model"
     steps["rank_sft_cpt"] = run_step("rank_sft_cpt", pipeline_dir,
                                      [*sft_args, f"--model.init_args.backbone={cpt_model}"])
     teacher_dir = pipeline_dir / "rank_sft_cpt" / "model"
 
     labels_dir = pipeline_dir / "labels"
-    labels = {split: label_split(teacher_dir, path, labels_dir / f"{split}.jsonl", config)
-              for split, path in splits.items()}
-    label_args = [f"--data.init_args.{split}_path={path}" for split, path in labels.items()]
+    labels = {split: label_split(teacher_dir, splits[split], labels_dir / f"{split}.jsonl", config)
+              for split in ("train", "val")}
+    label_args = [f"--data.init_args.{split}_path={path}" for split, path in {**splits, **labels}.items()]
     for variant, extra in config.variants.items():
         step = f"student_{_slug(variant)}"
         steps[step] = run_step(step, pipeline_dir, [*common, "--config", config.distill_config, *label_args,
-                                                    *config.step_args.get("distill", []), *extra])
+                                                    *config.step_args.get("distill", []), *extra, *last])
 
     from kdlab.evaluation import evaluate_models
 
@@ -239,6 +250,9 @@ def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str
     if sizes:
         lines += ["", "## Data", "", "| split | queries | (query, doc) pairs |", "|---|---|---|"]
         lines += [f"| {split} | {q} | {d} |" for split, (q, d) in sizes.items()]
+        if config.test_query_offset:
+            lines += ["", f"The test split is queries {config.test_query_offset + 1}–"
+                          f"{config.test_query_offset + sizes['test'][0]} of its file (`test_query_offset`)."]
     lines += ["", "## Steps", "", "| step | wall time | run directory |", "|---|---|---|"]
     for name, step in steps.items():
         lines.append(f"| {name} | {step.seconds:.0f} s | `{step.run_dir}` |")

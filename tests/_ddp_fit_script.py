@@ -21,7 +21,6 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from kdlab.data.datamodules import RankingDataModule, RankingTrainDataset
 from kdlab.runs import RUN_DIR_ENV, write_json_atomic
 
 
@@ -202,19 +201,3 @@ def labelled_ranking_file(source: str, out: str | Path, num_queries: int, min_ne
     path = Path(out)
     path.write_text("\n".join(rows) + "\n")
     return path
-
-
-class InvariantRankingData(RankingDataModule):
-    """:class:`kdlab.data.RankingDataModule` whose *training* global batch does not depend on the
-    world size: groups in file order, an explicit ``DistributedSampler(shuffle=False)`` under DDP
-    (rank r gets groups ``r::W``), no bucketing. (The stock loader shuffles each rank's shard with
-    the same seed and buckets by length inside the shard, so 1 and 2 ranks see different global
-    batches: fine for training, useless for an equality test.)"""
-
-    def train_dataloader(self) -> DataLoader:
-        dataset = RankingTrainDataset(self.groups["train"], self.num_negatives, self.train_group_sampling, self.seed)
-        collate = self._collator("train", 1 + self.num_negatives)
-        world = self.trainer.world_size if self.trainer is not None else 1
-        sampler = (DistributedSampler(dataset, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
-                   if world > 1 else None)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False, collate_fn=collate)

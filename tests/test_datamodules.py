@@ -212,6 +212,30 @@ def test_bucket_sampler_shards_under_distributed_sampler() -> None:
     assert set(shards[0]) | set(shards[1]) == set(range(50))
 
 
+@pytest.mark.parametrize("bucket", [True, False])
+def test_world_size_invariant_sampler_splits_the_one_process_global_batches(bucket: bool) -> None:
+    from torch.utils.data import DistributedSampler
+
+    lengths = [(i * 7919) % 97 for i in range(103)]  # 103 items: the last global batch of 8 is short
+    one = BucketBatchSampler(EpochSequentialSampler(103), 8, lengths=lengths, seed=3, bucket=bucket,
+                             bucket_multiplier=2, world_size_invariant=True)
+    ranks = [BucketBatchSampler(DistributedSampler(range(103), num_replicas=2, rank=r, shuffle=True), 4,
+                                lengths=lengths, seed=3, bucket=bucket, bucket_multiplier=2,
+                                world_size_invariant=True) for r in (0, 1)]
+    for epoch in (0, 1):
+        for s in (one, *ranks):
+            s.set_epoch(epoch)
+        global_batches = one.batches()
+        per_rank = [r.batches() for r in ranks]
+        assert len(per_rank[0]) == len(per_rank[1]) == len(ranks[0]) == len(global_batches)
+        for step, batch in enumerate(global_batches):
+            assert sorted(per_rank[0][step] + per_rank[1][step]) == sorted(batch), (epoch, step)
+            assert abs(len(per_rank[0][step]) - len(per_rank[1][step])) <= 1
+    plain = BucketBatchSampler(DistributedSampler(range(103), num_replicas=2, rank=0, shuffle=True), 4,
+                               lengths=lengths, seed=3, bucket=bucket, bucket_multiplier=2)
+    assert plain.batches() != ranks[0].batches()  # off: each rank orders its own shard
+
+
 def test_pad_sequences_sides() -> None:
     right = pad_sequences([[1, 2, 3], [4]], 0)
     left = pad_sequences([[1, 2, 3], [4]], 0, side="left")

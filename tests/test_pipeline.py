@@ -21,8 +21,8 @@ def test_tiny_pipeline_writes_complete_report_and_resumes(tmp_path: Path, monkey
         name="tiny", root=str(tmp_path), pipeline_dir=str(tmp_path / "p"),
         cpt_config=str(QUICK / "cpt.yaml"), rank_sft_config=str(QUICK / "rank_sft.yaml"),
         distill_config=str(QUICK / "distill.yaml"),
-        step_args={"all": ["--config", str(QUICK / "base.yaml"), "--trainer.max_steps=2",
-                           "--trainer.limit_val_batches=1", "--trainer.logger=false"]},
+        step_args={"all": ["--config", str(QUICK / "base.yaml")],
+                   "all_after": ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.logger=false"]},
         variants={"hybrid": [], "hybrid+TCL": ["--model.init_args.use_tcl=true"]},
         max_train_queries=16, max_eval_queries=6,
     )
@@ -41,7 +41,23 @@ def test_tiny_pipeline_writes_complete_report_and_resumes(tmp_path: Path, monkey
     assert (report.parent / "report.png").stat().st_size > 5000
     labels = [json.loads(line) for line in (report.parent / "labels" / "train.jsonl").read_text().splitlines()]
     assert len(labels) == 16 and all("teacher_score" in d for g in labels for d in g["docs"])
+    assert not (report.parent / "labels" / "test.jsonl").exists()  # evaluation scores test itself
+    for step in ("cpt", "rank_sft_cpt", "student_hybrid"):  # `all_after` wins over each step's own YAML
+        assert "max_steps: 2\n" in (report.parent / step / "config.yaml").read_text(), step
 
     capsys.readouterr()
     run_pipeline(config)  # every step finished: the rerun only re-evaluates
     assert capsys.readouterr().out.count("finished earlier") == 5
+
+
+def test_test_query_offset_takes_a_fresh_slice_of_the_test_file(tmp_path: Path) -> None:
+    from kdlab.data import sample_path
+    from kdlab.pipeline import _split_files
+
+    queries = [json.loads(line)["query"] for line in Path(sample_path("ranking_test.jsonl")).read_text().splitlines()]
+    splits = _split_files(PipelineConfig(max_eval_queries=5, test_query_offset=50), tmp_path)
+    test = [json.loads(line)["query"] for line in Path(splits["test"]).read_text().splitlines()]
+    val = [json.loads(line)["query"] for line in Path(splits["val"]).read_text().splitlines()]
+    assert test == queries[50:55] and len(val) == 5
+    with pytest.raises(ValueError, match="no queries left"):
+        _split_files(PipelineConfig(test_query_offset=100), tmp_path / "empty")

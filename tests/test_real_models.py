@@ -2,8 +2,10 @@
 
 The DisRanker experiment ``experiments/real/disranker_smollm2_to_minilm.yaml`` runs end to end
 (SmolLM2-135M CPT → rank SFT → labels → MiniLM-L6 students → report) on a few queries with a few
-optimizer steps per step; the check is that the plumbing works with real weights and the report
-has every row, not the quality (that is the full run, docs/real_disranker.md).
+optimizer steps per step; the KETCHUP experiment ``experiments/real/ketchup_smollm2.yaml`` (teacher
+fine-tune → teacher evaluation → 10-layer student with CE → PG with K = 1 and K = 4) likewise. The
+check is that the plumbing works with real weights and each report has every row, not the quality
+(that is the full runs: docs/real_disranker.md, docs/real_ketchup.md).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from kdlab.models.prepare import alias_dir, is_ready
 from kdlab.pipeline import PipelineConfig, run_pipeline
 
 DISRANKER = REPO / "experiments" / "real" / "disranker_smollm2_to_minilm.yaml"
+KETCHUP = REPO / "experiments" / "real" / "ketchup_smollm2.yaml"
 ALIASES = ("smollm2-135m", "minilm-l6")
 
 
@@ -70,3 +73,43 @@ def test_real_disranker_pipeline_reduced(tmp_path: Path, monkeypatch: pytest.Mon
         assert 20e6 < student["parameters"] < 30e6  # MiniLM-L6 + one-label head
     labels = [json.loads(line) for line in (report.parent / "labels" / "train.jsonl").read_text().splitlines()]
     assert len(labels) == 8 and all("teacher_score" in d for g in labels for d in g["docs"])
+
+
+@pytest.mark.slow
+def test_real_ketchup_ablation_reduced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real KETCHUP ablation with 2 optimizer steps per run and one validation batch."""
+    from kdlab.ablations import load_ablation, run_ablation
+
+    _require_aliases()
+    for key, value in subprocess_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(REPO)
+    fields = yaml.safe_load(KETCHUP.read_text())
+    small = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+             "--data.init_args.eval_batch_size=4", "--trainer.logger=false"]
+    for name, entry in fields["setup"].items():
+        if isinstance(entry, dict):
+            entry["args"] = [*entry["args"], "--trainer.limit_val_batches=1", "--data.init_args.eval_batch_size=4",
+                             "--trainer.logger=false"]
+        else:
+            fields["setup"][name] = [*entry, *small]
+    fields["base"] = [*fields["base"], *small, "--trainer.callbacks.init_args.every_n_steps=1"]
+    small_file = tmp_path / "ketchup.yaml"
+    small_file.write_text(yaml.safe_dump(fields, sort_keys=False))
+    spec = load_ablation(small_file)
+    assert set(spec.variants) == {"K=1", "K=4"}
+
+    report = run_ablation(str(small_file), root=str(tmp_path / "runs"))
+
+    text = report.read_text()
+    assert report.name == "report.md"
+    for row in ("K=1", "K=4", "teacher-eval (setup)", "student (setup)"):
+        assert f"| {row} |" in text, row
+    result = json.loads(report.with_suffix(".json").read_text())
+    for variant in ("K=1", "K=4"):
+        assert result["metrics"][variant]["grad_var/trace_mean"][0] > 0
+        assert 0.0 <= result["metrics"][variant]["val/rougeL"][0] <= 1.0
+    student_cfg = json.loads((report.parent / "setup-student" / "model" / "config.json").read_text())
+    teacher_cfg = json.loads((report.parent / "setup-teacher" / "model" / "config.json").read_text())
+    assert student_cfg["num_hidden_layers"] == 10 and teacher_cfg["num_hidden_layers"] == 30
+    assert student_cfg["vocab_size"] == teacher_cfg["vocab_size"]

@@ -250,3 +250,15 @@ def test_encoder_decoder_student(tmp_path: Path) -> None:
     for objective in ("ce", "kd"):
         stage.hparams.objective = objective
         assert torch.isfinite(stage.batch_loss(batch))
+
+
+def test_student_built_from_teacher_layers_shares_vocabulary(tmp_path: Path) -> None:
+    teacher = load_backbone("tiny-llama", "causal-lm", config={**TINY, "num_hidden_layers": 3})
+    teacher.save_pretrained(tmp_path / "teacher")
+    load_tokenizer("tiny-llama").save_pretrained(tmp_path / "teacher")
+    stage = make_stage(student=str(tmp_path / "teacher"), student_config=None, student_keep_layers=[0, 2])
+    assert stage.student.config.num_hidden_layers == 2
+    assert stage.student.training
+    layer_1 = stage.student.model.layers[1].self_attn.q_proj.weight
+    assert torch.equal(layer_1, teacher.model.layers[2].self_attn.q_proj.weight)
+    stage.attach_teacher(teacher, load_tokenizer("tiny-llama"))  # same vocabulary: accepted

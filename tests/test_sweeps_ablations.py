@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import REPO, subprocess_env
 
-from kdlab.ablations import ablation_markdown, load_ablation, paired_p_value, run_ablation, summarize
+from kdlab.ablations import AblationError, ablation_markdown, load_ablation, paired_p_value, run_ablation, summarize
 from kdlab.sweeps import SweepError, expand, load_sweep, render_command, run_sweep
 
 TOY = """
@@ -85,6 +85,38 @@ def test_ablation_is_byte_identical_across_reruns(toy_env: Path) -> None:
     text = first.read_text()
     assert "| base |" in text and "| fast |" in text and "**" in text
     assert (first.parent / "ablation.png").stat().st_size > 1000
+
+
+def test_ablation_setup_commands_reference_rows_and_ratios(toy_env: Path) -> None:
+    ablation = toy_env / "abl.yaml"
+    ablation.write_text(yaml.safe_dump({
+        "name": "toy_ref", "base": ["--config", "toy.yaml"], "seeds": [0],
+        "setup": {"untrained": {"command": "validate", "args": ["--config", "toy.yaml"]}},
+        "references": ["untrained"], "ratios": ["val/loss"], "report": "report.md",
+        "variants": {"base": [], "fast": ["--model.init_args.lr=0.2"]},
+        "metrics": ["val/loss"], "goals": {"val/loss": "minimize"},
+    }))
+    report = run_ablation(str(ablation), root="out")
+    assert report.name == "report.md" and report.with_suffix(".png").exists()
+    record = yaml.safe_load((report.parent / "setup-untrained" / "manifest.json").read_text())
+    assert record["command"] == "validate"
+    untrained = yaml.safe_load(report.with_suffix(".json").read_text())["references"]["untrained (setup)"]
+    rows = {line.split("|")[1].strip(): line for line in report.read_text().splitlines() if line.startswith("| ")}
+    assert f"{untrained['val/loss'][0]:.4f}" in rows["untrained (setup)"]
+    base, fast = (yaml.safe_load(report.with_suffix(".json").read_text())["metrics"][v]["val/loss"][0]
+                  for v in ("base", "fast"))
+    assert rows["base"].rstrip(" |").endswith("1.000")
+    assert rows["fast"].rstrip(" |").endswith(f"{fast / base:.3f}")
+
+
+def test_ablation_file_errors_name_the_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    common = {"base": ["--config", "x.yaml"], "seeds": [0], "variants": {"a": []}, "metrics": ["val/loss"]}
+    for extra, field in (({"references": ["nope"]}, "references"), ({"ratios": ["val/acc"]}, "ratios"),
+                         ({"setup": {"t": {"command": "validate"}}}, "setup.t"), ({"report": "a/b.txt"}, "report")):
+        bad.write_text(yaml.safe_dump({**common, **extra}))
+        with pytest.raises(AblationError, match=f"field '{field}'"):
+            load_ablation(bad)
 
 
 def test_summary_and_paired_test_by_hand() -> None:

@@ -48,6 +48,13 @@ class BucketBatchSampler(BatchSampler):
     generator seeded by (seed, epoch) when ``shuffle``; when ``bucket``, cut them into chunks of
     ``batch_size * bucket_multiplier``, sort each chunk by length and cut it into batches; finally
     shuffle the batch order (again seeded). Same seed and epoch → same batches.
+
+    ``world_size_invariant``: under DDP (the inner sampler is a ``DistributedSampler`` of W replicas),
+    every rank draws the *global* batches that one process with ``batch_size · W`` would draw, from
+    the whole dataset, and keeps items ``rank::W`` of each; so W ranks × ``batch_size`` see exactly
+    the data of 1 rank × ``batch_size · W``, step by step (a final global batch with fewer than W
+    items is dropped so that no rank gets an empty batch). Off, each rank shuffles and buckets its
+    own shard: as good for training, but the data order then depends on W.
     """
 
     def __init__(
@@ -61,6 +68,7 @@ class BucketBatchSampler(BatchSampler):
         bucket: bool = True,
         seed: int = 0,
         bucket_multiplier: int = 50,
+        world_size_invariant: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -72,6 +80,7 @@ class BucketBatchSampler(BatchSampler):
         self.bucket = bucket
         self.seed = seed
         self.bucket_multiplier = bucket_multiplier
+        self.world_size_invariant = world_size_invariant
         self._epoch = 0
 
     @property
@@ -84,24 +93,35 @@ class BucketBatchSampler(BatchSampler):
         if callable(getattr(self.sampler, "set_epoch", None)):
             self.sampler.set_epoch(epoch)
 
+    def _shard(self) -> tuple[int, int]:
+        """(world size, rank) of the inner sampler: a ``DistributedSampler``'s, else (1, 0)."""
+        return int(getattr(self.sampler, "num_replicas", 1)), int(getattr(self.sampler, "rank", 0))
+
     def batches(self) -> list[list[int]]:
         """This epoch's batches as lists of dataset indices."""
         epoch = self.epoch
-        indices = list(iter(self.sampler))
+        world, rank = self._shard()
+        sharded_globally = self.world_size_invariant and world > 1
+        if sharded_globally:
+            indices, size = list(range(len(self.lengths))), self.batch_size * world
+        else:
+            indices, size = list(iter(self.sampler)), self.batch_size
         rng = random.Random(f"bucket:{self.seed}:{epoch}")
         if self.shuffle:
             rng.shuffle(indices)
         if self.bucket:
-            chunk = self.batch_size * max(1, self.bucket_multiplier)
+            chunk = size * max(1, self.bucket_multiplier)
             ordered: list[int] = []
             for start in range(0, len(indices), chunk):
                 ordered.extend(sorted(indices[start:start + chunk], key=lambda i: (self.lengths[i], i)))
             indices = ordered
-        batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+        batches = [indices[i:i + size] for i in range(0, len(indices), size)]
+        if self.drop_last and batches and len(batches[-1]) < size:
             batches.pop()
         if self.shuffle and self.bucket:
             rng.shuffle(batches)
+        if sharded_globally:
+            batches = [batch[rank::world] for batch in batches if len(batch) >= world]
         return batches
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
@@ -110,6 +130,8 @@ class BucketBatchSampler(BatchSampler):
             yield [(i, epoch) for i in batch]
 
     def __len__(self) -> int:
+        if self.world_size_invariant and self._shard()[0] > 1:
+            return len(self.batches())
         n = len(self.sampler)  # type: ignore[arg-type]
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 

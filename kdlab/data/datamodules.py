@@ -44,9 +44,11 @@ def load_data_tokenizer(name: str) -> Any:
 
 
 def _make_loader(dataset: Dataset, collate: Any, lengths: Sequence[int], batch_size: int, *,
-                 shuffle: bool, bucket: bool, seed: int, num_workers: int) -> DataLoader:
+                 shuffle: bool, bucket: bool, seed: int, num_workers: int,
+                 world_size_invariant: bool = False) -> DataLoader:
     sampler = BucketBatchSampler(EpochSequentialSampler(len(lengths)), batch_size, False,
-                                 lengths=lengths, shuffle=shuffle, bucket=bucket, seed=seed)
+                                 lengths=lengths, shuffle=shuffle, bucket=bucket, seed=seed,
+                                 world_size_invariant=world_size_invariant)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                       persistent_workers=False)
 
@@ -144,7 +146,9 @@ class RankingDataModule(L.LightningDataModule):
 
     Paths left ``None`` read the embedded sample (``ranking_{train,val,test}.jsonl``; predict →
     test). ``batch_size``/``eval_batch_size`` count query groups, so a training step sees
-    ``batch_size * (1 + num_negatives)`` sequences.
+    ``batch_size * (1 + num_negatives)`` sequences. ``world_size_invariant``: under DDP the W ranks
+    together train on exactly the batches of one process with ``batch_size · W``
+    (:class:`~kdlab.data.collators.BucketBatchSampler`), e.g. to check that 1 and 2 ranks agree.
     """
 
     def __init__(
@@ -162,11 +166,13 @@ class RankingDataModule(L.LightningDataModule):
         eval_batch_size: int = 8,
         max_length: int = 128,
         bucket_by_length: bool = True,
+        world_size_invariant: bool = False,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.world_size_invariant = world_size_invariant
         self.paths = split_paths("ranking", train=train_path, val=val_path, test=test_path, predict=predict_path)
         self.tokenizer_name = tokenizer
         self.text_format = text_format
@@ -207,7 +213,8 @@ class RankingDataModule(L.LightningDataModule):
         group_size = 1 + self.num_negatives if self.train_group_sampling == "positive-vs-negatives" else None
         lengths = _group_lengths([g for _, g in dataset.entries])
         return _make_loader(dataset, self._collator("train", group_size), lengths, self.batch_size,
-                            shuffle=True, bucket=self.bucket_by_length, seed=self.seed, num_workers=self.num_workers)
+                            shuffle=True, bucket=self.bucket_by_length, seed=self.seed, num_workers=self.num_workers,
+                            world_size_invariant=self.world_size_invariant)
 
     def _eval_loader(self, split: str) -> DataLoader:
         groups = self.groups[split]
@@ -249,12 +256,72 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
-class ClickLogDataModule(L.LightningDataModule):
+class _PromptTargetDataModule(L.LightningDataModule):
+    """What the causal-LM data modules share: tokenizer loading, per-split tokenized datasets read in
+    ``setup()``, and length-bucketed loaders of :class:`CausalLMCollator` batches.
+
+    A subclass keeps its own typed ``__init__`` (LightningCLI reads the arguments from it), calls
+    ``save_hyperparameters()`` there and then :meth:`_configure`; it supplies ``encode`` (one record →
+    ``prompt_ids``/``target_ids``) and ``read`` (a split's file → records). ``world_size_invariant``
+    makes the training data order independent of the DDP world size (see ``RankingDataModule``).
+    """
+
+    with_prompts = False  # also emit left-padded prompts + target text (generation / RL)
+    stage_splits: dict[str, tuple[str, ...]] = {"fit": ("train", "val"), "validate": ("val",)}
+
+    def _configure(self, paths: dict[str, str], tokenizer: str, loss_on_prompt: bool, batch_size: int,
+                   eval_batch_size: int, bucket_by_length: bool, world_size_invariant: bool, seed: int,
+                   num_workers: int) -> None:
+        self.world_size_invariant = world_size_invariant
+        self.paths = paths
+        self.tokenizer_name = tokenizer
+        self.loss_on_prompt = loss_on_prompt
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.bucket_by_length = bucket_by_length
+        self.seed = seed
+        self.num_workers = num_workers
+        self.tokenizer: Any = None
+        self.datasets: dict[str, TokenizedDataset] = {}
+
+    def encode(self, record: Any) -> dict[str, Any]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def read(self, path: str) -> Sequence[Any]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_data_tokenizer(self.tokenizer_name)
+        every = tuple(dict.fromkeys(s for splits in self.stage_splits.values() for s in splits if s != "predict"))
+        for split in self.stage_splits.get(stage or "", every):
+            if split not in self.datasets:
+                self.datasets[split] = TokenizedDataset([self.encode(r) for r in self.read(self.paths[split])])
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        ds = self.datasets[split]
+        collate = CausalLMCollator(self.tokenizer.pad_token_id, loss_on_prompt=self.loss_on_prompt,
+                                   with_prompts=self.with_prompts)
+        return _make_loader(ds, collate, ds.lengths(), batch_size, shuffle=shuffle, bucket=self.bucket_by_length,
+                            seed=self.seed, num_workers=self.num_workers,
+                            world_size_invariant=self.world_size_invariant and split == "train")
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False, self.eval_batch_size)
+
+
+class ClickLogDataModule(_PromptTargetDataModule):
     """Causal-LM batches for continued pre-training on click logs: the prompt is the query
     (``prompt_template``), the target the clicked title + summary (``target_template``) + EOS.
     ``labels`` are -100 on the prompt (unless ``loss_on_prompt``) and on padding. Sequences longer
     than ``max_length`` keep the prompt (cut to half of ``max_length`` if needed) and cut the target.
+    Validation batches have ``batch_size`` sequences too.
     """
+
+    read = staticmethod(read_clicks_jsonl)
 
     def __init__(
         self,
@@ -267,6 +334,7 @@ class ClickLogDataModule(L.LightningDataModule):
         target_template: str = "{title}\n{summary}",
         batch_size: int = 16,
         bucket_by_length: bool = True,
+        world_size_invariant: bool = False,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -280,18 +348,11 @@ class ClickLogDataModule(L.LightningDataModule):
                 template.format(**{k: "" for k in keys})
             except (KeyError, IndexError, ValueError) as err:
                 raise ValueError(f"{name} {template!r} may only use {{{'}, {'.join(keys)}}}: {err}") from None
-        self.paths = split_paths("clicks", train=train_path, val=val_path)
-        self.tokenizer_name = tokenizer
+        self._configure(split_paths("clicks", train=train_path, val=val_path), tokenizer, loss_on_prompt,
+                        batch_size, batch_size, bucket_by_length, world_size_invariant, seed, num_workers)
         self.max_length = max_length
-        self.loss_on_prompt = loss_on_prompt
         self.prompt_template = prompt_template
         self.target_template = target_template
-        self.batch_size = batch_size
-        self.bucket_by_length = bucket_by_length
-        self.seed = seed
-        self.num_workers = num_workers
-        self.tokenizer: Any = None
-        self.datasets: dict[str, TokenizedDataset] = {}
 
     def encode(self, record: ClickRecord) -> dict[str, Any]:
         """Prompt and target token ids of one click (target ends with EOS)."""
@@ -302,28 +363,8 @@ class ClickLogDataModule(L.LightningDataModule):
         target = target[: self.max_length - len(prompt) - 1] + [tok.eos_token_id]
         return {"prompt_ids": prompt, "target_ids": target}
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.tokenizer is None:
-            self.tokenizer = load_data_tokenizer(self.tokenizer_name)
-        splits = {"fit": ("train", "val"), "validate": ("val",)}.get(stage or "", ("train", "val"))
-        for split in splits:
-            if split not in self.datasets:
-                self.datasets[split] = TokenizedDataset([self.encode(r) for r in read_clicks_jsonl(self.paths[split])])
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        ds = self.datasets[split]
-        return _make_loader(ds, CausalLMCollator(self.tokenizer.pad_token_id, loss_on_prompt=self.loss_on_prompt),
-                            ds.lengths(), self.batch_size, shuffle=shuffle, bucket=self.bucket_by_length,
-                            seed=self.seed, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-
-class Seq2SeqDataModule(L.LightningDataModule):
+class Seq2SeqDataModule(_PromptTargetDataModule):
     """Source → target pairs as causal-LM batches (for CE/KD warm-up) plus what generation and RL
     need: ``prompt_input_ids``/``prompt_attention_mask`` LEFT-padded and ``target_text``.
 
@@ -331,6 +372,10 @@ class Seq2SeqDataModule(L.LightningDataModule):
     template's text around ``{source}`` is kept whole); the target is cut to ``max_target_length``
     tokens and ends with EOS. Paths left ``None`` read the embedded sample; predict → test.
     """
+
+    read = staticmethod(read_seq2seq_jsonl)
+    with_prompts = True
+    stage_splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
     def __init__(
         self,
@@ -346,6 +391,7 @@ class Seq2SeqDataModule(L.LightningDataModule):
         batch_size: int = 16,
         eval_batch_size: int = 16,
         bucket_by_length: bool = True,
+        world_size_invariant: bool = False,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -355,19 +401,12 @@ class Seq2SeqDataModule(L.LightningDataModule):
             raise ValueError(f"prompt_template must contain '{{source}}' exactly once, got {prompt_template!r}")
         if max_source_length < 1 or max_target_length < 1:
             raise ValueError("max_source_length and max_target_length must be >= 1")
-        self.paths = split_paths("seq2seq", train=train_path, val=val_path, test=test_path, predict=predict_path)
-        self.tokenizer_name = tokenizer
+        paths = split_paths("seq2seq", train=train_path, val=val_path, test=test_path, predict=predict_path)
+        self._configure(paths, tokenizer, loss_on_prompt, batch_size, eval_batch_size, bucket_by_length,
+                        world_size_invariant, seed, num_workers)
         self.prompt_template = prompt_template
         self.max_source_length = max_source_length
         self.max_target_length = max_target_length
-        self.loss_on_prompt = loss_on_prompt
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.bucket_by_length = bucket_by_length
-        self.seed = seed
-        self.num_workers = num_workers
-        self.tokenizer: Any = None
-        self.datasets: dict[str, TokenizedDataset] = {}
 
     def encode(self, pair: Seq2SeqPair) -> dict[str, Any]:
         """Prompt ids (template prefix + truncated source + suffix) and target ids + EOS."""
@@ -376,26 +415,6 @@ class Seq2SeqDataModule(L.LightningDataModule):
         prompt = _ids(tok, prefix) + _ids(tok, pair.source)[: self.max_source_length] + _ids(tok, suffix)
         target = _ids(tok, pair.target)[: self.max_target_length] + [tok.eos_token_id]
         return {"prompt_ids": prompt, "target_ids": target, "target_text": pair.target}
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.tokenizer is None:
-            self.tokenizer = load_data_tokenizer(self.tokenizer_name)
-        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-        for split in needed.get(stage or "", ("train", "val", "test")):
-            if split not in self.datasets:
-                self.datasets[split] = TokenizedDataset([self.encode(p) for p in read_seq2seq_jsonl(self.paths[split])])
-
-    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        ds = self.datasets[split]
-        collate = CausalLMCollator(self.tokenizer.pad_token_id, loss_on_prompt=self.loss_on_prompt, with_prompts=True)
-        return _make_loader(ds, collate, ds.lengths(), batch_size, shuffle=shuffle, bucket=self.bucket_by_length,
-                            seed=self.seed, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False, self.eval_batch_size)

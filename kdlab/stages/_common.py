@@ -24,9 +24,26 @@ __all__ = [
     "group_scores",
     "RankingEvalMixin",
     "PASSTHROUGH_KEYS",
+    "global_token_mean",
 ]
 
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def global_token_mean(module: Any, total: Tensor, count: Tensor) -> Tensor:
+    """``total / count`` where ``count`` (valid tokens) is summed over every rank: ``W · total / N``.
+
+    DDP averages the ranks' gradients, so with a per-rank mean each rank's tokens would weigh
+    ``1 / (W · its own count)``; with this, every token of the global batch weighs ``1 / N`` and
+    W ranks × B/W sequences train exactly like 1 rank × B (a token-level mean, as on one process).
+    Outside a multi-rank fit it is the plain mean. Training-step only: it is a collective call.
+    """
+    trainer = getattr(module, "_trainer", None)
+    world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+    if world == 1:
+        return total / count.clamp(min=1)
+    global_count = trainer.strategy.reduce(count.detach().to(total.dtype), reduce_op="sum")
+    return total * world / global_count.clamp(min=1)
 SCORE_HEAD_FILE = "score_head.safetensors"
 SCORE_HEAD_META = "kdlab_score_head.json"
 

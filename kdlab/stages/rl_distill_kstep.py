@@ -36,6 +36,7 @@ from torchmetrics.text.rouge import ROUGEScore
 
 from kdlab.losses.returns import induced_rewards, kstep_returns, policy_gradient_loss
 from kdlab.protocols import attach_unregistered
+from kdlab.stages._common import global_token_mean
 
 __all__ = ["RLDistillKStep", "Rollout", "load_generation_student"]
 
@@ -125,6 +126,9 @@ class RLDistillKStep(L.LightningModule):
         student: backbone name for the student (``tiny-llama``, alias, local dir, hub id; a directory
             whose config is encoder-decoder loads as ``AutoModelForSeq2SeqLM``).
         student_config: tiny-model config overrides / pretrained config attribute overrides.
+        student_keep_layers: build the student from ``student`` read as a causal-LM *teacher*, keeping
+            these layer indices (or ``"every-other"``; DistilBERT-style init, same vocabulary) with
+            :func:`kdlab.models.backbones.build_student_from_teacher`. ``None``: load ``student`` as is.
         tokenizer: tokenizer name (default: the student's). Must equal the data module's ``tokenizer``
             (Lightning merges both hparams and refuses differing values).
         k: segment length K of the K-step return (K = 1: one-step RL-KD of Hao et al.).
@@ -152,6 +156,7 @@ class RLDistillKStep(L.LightningModule):
         self,
         student: str = "tiny-llama",
         student_config: dict[str, Any] | None = None,
+        student_keep_layers: list[int] | Literal["every-other"] | None = None,
         tokenizer: str | None = None,
         k: int = 1,
         objective: Literal["pg", "ce", "kd"] = "pg",
@@ -188,7 +193,13 @@ class RLDistillKStep(L.LightningModule):
         self.save_hyperparameters()
         from kdlab.models.backbones import load_tokenizer
 
-        self.student = load_generation_student(student, student_config, dtype)
+        if student_keep_layers is None:
+            self.student = load_generation_student(student, student_config, dtype)
+        else:
+            from kdlab.models.backbones import build_student_from_teacher
+
+            self.student = build_student_from_teacher(student, student_keep_layers, dtype=dtype, config=student_config)
+            self.student.train()
         self.tokenizer = load_tokenizer(tokenizer)
         self.is_encoder_decoder = bool(getattr(self.student.config, "is_encoder_decoder", False))
         self.needs_teacher: bool = objective in ("pg", "kd") or teacher_for_eval
@@ -379,13 +390,18 @@ class RLDistillKStep(L.LightningModule):
             logits = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         return logits, targets, packed_mask
 
-    def _ce_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Teacher-forced cross-entropy on the references: ``− mean_t log p_θ(y_t | x, y_<t)``."""
+    def _token_mean(self, total: Tensor, count: Tensor, across_ranks: bool) -> Tensor:
+        return global_token_mean(self, total, count) if across_ranks else total / count.clamp(min=1)
+
+    def _ce_loss(self, batch: dict[str, Any], across_ranks: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """Teacher-forced cross-entropy on the references: ``− mean_t log p_θ(y_t | x, y_<t)``
+        (the mean over the global batch's target tokens when ``across_ranks``)."""
         logits, targets, mask = self._reference_logits(self.student, batch)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        loss = self._token_mean(total, mask.sum(), across_ranks)
         return loss, {"ce_loss": loss.detach()}
 
-    def _kd_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    def _kd_loss(self, batch: dict[str, Any], across_ranks: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         """Token-level forward KL on the references::
 
             loss = τ² · mean_t Σ_v p_T^τ(v) (log p_T^τ(v) − log p_S^τ(v)),  p^τ = softmax(logits / τ)
@@ -397,8 +413,7 @@ class RLDistillKStep(L.LightningModule):
         log_ps = torch.log_softmax(s_logits.float() / tau, dim=-1)
         log_pt = torch.log_softmax(t_logits.float() / tau, dim=-1)
         kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
-        m = mask.float()
-        loss = tau**2 * (kl * m).sum() / m.sum().clamp_min(1.0)
+        loss = tau**2 * self._token_mean((kl * mask.float()).sum(), mask.sum(), across_ranks)
         return loss, {"kd_loss": loss.detach()}
 
     def _active_objective(self) -> str:
@@ -407,13 +422,15 @@ class RLDistillKStep(L.LightningModule):
             return "ce"
         return hp.objective
 
-    def _loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    def _loss(self, batch: dict[str, Any], across_ranks: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """The active objective's loss. ``across_ranks`` (training step only): CE/KD token means over
+        the global batch under DDP. PG keeps per-rank means: its rollouts differ per rank anyway."""
         objective = self._active_objective()
         if objective == "pg":
             return self._pg_loss(batch)
         if objective == "kd":
-            return self._kd_loss(batch)
-        return self._ce_loss(batch)
+            return self._kd_loss(batch, across_ranks)
+        return self._ce_loss(batch, across_ranks)
 
     def batch_loss(self, batch: Any) -> Tensor:
         """The training loss for ``batch`` with fresh rollouts; no logging, no state change (HasBatchLoss)."""
@@ -421,7 +438,7 @@ class RLDistillKStep(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss, stats = self._loss(batch)
+        loss, stats = self._loss(batch, across_ranks=True)
         if "return_mean" in stats and self.hparams.baseline == "running-mean":
             m = self.hparams.running_mean_momentum
             new = stats["return_mean"].to(self.return_running_mean)

@@ -18,7 +18,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from kdlab.models.backbones import load_backbone
-from kdlab.stages._common import apply_lora, build_optimizer, merge_lora, save_tokenizer
+from kdlab.stages._common import apply_lora, build_optimizer, global_token_mean, merge_lora, save_tokenizer
 
 __all__ = ["TeacherCPT", "token_nll"]
 
@@ -83,7 +83,8 @@ class TeacherCPT(L.LightningModule):
         return total / count.clamp(min=1)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self.batch_loss(batch)
+        total, count = token_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        loss = global_token_mean(self, total, count)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         return loss
 
