@@ -170,7 +170,7 @@ def run_ablation(config_path: str, root: str = "runs/ablations", jobs: int = 1) 
                   for name in spec.references}
     report = out_dir / spec.report
     write_json_atomic(report.with_suffix(".json"), {"seeds": spec.seeds, "metrics": table, "references": references})
-    plot_ablation(spec, table, report.with_suffix(".png"))
+    plot_ablation(spec, table, report.with_suffix(".png"), references)
     write_text_atomic(report, ablation_markdown(spec, table, references))
     return report
 
@@ -248,7 +248,10 @@ def ablation_markdown(spec: AblationSpec, table: dict[str, dict[str, list[float]
     return "\n".join(lines) + "\n"
 
 
-def plot_ablation(spec: AblationSpec, table: dict[str, dict[str, list[float]]], path: Path) -> None:
+def plot_ablation(spec: AblationSpec, table: dict[str, dict[str, list[float]]], path: Path,
+                  references: dict[str, dict[str, list[float]]] | None = None) -> None:
+    """One bar chart per metric (mean ± std over seeds); reference rows (setup runs such as "before
+    RL") as dashed horizontal lines, so a variant reads against them at a glance."""
     import os
 
     import matplotlib
@@ -257,10 +260,20 @@ def plot_ablation(spec: AblationSpec, table: dict[str, dict[str, list[float]]], 
     import matplotlib.pyplot as plt
 
     variants = list(spec.variants)
-    fig, axes = plt.subplots(1, len(spec.metrics), figsize=(4.5 * len(spec.metrics), 4), squeeze=False)
-    for ax, metric in zip(axes[0], spec.metrics):
+    ncols = min(3, len(spec.metrics))
+    nrows = math.ceil(len(spec.metrics) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 4 * nrows), squeeze=False)
+    for ax in axes.flat[len(spec.metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, spec.metrics):
         stats = [summarize(table[v][metric]) for v in variants]
         ax.bar(range(len(variants)), [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=4, color="#4c72b0")
+        styles = zip(("--", ":", "-.", "--"), ("#c44e52", "#55a868", "#8172b2", "#ccb974"))
+        for (name, row), (style, color) in zip((references or {}).items(), styles):
+            if not math.isnan(row[metric][0]):
+                ax.axhline(row[metric][0], linestyle=style, color=color, linewidth=1.4, label=name)
+        if references and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
         ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
         ax.set_title(metric)
     fig.suptitle(f"{spec.name} (mean ± std over {len(spec.seeds)} seeds)")
