@@ -81,11 +81,18 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(run_dir / "model")
 
 
+# Budgets that real-use configs size for a GPU (a 128-token rollout of 32 sequences, 8 gradient-
+# variance rollouts): the fast run keeps the key and its type, at a size a CPU test can afford.
+TINY_BUDGETS = {"max_new_tokens": 8, "num_rollouts": 2, "num_samples_per_prompt": 2, "eval_batch_size": 4}
+
+
 def _tiny_substitute(data: Any, *, encoder: bool, teacher: str, labels: dict[str, str], distill: bool,
                      key: str | None = None) -> Any:
     """Swap real-use placeholders for tiny models / sample data, keeping every key and type."""
     if key == "student_keep_layers" and isinstance(data, list):
         return [0]  # a layer the 2-layer tiny-llama teacher has
+    if key in TINY_BUDGETS and isinstance(data, int):
+        return min(data, TINY_BUDGETS[key])
     if isinstance(data, dict):
         if str(data.get("class_path", "")).endswith("TeacherLoader"):
             args = dict(data.get("init_args") or {})
