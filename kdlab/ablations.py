@@ -27,6 +27,7 @@ metrics, so the same ablation on the same machine gives byte-identical tables.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -251,7 +252,7 @@ def ablation_markdown(spec: AblationSpec, table: dict[str, dict[str, list[float]
 def plot_ablation(spec: AblationSpec, table: dict[str, dict[str, list[float]]], path: Path,
                   references: dict[str, dict[str, list[float]]] | None = None) -> None:
     """One bar chart per metric (mean ± std over seeds); reference rows (setup runs such as "before
-    RL") as dashed horizontal lines, so a variant reads against them at a glance."""
+    RL") as horizontal lines (dashed, dotted, …), so a variant reads against them at a glance."""
     import os
 
     import matplotlib
@@ -268,7 +269,7 @@ def plot_ablation(spec: AblationSpec, table: dict[str, dict[str, list[float]]], 
     for ax, metric in zip(axes.flat, spec.metrics):
         stats = [summarize(table[v][metric]) for v in variants]
         ax.bar(range(len(variants)), [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=4, color="#4c72b0")
-        styles = zip(("--", ":", "-.", "--"), ("#c44e52", "#55a868", "#8172b2", "#ccb974"))
+        styles = itertools.cycle(zip(("--", ":", "-."), ("#c44e52", "#55a868", "#8172b2")))
         for (name, row), (style, color) in zip((references or {}).items(), styles):
             if not math.isnan(row[metric][0]):
                 ax.axhline(row[metric][0], linestyle=style, color=color, linewidth=1.4, label=name)
