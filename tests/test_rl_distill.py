@@ -73,7 +73,7 @@ def _trainer(max_steps: int, **kwargs: Any) -> L.Trainer:
 
 
 def test_rollout_logprobs_match_generate_and_mask_stops_at_eos() -> None:
-    stage = make_stage()
+    stage = make_stage(sampler="hf-generate")
     batch = seq2seq_batches(2, 2)[0]
     gc = stage._generation_config(False, 6)
     gc.output_logits, gc.return_dict_in_generate = True, True

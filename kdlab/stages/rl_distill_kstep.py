@@ -35,6 +35,7 @@ from torchmetrics.text import BLEUScore
 from torchmetrics.text.rouge import ROUGEScore
 
 from kdlab.losses.returns import induced_rewards, kstep_returns, policy_gradient_loss
+from kdlab.models.sampling import sample_causal
 from kdlab.protocols import attach_unregistered
 from kdlab.stages._common import global_token_mean
 
@@ -147,6 +148,11 @@ class RLDistillKStep(L.LightningModule):
         kd_temperature: τ of the ``kd`` objective, ``loss = τ² · KL(p_T^τ ‖ p_S^τ)``.
         lr / weight_decay: AdamW.
         generation_kwargs: extra ``generate`` kwargs (e.g. ``repetition_penalty``) for training rollouts.
+        sampler: ``kdlab`` — :func:`kdlab.models.sampling.sample_causal`, a lean KV-cache loop with
+            inverse-CDF draws (same distribution as ``generate``, greedy identical, faster per token)
+            for decoder-only students sampling with temperature only; encoder-decoder students,
+            ``top_k`` / ``top_p`` and ``generation_kwargs`` still use ``generate``. ``hf-generate``:
+            always HF ``generate`` (bit-for-bit HF's sampling stream).
         teacher_for_eval: with ``objective="ce"``, still ask for a teacher to report
             ``val/teacher_logprob`` (pg/kd always need one).
         dtype: student dtype.
@@ -177,6 +183,7 @@ class RLDistillKStep(L.LightningModule):
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         generation_kwargs: dict[str, Any] | None = None,
+        sampler: Literal["kdlab", "hf-generate"] = "kdlab",
         teacher_for_eval: bool = False,
         dtype: str = "float32",
     ) -> None:
@@ -270,6 +277,12 @@ class RLDistillKStep(L.LightningModule):
             kwargs.update(hp.generation_kwargs or {})
         return GenerationConfig(**kwargs)
 
+    def _uses_kdlab_sampler(self, greedy: bool) -> bool:
+        hp = self.hparams
+        if hp.sampler != "kdlab" or self.is_encoder_decoder:
+            return False
+        return greedy or (hp.top_k == 0 and hp.top_p >= 1.0 and not hp.generation_kwargs)
+
     @torch.no_grad()
     def rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, greedy: bool = False, max_new_tokens: int | None = None) -> Rollout:
         """Generate continuations of left-padded prompts (KV cache, no grad; student in eval mode
@@ -281,17 +294,26 @@ class RLDistillKStep(L.LightningModule):
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device).long()
         was_training = self.student.training
         self.student.eval()
+        budget = max_new_tokens or self.hparams.max_new_tokens
         start = time.perf_counter()
         try:
-            out = self.student.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                generation_config=self._generation_config(greedy, max_new_tokens or self.hparams.max_new_tokens),
-            )
+            if self._uses_kdlab_sampler(greedy):
+                out = None
+                actions = sample_causal(
+                    self.student, prompt_ids, prompt_mask, budget, self._eos_ids, self._pad_id,
+                    temperature=self.hparams.temperature, greedy=greedy,
+                )
+            else:
+                out = self.student.generate(
+                    input_ids=prompt_ids, attention_mask=prompt_mask,
+                    generation_config=self._generation_config(greedy, budget),
+                )
         finally:
             self.student.train(was_training)
         seconds = time.perf_counter() - start
-        if self.is_encoder_decoder:
+        if out is None:
+            decoder_ids = None
+        elif self.is_encoder_decoder:
             decoder_ids, actions = out, out[:, 1:]
         else:
             decoder_ids, actions = None, out[:, prompt_ids.shape[1]:]
