@@ -2,7 +2,10 @@
 
 Both sides get the same student and teacher weights (tiny Llamas by default, sharing the embedded
 sample tokenizer), the same prompts (embedded seq2seq sample, left-padded), the same sampling
-(temperature 1, top-k off, top-p 1, ``max_new_tokens``, KV cache) and the same batch size. One
+distribution (temperature 1, top-k off, top-p 1, ``max_new_tokens``, KV cache) and the same batch
+size. Each side samples its own default way: TRL through HF ``generate``, kdlab through
+``kdlab.models.sampling.sample_causal`` (a lean KV-cache loop with inverse-CDF draws);
+``--kdlab-sampler hf-generate`` makes kdlab use ``generate`` too, to see what the loop is worth. One
 "on-policy step" = sample continuations with the student, score them with the teacher, compute the
 loss and backpropagate (TRL: ``GKDTrainer.training_step``; kdlab: ``RLDistillKStep.batch_loss`` +
 ``backward``); the optimiser step is excluded from both.
@@ -12,7 +15,8 @@ EOS, divided by the step's wall time) and of generation alone, for each, and the
 Usage::
 
     python bench/rl_step_vs_trl.py [--steps 5] [--batch-size 8] [--max-new-tokens 32] \
-        [--student-config '{"hidden_size": 64}'] [--teacher-config '{"hidden_size": 128}'] [--threads 2]
+        [--student-config '{"hidden_size": 64}'] [--teacher-config '{"hidden_size": 128}'] [--threads 2] \
+        [--device cuda] [--kdlab-sampler hf-generate]
 """
 
 from __future__ import annotations
@@ -54,10 +58,16 @@ def left_pad(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
     return ids, mask
 
 
+def _sync(device: str) -> None:
+    """Wait for queued GPU work so that wall-clock times cover it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def bench_kdlab(student_dir: str, teacher: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                max_new_tokens: int, k: int) -> dict[str, float]:
+                max_new_tokens: int, k: int, device: str, sampler: str) -> dict[str, float]:
     stage = RLDistillKStep(student=student_dir, tokenizer="tiny-llama", k=k, max_new_tokens=max_new_tokens,
-                           num_samples_per_prompt=1, baseline="batch-mean")
+                           num_samples_per_prompt=1, baseline="batch-mean", sampler=sampler).to(device)
     stage.attach_teacher(teacher)
     stage.train()
     gen_time = [0.0]
@@ -74,10 +84,12 @@ def bench_kdlab(student_dir: str, teacher: torch.nn.Module, batches: list[tuple[
     times: list[float] = []
     gen: list[float] = []
     for i, (ids, mask) in enumerate(batches):
-        batch = {"prompt_input_ids": ids, "prompt_attention_mask": mask}
+        batch = {"prompt_input_ids": ids.to(device), "prompt_attention_mask": mask.to(device)}
         gen_time[0] = 0.0
+        _sync(device)
         start = time.perf_counter()
         stage.batch_loss(batch).backward()
+        _sync(device)
         times.append(time.perf_counter() - start)
         gen.append(gen_time[0])
         stage.student.zero_grad(set_to_none=True)
@@ -85,7 +97,7 @@ def bench_kdlab(student_dir: str, teacher: torch.nn.Module, batches: list[tuple[
 
 
 def bench_trl(student_dir: str, teacher: torch.nn.Module, tok: Any, batches: list[tuple[torch.Tensor, torch.Tensor]],
-              max_new_tokens: int) -> dict[str, float]:
+              max_new_tokens: int, device: str) -> dict[str, float]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -100,7 +112,7 @@ def bench_trl(student_dir: str, teacher: torch.nn.Module, tok: Any, batches: lis
 
     out_dir = tempfile.mkdtemp(prefix="gkd-bench-")
     args = GKDConfig(output_dir=out_dir, per_device_train_batch_size=1, max_steps=len(batches), lmbda=1.0, beta=0.0,
-                     temperature=1.0, max_new_tokens=max_new_tokens, report_to="none", use_cpu=True, logging_steps=1000,
+                     temperature=1.0, max_new_tokens=max_new_tokens, report_to="none", use_cpu=device == "cpu", logging_steps=1000,
                      save_strategy="no", learning_rate=1e-5, disable_dropout=True, dataloader_num_workers=0,
                      max_length=None, gradient_checkpointing=False, bf16=False, fp16=False)  # fp32 + KV cache, like kdlab
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, data_collator=collate,
@@ -114,8 +126,10 @@ def bench_trl(student_dir: str, teacher: torch.nn.Module, tok: Any, batches: lis
     threads: list[int] = []
 
     def timed_gen(model: Any, inputs: Any, generation_config: Any) -> Any:
+        _sync(device)
         start = time.perf_counter()
         out = orig_gen(model, inputs, generation_config)
+        _sync(device)
         gen_time[0] += time.perf_counter() - start
         counts.append(int(out[1][:, inputs["prompts"].shape[1]:].sum()))
         threads.append(torch.get_num_threads())
@@ -126,8 +140,10 @@ def bench_trl(student_dir: str, teacher: torch.nn.Module, tok: Any, batches: lis
 
     def timed_step(*a: Any, **kw: Any) -> Any:
         gen_time[0] = 0.0
+        _sync(device)
         start = time.perf_counter()
         loss = orig_step(*a, **kw)
+        _sync(device)
         times.append(time.perf_counter() - start)
         gen.append(gen_time[0])
         return loss
@@ -157,28 +173,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-config", type=json.loads,
                         default={"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 256})
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    parser.add_argument("--kdlab-sampler", default="kdlab", choices=["kdlab", "hf-generate"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (TRL then runs through accelerate on the GPU)")
     ns = parser.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
     tok = load_tokenizer("tiny-llama")
     torch.manual_seed(0)
     student = load_backbone("tiny-llama", "causal-lm", config=ns.student_config)
-    teacher = load_backbone("tiny-llama", "causal-lm", config=ns.teacher_config).eval().requires_grad_(False)
+    teacher = load_backbone("tiny-llama", "causal-lm", config=ns.teacher_config).eval().requires_grad_(False).to(ns.device)
     student_dir = tempfile.mkdtemp(prefix="bench-student-")
     student.save_pretrained(student_dir)
     tok.save_pretrained(student_dir)
     n = (ns.steps + 1) * ns.batch_size
     ps = prompts(tok, n, ns.max_source_tokens)
     batches = [left_pad(ps[i:i + ns.batch_size], tok.pad_token_id) for i in range(0, n, ns.batch_size)]
-    print(f"device=cpu threads={torch.get_num_threads()} batch={ns.batch_size} max_new_tokens={ns.max_new_tokens} "
+    print(f"device={ns.device} threads={torch.get_num_threads()} batch={ns.batch_size} max_new_tokens={ns.max_new_tokens} "
           f"steps={ns.steps} (+1 warm-up) student={sum(p.numel() for p in student.parameters()):,} params "
           f"teacher={sum(p.numel() for p in teacher.parameters()):,} params")
     torch.manual_seed(1)
-    ours = bench_kdlab(student_dir, teacher, batches, ns.max_new_tokens, ns.k)
+    ours = bench_kdlab(student_dir, teacher, batches, ns.max_new_tokens, ns.k, ns.device, ns.kdlab_sampler)
     torch.manual_seed(1)
-    theirs = bench_trl(student_dir, teacher, tok, batches, ns.max_new_tokens)
-    for name, r in (("kdlab RLDistillKStep", ours), ("TRL GKDTrainer (lmbda=1, beta=0)", theirs)):
-        print(f"{name:34s} tokens={r['tokens']:5d}  step median {r['step_s_median'] * 1000:7.1f} ms  "
+    theirs = bench_trl(student_dir, teacher, tok, batches, ns.max_new_tokens, ns.device)
+    for name, r in ((f"kdlab RLDistillKStep ({ns.kdlab_sampler})", ours), ("TRL GKDTrainer (lmbda=1, beta=0)", theirs)):
+        print(f"{name:36s} tokens={r['tokens']:5d}  step median {r['step_s_median'] * 1000:7.1f} ms  "
               f"step tokens/s {r['tokens_per_s']:8.1f}  generation-only tokens/s {r['gen_tokens_per_s']:8.1f}")
     print(f"torch threads inside TRL's generation: {int(theirs['threads_during_generation'])}")
     print(f"ratio kdlab/TRL: step tokens/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x   "

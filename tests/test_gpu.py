@@ -1,0 +1,87 @@
+"""CUDA paths: the 8-bit teacher on the GPU rank, a KETCHUP step on the GPU, the sampling loop on CUDA.
+
+Skipped without a GPU (CI has none); run on a GPU machine with ``python -m pytest -q tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.teacher import TeacherLoader
+from kdlab.models.backbones import load_backbone, load_tokenizer
+from kdlab.models.sampling import sample_causal
+from kdlab.stages.rl_distill_kstep import RLDistillKStep
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TEACHER = {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+           "intermediate_size": 512}
+STUDENT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+           "intermediate_size": 128}
+
+
+def test_8bit_teacher_lands_on_the_gpu_and_matches_fp32(tmp_path: Path) -> None:
+    import bitsandbytes as bnb
+
+    from _ddp_teacher_script import TEACHER_CONFIG, DistillToy, toy_loader
+
+    loaders = {q: TeacherLoader("tiny-llama", config=TEACHER_CONFIG, quantization=q) for q in (None, "8bit")}
+    for sub, loader in loaders.items():
+        L.Trainer(accelerator="gpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path / str(sub)),
+                  callbacks=[loader]).fit(DistillToy(), train_dataloaders=toy_loader())
+    fp32, int8 = loaders[None].teacher, loaders["8bit"].teacher
+    layer = int8.model.layers[0].mlp.up_proj
+    assert isinstance(layer, bnb.nn.Linear8bitLt) and layer.weight.device.type == "cuda"
+    assert layer.weight.dtype == torch.int8
+    assert loaders["8bit"].memory_footprint_bytes < 0.6 * loaders[None].memory_footprint_bytes
+    ids = next(iter(toy_loader()))[0].cuda()
+    with torch.no_grad():
+        a, b = fp32(input_ids=ids).logits.float(), int8(input_ids=ids).logits.float()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    assert torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min() >= 0.99
+
+
+def test_ketchup_pg_steps_on_the_gpu_with_an_8bit_teacher() -> None:
+    import bitsandbytes as bnb
+
+    from test_rl_distill import loader, seq2seq_batches
+
+    L.seed_everything(0)
+    stage = RLDistillKStep(student_config=STUDENT, k=2, max_new_tokens=8, num_samples_per_prompt=2, lr=1e-3)
+    before = {n: p.detach().clone() for n, p in stage.student.named_parameters()}
+    teacher_loader = TeacherLoader("tiny-llama", config=TEACHER, quantization="8bit")
+    student_devices: list[str] = []  # read during training: Lightning moves the module back to the CPU at teardown
+    record = L.pytorch.callbacks.LambdaCallback(
+        on_train_batch_end=lambda trainer, module, *_: student_devices.append(next(module.parameters()).device.type))
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=[teacher_loader, record])
+    trainer.fit(stage, train_dataloaders=loader(seq2seq_batches(12, 4)))
+    assert trainer.global_step == 3 and student_devices == ["cuda"] * 3
+    q_proj = stage.teacher.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, bnb.nn.Linear8bitLt) and q_proj.weight.device.type == "cuda"
+    moved = [n for n, p in stage.student.named_parameters() if not torch.equal(p.detach().cpu(), before[n])]
+    assert moved, "three PG steps left every student parameter unchanged"
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in seq2seq_batches(4, 4)[0].items()}
+    loss = stage.cuda().batch_loss(batch)
+    assert loss.device.type == "cuda" and torch.isfinite(loss)
+
+
+def test_greedy_sampling_loop_equals_generate_on_cuda() -> None:
+    torch.manual_seed(0)
+    model = load_backbone("tiny-llama", "causal-lm", config=STUDENT).cuda().eval()
+    pad = load_tokenizer("tiny-llama").pad_token_id
+    ids = torch.randint(5, model.config.vocab_size, (6, 11), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[2, :5] = 0
+    ours = sample_causal(model, ids, mask, 16, eos_ids=[], pad_id=pad, greedy=True)
+    theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                            pad_token_id=pad, eos_token_id=None)[:, ids.shape[1]:]
+    assert torch.equal(ours, theirs)
+    torch.manual_seed(1)
+    sampled = sample_causal(model, ids, mask, 16, eos_ids=[], pad_id=pad)
+    assert sampled.shape == (6, 16) and sampled.device.type == "cuda"
