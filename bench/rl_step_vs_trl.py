@@ -43,7 +43,11 @@ from kdlab.stages.rl_distill_kstep import RLDistillKStep  # noqa: E402
 
 
 def prompts(tok: Any, n: int, max_src: int) -> list[list[int]]:
-    rows = [json.loads(line) for line in Path(sample_path("seq2seq_train.jsonl")).read_text().splitlines()[:n]]
+    lines = Path(sample_path("seq2seq_train.jsonl")).read_text().splitlines()
+    if len(lines) < n:
+        raise SystemExit(f"the embedded sample has {len(lines)} prompts; (steps + 1) × batch size = {n} are needed: "
+                         "lower --steps or --batch-size")
+    rows = [json.loads(line) for line in lines[:n]]
     return [[tok.bos_token_id] + tok("summarize: " + r["source"], add_special_tokens=False)["input_ids"][:max_src] + tok(
         "\nsummary:", add_special_tokens=False)["input_ids"] for r in rows]
 
