@@ -23,20 +23,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from kdlab.models.backbones import load_backbone
-from kdlab.protocols import NeedsTeacher
+from kdlab.protocols import NeedsTeacher, is_sharded_strategy
 
 log = logging.getLogger(__name__)
-
-#: Strategy class names that shard parameters; bitsandbytes int8 weights cannot be sharded by them.
-_SHARDED_STRATEGY_NAMES: tuple[str, ...] = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-
-
-def _is_sharded_strategy(strategy: Any) -> bool:
-    """True for FSDP / DeepSpeed / model-parallel strategies (checked by class name along the MRO).
-
-    Names rather than ``isinstance`` so that DeepSpeed need not be importable.
-    """
-    return any(cls.__name__ in _SHARDED_STRATEGY_NAMES for cls in type(strategy).__mro__)
 
 
 class TeacherLoader(L.Callback):
@@ -100,7 +89,7 @@ class TeacherLoader(L.Callback):
         if not pl_module.needs_teacher:
             return
         strategy = trainer.strategy
-        if self.quantization == "8bit" and _is_sharded_strategy(strategy):
+        if self.quantization == "8bit" and is_sharded_strategy(strategy):
             raise ValueError(
                 f"an 8-bit teacher cannot be used with {type(strategy).__name__}: bitsandbytes int8 weights "
                 "cannot be sharded; use DDP (strategy: ddp), or a bfloat16 teacher"

@@ -13,6 +13,20 @@ import torch
 from torch import nn
 
 
+#: Strategy class names that shard parameters across ranks.
+_SHARDED_STRATEGY_NAMES: tuple[str, ...] = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def is_sharded_strategy(strategy: Any) -> bool:
+    """True for FSDP / DeepSpeed / model-parallel strategies (checked by class name along the MRO).
+
+    Names rather than ``isinstance`` so that DeepSpeed need not be importable. Why it matters:
+    bitsandbytes int8 weights cannot be sharded, and under sharding every rank must keep calling
+    the model's forward in lock step (parameters are gathered collectively).
+    """
+    return any(cls.__name__ in _SHARDED_STRATEGY_NAMES for cls in type(strategy).__mro__)
+
+
 @runtime_checkable
 class NeedsTeacher(Protocol):
     """A stage that scores with a live, frozen teacher.

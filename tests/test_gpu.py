@@ -82,6 +82,5 @@ def test_greedy_sampling_loop_equals_generate_on_cuda() -> None:
     theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
                             pad_token_id=pad, eos_token_id=None)[:, ids.shape[1]:]
     assert torch.equal(ours, theirs)
-    torch.manual_seed(1)
-    sampled = sample_causal(model, ids, mask, 16, eos_ids=[], pad_id=pad)
-    assert sampled.shape == (6, 16) and sampled.device.type == "cuda"
+    # The sampled path's distribution on CUDA: tests/test_sampling.py runs its frequency test on
+    # every available device, CUDA included.

@@ -72,7 +72,7 @@ def _trainer(max_steps: int, **kwargs: Any) -> L.Trainer:
                      enable_progress_bar=False, enable_model_summary=False, **kwargs)
 
 
-def test_rollout_logprobs_match_generate_and_mask_stops_at_eos() -> None:
+def test_rollout_logprobs_match_generate() -> None:
     stage = make_stage(sampler="hf-generate")
     batch = seq2seq_batches(2, 2)[0]
     gc = stage._generation_config(False, 6)
@@ -87,11 +87,27 @@ def test_rollout_logprobs_match_generate_and_mask_stops_at_eos() -> None:
     gen_logp = torch.log_softmax(torch.stack(out.logits, 1), -1).gather(-1, ro.actions.unsqueeze(-1)).squeeze(-1)
     lp = stage.student_action_logprobs(ro)
     assert torch.allclose(lp[ro.action_mask], gen_logp[ro.action_mask], atol=1e-5)
-    # mask: up to and including the first EOS
-    eos = stage.tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("sampler", ["kdlab", "hf-generate"])
+def test_rollout_mask_stops_at_first_eos_and_layout(sampler: str) -> None:
+    stage = make_stage(sampler=sampler, max_new_tokens=12)
+    batch = seq2seq_batches(4, 4)[0]
+    torch.manual_seed(5)
+    first = stage.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+    # A random tiny model rarely emits its EOS: make the most frequent sampled token the EOS.
+    eos, pad = int(first.actions.flatten().mode().values), stage._pad_id
+    stage._eos_ids = [eos]
+    torch.manual_seed(5)
+    ro = stage.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+    assert ro.actions.shape[0] == 8 and ro.actions.shape[1] <= 12
+    assert any(eos in row for row in ro.actions.tolist())  # the EOS branch is exercised
     for row, m in zip(ro.actions.tolist(), ro.action_mask.tolist()):
         first = row.index(eos) if eos in row else len(row) - 1
         assert m == [i <= first for i in range(len(row))]
+        assert all(t == pad for t in row[first + 1:])  # pad after EOS, as generate lays it out
+    p = ro.prompt_ids.shape[1]
+    assert torch.equal(ro.full_ids[:, p:], ro.actions) and torch.equal(ro.full_mask[:, p:], ro.action_mask.long())
 
 
 def test_teacher_scoring_is_padding_invariant() -> None:

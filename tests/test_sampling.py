@@ -3,6 +3,8 @@ early stop); sampled tokens follow softmax(logits / T); the inverse-CDF draw is 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -35,11 +37,31 @@ def test_greedy_equals_generate_with_padding_eos_and_early_stop() -> None:
     free = sample_causal(model, ids, mask, 10, eos_ids=[], pad_id=pad, greedy=True)
     assert free.shape == (4, 10)
     assert torch.equal(free, _hf_greedy(model, ids, mask, 10, eos=-1, pad=pad))
-    # Make a token that row 0 emits at step 2 the EOS: rows stop at different steps, then pad.
-    eos = int(free[0, 2])
+    # Make a token that some row emits for the first time after step 0 the EOS: rows stop at
+    # different steps, then pad.
+    row, step = next((r, t) for r in range(4) for t in range(1, 10) if int(free[r, t]) not in free[r, :t].tolist())
+    eos = int(free[row, step])
     ours = sample_causal(model, ids, mask, 10, eos_ids=[eos], pad_id=pad, greedy=True)
     assert torch.equal(ours, _hf_greedy(model, ids, mask, 10, eos=eos, pad=pad))
-    assert int(ours[0, 2]) == eos and bool((ours[0, 3:] == pad).all())
+    assert int(ours[row, step]) == eos and bool((ours[row, step + 1:] == pad).all())
+
+
+def test_greedy_equals_generate_for_absolute_positions() -> None:
+    """GPT-2 adds learned absolute position embeddings: wrong position ids under left padding would
+    change its tokens (a rotary model is blind to a constant per-row shift)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
+    ids = torch.randint(5, 512, (3, 8))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    mask[2, :2] = 0
+    ours = sample_causal(model, ids, mask, 8, eos_ids=[], pad_id=0, greedy=True)
+    assert torch.equal(ours, _hf_greedy(model, ids, mask, 8, eos=-1, pad=0))
+    shifted = ids.clone()
+    shifted[0, :5] = 7  # what the padded slots hold must not matter
+    assert torch.equal(sample_causal(model, shifted, mask, 8, eos_ids=[], pad_id=0, greedy=True), ours)
 
 
 def test_all_rows_finishing_stops_early() -> None:
@@ -49,11 +71,16 @@ def test_all_rows_finishing_stops_early() -> None:
     assert out.shape == (4, 1)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_sampled_first_token_follows_tempered_softmax(temperature: float) -> None:
+def test_sampled_first_token_follows_tempered_softmax(temperature: float, device: str) -> None:
     """20 000 draws of the first token from one prompt against softmax(logits / T): total variation
     over the 20 most likely tokens and one bin for the rest."""
     model, ids, mask, pad = _model_and_prompts()
+    model, ids, mask = model.to(device), ids.to(device), mask.to(device)
     model.lm_head.weight.data.mul_(20)  # peaked: the top 20 tokens hold ≈ 51% of the mass at T = 1
     prompt, prompt_mask = ids[1:2], mask[1:2]
     with torch.no_grad():
@@ -63,10 +90,11 @@ def test_sampled_first_token_follows_tempered_softmax(temperature: float) -> Non
     def binned(p: torch.Tensor) -> torch.Tensor:
         return torch.cat([p[top], (1 - p[top].sum()).reshape(1)])
 
-    n = 20_000
+    n, chunk = 20_000, 4_000  # chunks keep the [rows, vocab] float64 CDF small
     torch.manual_seed(1)
-    draws = sample_causal(model, prompt.expand(n, -1), prompt_mask.expand(n, -1), 1, eos_ids=[], pad_id=pad,
-                          temperature=temperature)[:, 0]
+    draws = torch.cat([sample_causal(model, prompt.expand(chunk, -1), prompt_mask.expand(chunk, -1), 1, eos_ids=[],
+                                     pad_id=pad, temperature=temperature)[:, 0] for _ in range(n // chunk)]).cpu()
+    logits = logits.cpu()
     empirical = binned(torch.bincount(draws, minlength=logits.numel()).double() / n)
     tv = 0.5 * (empirical - binned(torch.softmax(logits / temperature, -1))).abs().sum().item()
     tv_wrong = 0.5 * (empirical - binned(torch.softmax(logits / (2 * temperature), -1))).abs().sum().item()
@@ -88,6 +116,19 @@ def test_inverse_cdf_draw_is_the_categorical() -> None:
     assert sample_from_probs(one_hot).tolist() == [0, 6, 3]  # the first and last tokens are reachable
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0])
+def test_a_broken_distribution_raises(bad: float) -> None:
+    probs = torch.tensor([[0.2, 0.8], [1.0, 0.0]])
+    probs[1] = bad if bad != 0.0 else 0.0
+    with pytest.raises(ValueError, match="NaN/Inf or sums to zero"):
+        sample_from_probs(probs)
+
+
+def test_zero_new_tokens_is_empty() -> None:
+    model, ids, mask, pad = _model_and_prompts()
+    assert sample_causal(model, ids, mask, 0, eos_ids=[], pad_id=pad).shape == (4, 0)
+
+
 def test_stage_uses_the_loop_only_where_it_applies() -> None:
     common = {"student_config": TINY, "max_new_tokens": 4}
     stage = RLDistillKStep(**common)
@@ -97,6 +138,16 @@ def test_stage_uses_the_loop_only_where_it_applies() -> None:
         assert not stage._uses_kdlab_sampler(greedy=False)
         assert stage._uses_kdlab_sampler(greedy=True)  # validation decodes greedily either way
     assert not RLDistillKStep(**common, sampler="hf-generate")._uses_kdlab_sampler(greedy=True)
+    # A student whose own generation config asks generate for a logits processor keeps generate.
+    stage = RLDistillKStep(**common)
+    stage.student.generation_config.repetition_penalty = 1.3
+    assert not stage._uses_kdlab_sampler(greedy=False) and not stage._uses_kdlab_sampler(greedy=True)
+    # Sharded strategies keep generate (it steps every rank in lock step).
+    stage = RLDistillKStep(**common)
+    stage._trainer = SimpleNamespace(strategy=type("FSDPStrategy", (), {})())
+    assert not stage._uses_kdlab_sampler(greedy=False)
+    stage._trainer = SimpleNamespace(strategy=type("DDPStrategy", (), {})())
+    assert stage._uses_kdlab_sampler(greedy=False)
 
 
 def test_stage_greedy_rollout_is_the_same_with_either_sampler() -> None:

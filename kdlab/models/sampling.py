@@ -3,15 +3,16 @@
 Why not ``model.generate``: an RL step samples a fresh batch every optimiser step, so per-token
 overheads count. Two of HF ``generate``'s are avoidable without changing the distribution:
 
-* ``torch.multinomial`` draws one exponential per vocabulary entry per row and step (on CPU,
-  about 1.3 ms for 8 × 4 096 and 15 ms for 8 × 49 152 — more than a tiny student's forward pass).
-  :func:`sample_from_probs` draws one uniform per row and inverts the CDF instead: the same
-  categorical distribution, 8–12× cheaper at those sizes (``bench/rl_step_vs_trl.py`` measures the step).
+* ``torch.multinomial`` draws one exponential per vocabulary entry per row and step; on a CPU
+  that costs more than a tiny student's forward pass. :func:`sample_from_probs` draws one uniform
+  per row and inverts the CDF instead: the same categorical distribution.
 * The logits-processor / stopping-criteria / model-kwargs machinery runs every step.
 
-The loop supports what on-policy KETCHUP needs — temperature sampling and greedy decoding — and
-matches ``generate`` token for token in greedy mode (tests). Anything else (top-k, top-p,
-repetition penalty, encoder-decoder students) goes through ``generate``.
+``bench/rl_step_vs_trl.py --kdlab-sampler {kdlab,hf-generate}`` measures what this is worth per
+RL step. The loop supports what on-policy KETCHUP needs — temperature sampling and greedy
+decoding — and matches ``generate`` token for token in greedy mode (tests). Anything else (top-k,
+top-p, a repetition penalty or other logits processors, encoder-decoder students, sharded
+students) is left to ``generate`` by the caller (``RLDistillKStep._uses_kdlab_sampler``).
 """
 
 from __future__ import annotations
@@ -29,12 +30,22 @@ def sample_from_probs(probs: Tensor) -> Tensor:
 
         i = min { j : Σ_{v ≤ j} p_v > u · Σ_v p_v },   u ~ U[0, 1)
 
-    Rows need not be normalised. The CDF is accumulated in float64, so rounding cannot shift mass
-    between tokens at any vocabulary size we meet; a zero-probability token is never drawn (its CDF
-    step is flat). Uses the global torch RNG of ``probs``' device, like ``torch.multinomial``.
+    Rows need not be normalised. The CDF is accumulated in float64 (float32 on MPS, which has no
+    float64), so rounding cannot shift mass between tokens at any vocabulary size we meet; a
+    zero-probability token is never drawn (its CDF step is flat). A row whose total is not finite
+    and positive (NaN/Inf logits, all zeros) raises, as ``torch.multinomial`` does. Uses the global
+    torch RNG of ``probs``' device, like ``torch.multinomial``.
     """
-    cdf = probs.cumsum(-1, dtype=torch.float64)
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    dtype = torch.float32 if probs.device.type == "mps" else torch.float64
+    cdf = probs.cumsum(-1, dtype=dtype)
+    total = cdf[:, -1:]
+    valid = torch.isfinite(total).all() & (total > 0).all()
+    if probs.device.type == "cpu":
+        if not bool(valid):
+            raise ValueError("sample_from_probs: a row of probabilities is NaN/Inf or sums to zero")
+    else:  # no host sync on accelerators: the check fails the next synchronising call instead
+        torch._assert_async(valid, "sample_from_probs: a row of probabilities is NaN/Inf or sums to zero")
+    u = torch.rand(probs.shape[0], 1, dtype=dtype, device=probs.device) * total
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
@@ -62,13 +73,17 @@ def sample_causal(
     early once every row has finished.
 
     ``y_t ~ softmax(logits_t / temperature)`` (or ``argmax`` when ``greedy``), one forward pass per
-    token over the KV cache the model itself allocates (so sliding-window / hybrid caches work).
-    Position ids follow ``generate``: ``cumsum(mask) − 1`` over the prompt, then +1 per token.
+    token over the KV cache the model itself allocates (in transformers 5 the kind its config asks
+    for: sliding-window and hybrid models get theirs). Position ids follow ``generate``:
+    ``cumsum(mask) − 1`` over the prompt, then +1 per token.
     """
     batch = prompt_ids.shape[0]
+    if max_new_tokens < 1:
+        return prompt_ids.new_empty(batch, 0)
     mask = prompt_mask.long()
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1, return_dict=True)
     next_position = positions[:, -1:] + 1
     eos = torch.tensor(eos_ids, device=prompt_ids.device, dtype=prompt_ids.dtype)
     unfinished = torch.ones(batch, dtype=torch.bool, device=prompt_ids.device)
@@ -87,8 +102,6 @@ def sample_causal(
             break
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, use_cache=True,
-                    **_cache_kwarg(out))
+                    return_dict=True, **_cache_kwarg(out))
         next_position = next_position + 1
-    if not tokens:
-        return prompt_ids.new_empty(batch, 0)
     return torch.stack(tokens, dim=1)

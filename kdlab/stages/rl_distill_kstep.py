@@ -36,7 +36,7 @@ from torchmetrics.text.rouge import ROUGEScore
 
 from kdlab.losses.returns import induced_rewards, kstep_returns, policy_gradient_loss
 from kdlab.models.sampling import sample_causal
-from kdlab.protocols import attach_unregistered
+from kdlab.protocols import attach_unregistered, is_sharded_strategy
 from kdlab.stages._common import global_token_mean
 
 __all__ = ["RLDistillKStep", "Rollout", "load_generation_student"]
@@ -110,6 +110,30 @@ def _until_first_eos(tokens: Tensor, eos_ids: list[int]) -> Tensor:
     return seen_before == 0
 
 
+#: ``GenerationConfig`` fields whose non-default values make ``generate`` process the logits (beyond
+#: temperature / top-k / top-p, which the stage sets itself), with their neutral values.
+_NEUTRAL_PROCESSORS: dict[str, Any] = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None, "bad_words_ids": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None,
+}
+
+
+def _student_logits_processors(model: nn.Module) -> list[str]:
+    """The logits processors the model's own ``generation_config`` asks ``generate`` to apply."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return []
+    found = []
+    for name, neutral in _NEUTRAL_PROCESSORS.items():
+        value = getattr(config, name, neutral)
+        if value is not None and value != neutral:
+            found.append(name)
+    return found
+
+
 def _pack_index(valid: Tensor) -> tuple[Tensor, Tensor]:
     """Indices that move each row's valid positions to the front (order kept), and the packed mask."""
     order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
@@ -150,9 +174,11 @@ class RLDistillKStep(L.LightningModule):
         generation_kwargs: extra ``generate`` kwargs (e.g. ``repetition_penalty``) for training rollouts.
         sampler: ``kdlab`` — :func:`kdlab.models.sampling.sample_causal`, a lean KV-cache loop with
             inverse-CDF draws (same distribution as ``generate``, greedy identical, faster per token)
-            for decoder-only students sampling with temperature only; encoder-decoder students,
-            ``top_k`` / ``top_p`` and ``generation_kwargs`` still use ``generate``. ``hf-generate``:
-            always HF ``generate`` (bit-for-bit HF's sampling stream).
+            for decoder-only students sampling with temperature only. ``generate`` is still used for
+            encoder-decoder students, ``top_k`` / ``top_p``, ``generation_kwargs``, a student whose
+            own ``generation_config`` sets a logits processor (e.g. ``repetition_penalty``, which
+            ``generate`` would apply), and sharded strategies (FSDP/DeepSpeed: ``generate`` keeps
+            the ranks in lock step). ``hf-generate``: always HF ``generate`` (HF's sampling stream).
         teacher_for_eval: with ``objective="ce"``, still ask for a teacher to report
             ``val/teacher_logprob`` (pg/kd always need one).
         dtype: student dtype.
@@ -279,7 +305,10 @@ class RLDistillKStep(L.LightningModule):
 
     def _uses_kdlab_sampler(self, greedy: bool) -> bool:
         hp = self.hparams
-        if hp.sampler != "kdlab" or self.is_encoder_decoder:
+        if hp.sampler != "kdlab" or self.is_encoder_decoder or _student_logits_processors(self.student):
+            return False
+        trainer = self._trainer  # None outside a Trainer (tests, the benchmark)
+        if trainer is not None and is_sharded_strategy(trainer.strategy):
             return False
         return greedy or (hp.top_k == 0 and hp.top_p >= 1.0 and not hp.generation_kwargs)
 
@@ -310,6 +339,8 @@ class RLDistillKStep(L.LightningModule):
                 )
         finally:
             self.student.train(was_training)
+        if prompt_ids.is_cuda:
+            torch.cuda.synchronize(prompt_ids.device)  # time the queued kernels too
         seconds = time.perf_counter() - start
         if out is None:
             decoder_ids = None
