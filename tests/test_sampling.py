@@ -84,7 +84,7 @@ def test_sampled_first_token_follows_tempered_softmax(temperature: float, device
     model.lm_head.weight.data.mul_(20)  # peaked: the top 20 tokens hold ≈ 51% of the mass at T = 1
     prompt, prompt_mask = ids[1:2], mask[1:2]
     with torch.no_grad():
-        logits = model(input_ids=prompt, attention_mask=prompt_mask).logits[0, -1].double()
+        logits = model(input_ids=prompt, attention_mask=prompt_mask).logits[0, -1].double().cpu()
     top = torch.softmax(logits / temperature, -1).topk(20).indices
 
     def binned(p: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,6 @@ def test_sampled_first_token_follows_tempered_softmax(temperature: float, device
     torch.manual_seed(1)
     draws = torch.cat([sample_causal(model, prompt.expand(chunk, -1), prompt_mask.expand(chunk, -1), 1, eos_ids=[],
                                      pad_id=pad, temperature=temperature)[:, 0] for _ in range(n // chunk)]).cpu()
-    logits = logits.cpu()
     empirical = binned(torch.bincount(draws, minlength=logits.numel()).double() / n)
     tv = 0.5 * (empirical - binned(torch.softmax(logits / temperature, -1))).abs().sum().item()
     tv_wrong = 0.5 * (empirical - binned(torch.softmax(logits / (2 * temperature), -1))).abs().sum().item()
