@@ -326,8 +326,8 @@ class RLDistillKStep(L.LightningModule):
         budget = max_new_tokens or self.hparams.max_new_tokens
         start = time.perf_counter()
         try:
+            decoder_ids: Tensor | None = None
             if self._uses_kdlab_sampler(greedy):
-                out = None
                 actions = sample_causal(
                     self.student, prompt_ids, prompt_mask, budget, self._eos_ids, self._pad_id,
                     temperature=self.hparams.temperature, greedy=greedy,
@@ -337,17 +337,15 @@ class RLDistillKStep(L.LightningModule):
                     input_ids=prompt_ids, attention_mask=prompt_mask,
                     generation_config=self._generation_config(greedy, budget),
                 )
+                if self.is_encoder_decoder:
+                    decoder_ids, actions = out, out[:, 1:]
+                else:
+                    actions = out[:, prompt_ids.shape[1]:]
         finally:
             self.student.train(was_training)
         if prompt_ids.is_cuda:
             torch.cuda.synchronize(prompt_ids.device)  # time the queued kernels too
         seconds = time.perf_counter() - start
-        if out is None:
-            decoder_ids = None
-        elif self.is_encoder_decoder:
-            decoder_ids, actions = out, out[:, 1:]
-        else:
-            decoder_ids, actions = None, out[:, prompt_ids.shape[1]:]
         action_mask = _until_first_eos(actions, self._eos_ids)
         full_ids = torch.cat([prompt_ids, actions], dim=1)
         full_mask = torch.cat([prompt_mask, action_mask.long()], dim=1)
