@@ -22,7 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["sample_causal", "sample_from_probs"]
+__all__ = ["left_padded_positions", "sample_causal", "sample_from_probs"]
+
+
+def left_padded_positions(mask: Tensor) -> Tensor:
+    """Position ids for a left-padded attention mask, as ``generate`` makes them: ``cumsum(mask) − 1``
+    at real tokens, 1 at masked slots (never attended, so any value would do)."""
+    mask = mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
 def sample_from_probs(probs: Tensor) -> Tensor:
@@ -81,7 +88,7 @@ def sample_causal(
     if max_new_tokens < 1:
         return prompt_ids.new_empty(batch, 0)
     mask = prompt_mask.long()
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    positions = left_padded_positions(mask)
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1, return_dict=True)
     next_position = positions[:, -1:] + 1

@@ -35,7 +35,7 @@ from torchmetrics.text import BLEUScore
 from torchmetrics.text.rouge import ROUGEScore
 
 from kdlab.losses.returns import induced_rewards, kstep_returns, policy_gradient_loss
-from kdlab.models.sampling import sample_causal
+from kdlab.models.sampling import left_padded_positions, sample_causal
 from kdlab.protocols import attach_unregistered, is_sharded_strategy
 from kdlab.stages._common import global_token_mean
 
@@ -94,11 +94,6 @@ def _output_vocab_size(model: nn.Module) -> int:
 
 def _model_name(model: nn.Module) -> str:
     return str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
-
-
-def _positions(mask: Tensor) -> Tensor:
-    """Position ids for a left-padded mask: ``cumsum(mask) − 1`` clamped at 0 (what ``generate`` uses)."""
-    return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def _until_first_eos(tokens: Tensor, eos_ids: list[int]) -> Tensor:
@@ -350,7 +345,7 @@ class RLDistillKStep(L.LightningModule):
         full_ids = torch.cat([prompt_ids, actions], dim=1)
         full_mask = torch.cat([prompt_mask, action_mask.long()], dim=1)
         return Rollout(
-            prompt_ids, prompt_mask, actions, action_mask, full_ids, full_mask, _positions(full_mask), decoder_ids, seconds
+            prompt_ids, prompt_mask, actions, action_mask, full_ids, full_mask, left_padded_positions(full_mask), decoder_ids, seconds
         )
 
     def _causal_action_logits(self, model: nn.Module, ro: Rollout) -> Tensor:
