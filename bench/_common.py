@@ -81,7 +81,8 @@ def export_student_init(model: str, directory: str | Path, seed: int = 0, no_dro
     (``no_dropout``: with hidden and attention dropout set to 0 in the saved config)."""
     import lightning as L
 
-    from kdlab.models.backbones import load_backbone, load_tokenizer
+    from kdlab.models.backbones import load_backbone
+    from kdlab.models.export import save_served_model
 
     L.seed_everything(seed, verbose=False)
     net = load_backbone(model, task="seq-cls", num_labels=1)
@@ -89,8 +90,7 @@ def export_student_init(model: str, directory: str | Path, seed: int = 0, no_dro
         for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
             if hasattr(net.config, key):
                 setattr(net.config, key, 0.0)
-    net.save_pretrained(str(directory))
-    load_tokenizer(model).save_pretrained(str(directory))
+    save_served_model(net, model, directory, stage="bench")
     return str(directory)
 
 

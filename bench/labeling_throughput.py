@@ -1,7 +1,7 @@
 """Labeling throughput: ``kdlab.labeling.score_file`` vs a naive padded Hugging Face loop.
 
 Both sides score every (query, document) pair of the same ranking JSONL file with the same teacher
-(loaded by :func:`kdlab.labeling.load_rank_teacher` from the same export directory), the same batch
+(loaded by :func:`kdlab.models.export.load_rank_teacher` from the same export directory), the same batch
 size and the same ``max_length``, in fp32 under ``torch.no_grad``, and write the same output (the
 groups with a ``teacher_score`` per document):
 
@@ -62,8 +62,8 @@ def naive_score_file(teacher_dir: str, input_path: str, output_path: str, batch_
     import torch
 
     from kdlab.data.readers import ranking_group_to_json, read_ranking_jsonl
-    from kdlab.labeling import load_rank_teacher
-    from kdlab.models.backbones import load_tokenizer
+    from kdlab.models.backbones import load_tokenizer, pad_token_id
+    from kdlab.models.export import load_rank_teacher
 
     model = load_rank_teacher(teacher_dir)
     tok = load_tokenizer(teacher_dir)
@@ -71,7 +71,7 @@ def naive_score_file(teacher_dir: str, input_path: str, output_path: str, batch_
     groups = read_ranking_jsonl(input_path)
     pairs = [(gi, j, g.query, d.text) for gi, g in enumerate(groups) for j, d in enumerate(g.docs)]
     scores: list[list[float]] = [[0.0] * len(g.docs) for g in groups]
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad_id = pad_token_id(tok)
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
@@ -123,15 +123,17 @@ def padded_tokens(teacher_dir: str, input_path: str, batch_size: int, max_length
     """Mean tokens per pair that each side feeds the model (real, kdlab bucketed, naive)."""
     from kdlab.data.collators import RankingCollator
     from kdlab.data.readers import read_ranking_jsonl
-    from kdlab.labeling import load_rank_teacher  # noqa: F401  (text format comes from the export)
+    from kdlab.defaults import LABEL_CHUNK_GROUPS
     from kdlab.models.backbones import load_tokenizer
+    from kdlab.models.export import SCORE_HEAD_META
 
-    fmt = "decoder" if (Path(teacher_dir) / "kdlab_score_head.json").is_file() else "cross-encoder"
+    fmt = "decoder" if (Path(teacher_dir) / SCORE_HEAD_META).is_file() else "cross-encoder"
     enc = RankingCollator(load_tokenizer(teacher_dir), text_format=fmt, max_length=max_length)
     groups = read_ranking_jsonl(input_path)
     real_total, bucketed = 0, 0
-    for start in range(0, len(groups), 64):  # score_file's chunk_groups
-        lens = sorted(len(enc.encode(g.query, d.text)["input_ids"]) for g in groups[start:start + 64] for d in g.docs)
+    for start in range(0, len(groups), LABEL_CHUNK_GROUPS):
+        chunk = groups[start:start + LABEL_CHUNK_GROUPS]
+        lens = sorted(len(enc.encode(g.query, d.text)["input_ids"]) for g in chunk for d in g.docs)
         real_total += sum(lens)
         bucketed += sum(max(lens[i:i + batch_size]) * len(lens[i:i + batch_size]) for i in range(0, len(lens), batch_size))
     n = sum(len(g.docs) for g in groups)

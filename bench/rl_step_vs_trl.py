@@ -70,7 +70,7 @@ def _sync(device: str) -> None:
 
 def bench_kdlab(student_dir: str, teacher: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
                 max_new_tokens: int, k: int, device: str, sampler: str) -> dict[str, float]:
-    stage = RLDistillKStep(student=student_dir, tokenizer="tiny-llama", k=k, max_new_tokens=max_new_tokens,
+    stage = RLDistillKStep(backbone=student_dir, tokenizer="tiny-llama", k=k, max_new_tokens=max_new_tokens,
                            num_samples_per_prompt=1, baseline="batch-mean", sampler=sampler).to(device)
     stage.attach_teacher(teacher)
     stage.train()

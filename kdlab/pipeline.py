@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdlab.runs import launch_run, new_run_dir, write_json_atomic, write_text_atomic
+from kdlab.defaults import LABEL_BATCH_SIZE, PAIR_MAX_LENGTH
+from kdlab.runs import atomic_path, launch_run, new_run_dir, slug, write_json_atomic, write_text_atomic
 
 DEFAULT_VARIANTS: dict[str, list[str]] = {
     "hybrid": [],
@@ -79,9 +80,9 @@ class PipelineConfig:
     max_train_queries: int | None = None
     max_eval_queries: int | None = None
     test_query_offset: int = 0
-    label_batch_size: int = 32
-    label_max_length: int = 192
-    eval_max_length: int = 192
+    label_batch_size: int = LABEL_BATCH_SIZE
+    label_max_length: int = PAIR_MAX_LENGTH
+    eval_max_length: int = PAIR_MAX_LENGTH
     min_student_ratio: float = 0.9
     run_no_cpt_baseline: bool = True
 
@@ -177,7 +178,7 @@ def run_pipeline(config: PipelineConfig) -> Path:
               for split in ("train", "val")}
     label_args = [f"--data.init_args.{split}_path={path}" for split, path in {**splits, **labels}.items()]
     for variant, extra in config.variants.items():
-        step = f"student_{_slug(variant)}"
+        step = f"student_{slug(variant)}"
         steps[step] = run_step(step, pipeline_dir, [*common, "--config", config.distill_config, *label_args,
                                                     *config.step_args.get("distill", []), *extra, *last])
 
@@ -188,14 +189,10 @@ def run_pipeline(config: PipelineConfig) -> Path:
         models["teacher, no CPT"] = pipeline_dir / "rank_sft_no_cpt" / "model"
     models["teacher, CPT"] = teacher_dir
     for variant in config.variants:
-        models[f"student, {variant}"] = pipeline_dir / f"student_{_slug(variant)}" / "model"
+        models[f"student, {variant}"] = pipeline_dir / f"student_{slug(variant)}" / "model"
     rows = evaluate_models(models, splits["test"], max_length=config.eval_max_length)
     total = time.perf_counter() - started
     return write_report(pipeline_dir, config, rows, steps, total, data_sizes(splits))
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
 
 
 def data_sizes(splits: dict[str, str]) -> dict[str, tuple[int, int]]:
@@ -280,7 +277,6 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     axes[0].invert_yaxis()
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

@@ -11,6 +11,8 @@ Layout of one run::
 
 Every file is written atomically (temp file in the same directory + ``os.replace``), so a run
 killed at any moment leaves either the previous version of a file or the new one, never half.
+The writers here are the project's only ones. The callback that writes a run's record is
+:class:`kdlab.callbacks.RunRecord`. This module imports nothing beyond the standard library.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import secrets
@@ -26,15 +27,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-import lightning as L
-import torch
-
-from kdlab.protocols import ExportsPretrained
 
 RUN_DIR_ENV = "KDLAB_RUN_DIR"
 """Set by the process that created a run directory, so DDP child ranks (which re-run the CLI)
@@ -75,6 +71,13 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    """One JSON object per line, atomically; NaN/inf are refused (they are not JSON)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+
+
 def replace_dir_atomic(build: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
     """Move a fully built directory into place; an older ``target`` is removed only afterwards."""
     target = Path(target)
@@ -85,6 +88,26 @@ def replace_dir_atomic(build: str | os.PathLike[str], target: str | os.PathLike[
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(build, target)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike[str], prefix: str | None = None) -> Iterator[Path]:
+    """Yield an empty temporary directory next to ``target``; on success it replaces ``target``
+    (:func:`replace_dir_atomic`), on any error it is removed and ``target`` is left as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=prefix or f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(build, 0o755)  # mkdtemp makes it private; a model directory is shared like any other
+    try:
+        yield build
+        replace_dir_atomic(build, target)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a variant or step name: letters, digits, ``- _ = .`` kept, the rest ``_``."""
+    return "".join(c if c.isalnum() or c in "-_=." else "_" for c in text)
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -121,7 +144,7 @@ def resolve_run_dir(root: str, name: str, explicit: str | None) -> Path:
     return new_run_dir(root, name)
 
 
-def _git_state() -> dict[str, Any]:
+def git_state() -> dict[str, Any]:
     """SHA and dirty flag of the checkout kdlab runs from (None outside a git checkout)."""
     repo = Path(__file__).resolve().parent.parent
 
@@ -140,6 +163,7 @@ def _git_state() -> dict[str, Any]:
 
 
 def package_versions() -> dict[str, str | None]:
+    """Versions of Python and of the packages a result depends on (None: not installed)."""
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for name in TRACKED_PACKAGES:
         try:
@@ -149,114 +173,9 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def _now() -> str:
+def now_iso() -> str:
+    """The current UTC time as an ISO-8601 string (seconds), as manifests record it."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _as_float(value: Any) -> float | None:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            return None
-        value = value.item()
-    if isinstance(value, (int, float)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    return None
-
-
-def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The finite scalar entries of a Lightning metrics mapping, as plain floats."""
-    out = {}
-    for key, value in metrics.items():
-        number = _as_float(value)
-        if number is not None:
-            out[key] = number
-    return out
-
-
-class RunRecord(L.Callback):
-    """Writes the run directory's record: config, manifest, metrics, and the exported model.
-
-    Added by the CLI to every run; only global rank 0 writes. The exported model goes to
-    ``model/`` when the stage follows :class:`kdlab.protocols.ExportsPretrained`.
-    """
-
-    def __init__(self, run_dir: str | os.PathLike[str], config_yaml: str, seed: int | None,
-                 command: str, export_model: bool = True) -> None:
-        self.run_dir = Path(run_dir)
-        self.config_yaml = config_yaml
-        self.seed = seed
-        self.command = command
-        self.export_model = export_model
-        self.manifest: dict[str, Any] = {}
-
-    # -- helpers
-    def _write_manifest(self, **updates: Any) -> None:
-        self.manifest.update(updates)
-        write_json_atomic(self.run_dir / "manifest.json", self.manifest)
-
-    def _merge_metrics(self, trainer: L.Trainer) -> None:
-        path = self.run_dir / "metrics.json"
-        current = json.loads(path.read_text()) if path.exists() else {}
-        current.update(scalar_metrics(trainer.callback_metrics))
-        write_json_atomic(path, current)
-
-    # -- hooks
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not trainer.is_global_zero or self.manifest:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.run_dir / "config.yaml", self.config_yaml)
-        strategy = trainer.strategy
-        self._write_manifest(
-            command=self.command,
-            argv=sys.argv,
-            seed=self.seed,
-            git=_git_state(),
-            versions=package_versions(),
-            devices={
-                "accelerator": type(trainer.accelerator).__name__,
-                "strategy": type(strategy).__name__,
-                "world_size": trainer.world_size,
-                "num_nodes": trainer.num_nodes,
-                "root_device": str(strategy.root_device),
-                "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-                "cpu_count": os.cpu_count(),
-                "platform": platform.platform(),
-            },
-            start_time=_now(),
-            end_time=None,
-            status="running",
-            stage=type(pl_module).__qualname__,
-        )
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self._merge_metrics(trainer)
-        if self.export_model and isinstance(pl_module, ExportsPretrained) and not trainer.sanity_checking:
-            if trainer.is_global_zero:
-                build = Path(tempfile.mkdtemp(prefix=".model.", dir=self.run_dir))
-                pl_module.export_pretrained(str(build))
-                replace_dir_atomic(build, self.run_dir / "model")
-            trainer.strategy.barrier("kdlab-export")
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero and not trainer.sanity_checking:
-            self._merge_metrics(trainer)
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self._merge_metrics(trainer)
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if trainer.is_global_zero and self.manifest:
-            status = "interrupted" if trainer.interrupted else "finished"
-            self._write_manifest(end_time=_now(), status=status,
-                                 global_step=trainer.global_step, epoch=trainer.current_epoch)
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if trainer.is_global_zero and self.manifest:
-            self._write_manifest(end_time=_now(), status="failed", error=repr(exception)[:500])
 
 
 # ----------------------------------------------------------------------------- launching runs

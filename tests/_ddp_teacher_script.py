@@ -22,7 +22,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from kdlab.protocols import attach_unregistered
 
 VOCAB = 128
-TEACHER_CONFIG: dict[str, Any] = {"vocab_size": VOCAB, "pad_token_id": 0, "hidden_size": 128, "intermediate_size": 256}
+#: The toy teacher: tiny-llama-h128 (kdlab.models.backbones.TINY_CONFIGS) over the toy's own vocabulary.
+TEACHER = "tiny-llama-h128"
+TEACHER_CONFIG: dict[str, Any] = {"vocab_size": VOCAB, "pad_token_id": 0}
 
 
 class DistillToy(L.LightningModule):
@@ -38,7 +40,8 @@ class DistillToy(L.LightningModule):
     def attach_teacher(self, teacher: nn.Module) -> None:
         attach_unregistered(self, "teacher", teacher)
 
-    def _loss(self, batch: Any) -> torch.Tensor:
+    def loss(self, batch: Any) -> torch.Tensor:
+        """KL(teacher ‖ student) of the next-token distributions (a placeholder loss without a teacher)."""
         ids = batch[0]
         student = self.head(self.embed(ids)).log_softmax(-1)
         if self.teacher is None:
@@ -48,12 +51,12 @@ class DistillToy(L.LightningModule):
         return nn.functional.kl_div(student, target, reduction="batchmean")
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        loss = self.loss(batch)
         self.log("train/loss", loss)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.log("val/loss", self._loss(batch))
+        self.log("val/loss", self.loss(batch))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -98,7 +101,7 @@ class RecordTeacher(L.Callback):
 
 
 def main(out: Path) -> None:
-    from callbacks.teacher import TeacherLoader
+    from kdlab.callbacks import TeacherLoader
 
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(
@@ -112,7 +115,7 @@ def main(out: Path) -> None:
         enable_model_summary=False,
         default_root_dir=str(out),
         callbacks=[
-            TeacherLoader("tiny-llama", config=TEACHER_CONFIG, quantization="8bit"),
+            TeacherLoader(TEACHER, config=TEACHER_CONFIG, quantization="8bit"),
             RecordTeacher(out),
         ],
     )

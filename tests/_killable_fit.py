@@ -1,17 +1,20 @@
-"""Helpers for the kill-and-resume test: a data module that resumes mid-epoch exactly, and a callback
-that SIGKILLs its own process at a given global step (a deterministic crash)."""
+"""Helpers for the kill-and-resume test: a data module that resumes mid-epoch exactly, a callback
+that SIGKILLs its own process at a given global step (a deterministic crash), and a callback that
+records every training step's loss and the final parameters."""
 
 from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from _ddp_fit_script import _toy_tensors
+from kdlab.runs import write_json_atomic
+from toy_stage import toy_tensors
 
 
 class _SkippingEpochSampler(Sampler[list[int]]):
@@ -50,10 +53,10 @@ class ResumableToyData(L.LightningDataModule):
 
     def __init__(self, n: int = 64, batch_size: int = 8, seed: int = 0) -> None:
         super().__init__()
-        self.x, self.y = _toy_tensors(n, seed)
+        self.x, self.y = toy_tensors(n, seed)
         self.sampler = _SkippingEpochSampler(n, batch_size, seed, lambda: self.trainer.current_epoch)
         self.batch_size = batch_size
-        self._epoch, self._consumed = 0, 0
+        self.position_epoch, self.consumed = 0, 0  # where training is, saved with the checkpoint
 
     def train_dataloader(self) -> DataLoader:
         return _ResumableLoader(self, TensorDataset(self.x, self.y), batch_sampler=self.sampler)
@@ -64,11 +67,10 @@ class ResumableToyData(L.LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
         if trainer is not None and trainer.training:
-            if trainer.current_epoch != self._epoch:
-                self._epoch, self._consumed = trainer.current_epoch, 0
-            self._consumed += 1
+            if trainer.current_epoch != self.position_epoch:
+                self.position_epoch, self.consumed = trainer.current_epoch, 0
+            self.consumed += 1
         return batch
-
 
 
 class _ResumableLoader(DataLoader):
@@ -80,12 +82,12 @@ class _ResumableLoader(DataLoader):
         self.datamodule = datamodule
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.datamodule._epoch, "consumed": self.datamodule._consumed}
+        return {"epoch": self.datamodule.position_epoch, "consumed": self.datamodule.consumed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         dm = self.datamodule
-        dm._epoch, dm._consumed = int(state["epoch"]), int(state["consumed"])
-        dm.sampler.skip_epoch, dm.sampler.skip = dm._epoch, dm._consumed
+        dm.position_epoch, dm.consumed = int(state["epoch"]), int(state["consumed"])
+        dm.sampler.skip_epoch, dm.sampler.skip = dm.position_epoch, dm.consumed
 
 
 class KillAtStep(L.Callback):
@@ -103,3 +105,21 @@ class KillAtStep(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class StepTrace(L.Callback):
+    """Writes ``<out>/trace.json``: the loss and global step of every training step this process ran,
+    and the final parameters (one process; Lightning hands ``on_train_batch_end`` the step's loss)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.losses: list[float] = []
+        self.steps: list[int] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        self.losses.append(float(outputs["loss"].detach().double()))
+        self.steps.append(int(trainer.global_step))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        params = {k: v.detach().double().flatten().tolist() for k, v in pl_module.state_dict().items()
+                  if v.is_floating_point()}
+        write_json_atomic(self.out / "trace.json", {"losses": self.losses, "steps": self.steps, "params": params})

@@ -74,6 +74,38 @@ def test_tiny_models_use_the_sample_vocabulary(name: str, task: str, cls_name: s
         assert out.last_hidden_state.shape[-1] == 64
 
 
+@pytest.mark.parametrize(("name", "family", "size"), [
+    ("tiny-llama", "LlamaConfig", {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                   "num_attention_heads": 4, "num_key_value_heads": 4}),
+    ("tiny-llama-h128", "LlamaConfig", {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+                                        "num_attention_heads": 4, "num_key_value_heads": 4}),
+    ("tiny-llama-h32", "LlamaConfig", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                       "num_attention_heads": 2, "num_key_value_heads": 2}),
+    ("tiny-bert", "BertConfig", {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                 "num_attention_heads": 4}),
+    ("tiny-bert-h32", "BertConfig", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                     "num_attention_heads": 2}),
+])
+def test_tiny_models_by_name(name: str, family: str, size: dict) -> None:
+    assert name in bb.TINY_CONFIGS and name in bb.TINY_NAMES
+    cfg = bb.tiny_config(name)
+    assert type(cfg).__name__ == family
+    assert {key: getattr(cfg, key) for key in size} == size
+    assert cfg.vocab_size == len(bb.load_tokenizer(name)) == len(bb.load_tokenizer("tiny-llama"))  # one vocabulary
+    model = bb.load_backbone(name, "encoder")
+    assert model.config.hidden_size == size["hidden_size"] and model.config.num_hidden_layers == size["num_hidden_layers"]
+    # a config still overrides any field of the named size
+    bigger = bb.tiny_config(name, {"num_hidden_layers": 3})
+    assert bigger.num_hidden_layers == 3 and bigger.hidden_size == size["hidden_size"]
+
+
+def test_count_parameters_counts_every_parameter_once_per_module() -> None:
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1, bias=False)
+    b.weight.requires_grad_(False)  # frozen parameters count too
+    assert bb.count_parameters(a) == 8 and bb.count_parameters(b) == 2
+    assert bb.count_parameters(a, b) == 10 and bb.count_parameters() == 0
+
+
 def test_encoder_on_a_decoder_has_no_lm_head() -> None:
     model = bb.load_backbone("tiny-llama", "encoder", config=SMALL)
     assert not hasattr(model, "lm_head")
@@ -169,11 +201,14 @@ def test_prepare_is_atomic_when_the_build_dies(kdlab_home: Path, monkeypatch: py
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt  # as if killed mid-build
 
-    monkeypatch.setattr(prep, "_build_minilm", dies)
+    # An alias of our own (AliasSpec.builder names a function of kdlab.models.prepare) whose "package"
+    # is always importable, so prepare() runs its builder.
+    monkeypatch.setattr(prep, "dying_builder", dies, raising=False)
+    monkeypatch.setitem(prep.ALIASES, "dying-alias", prep.AliasSpec("json", None, None, "dying_builder", "test"))
     with pytest.raises(KeyboardInterrupt):
-        prep.prepare("minilm-l6")
+        prep.prepare("dying-alias")
     parent = kdlab_home / "models"
-    assert not (parent / "minilm-l6").exists()
+    assert not (parent / "dying-alias").exists()
     assert list(parent.iterdir()) == []
     # a temp dir left by a killed process (dead pid) never counts and is cleaned by the next prepare
     stale = parent / ".minilm-l6.tmp-999999999-abc"
@@ -181,8 +216,6 @@ def test_prepare_is_atomic_when_the_build_dies(kdlab_home: Path, monkeypatch: py
     (stale / "config.json").write_text("{}")
     with pytest.raises(bb.BackboneError, match="not prepared"):
         bb.load_backbone("minilm-l6")
-    monkeypatch.undo()
-    monkeypatch.setenv("KDLAB_HOME", str(kdlab_home))
     assert prep.is_ready(prep.prepare("minilm-l6"))
     assert not stale.exists()
 
@@ -236,9 +269,7 @@ def test_8bit_tiny_llama_is_close_to_fp32_and_smaller() -> None:
 def test_4bit_tiny_llama_loads_and_runs() -> None:
     import bitsandbytes as bnb
 
-    model = bb.load_backbone(
-        "tiny-llama", "causal-lm", config={**SMALL, "hidden_size": 128, "intermediate_size": 256}, quantization="4bit"
-    )
+    model = bb.load_backbone("tiny-llama-h128", "causal-lm", config=SMALL, quantization="4bit")
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     assert model(input_ids=torch.randint(0, VOCAB, (1, 5))).logits.shape == (1, 5, VOCAB)
 

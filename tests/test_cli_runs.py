@@ -1,4 +1,5 @@
-"""The CLI and the run-directory contract, on a toy stage (no models, seconds per run)."""
+"""The CLI and the run-directory contract, mostly on a toy stage (no models, seconds per run); short
+class names, the ``teacher:`` group and the model-free command table on tiny models."""
 
 from __future__ import annotations
 
@@ -7,12 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 import yaml
 from conftest import subprocess_env
 
-from kdlab.cli import condense_parse_error, main
-from kdlab.runs import atomic_path, write_json_atomic
+from kdlab.callbacks.run_record import scalar_metrics
+from kdlab.cli import TOOL_COMMANDS, condense_parse_error, main, parse_lightning, run_lightning, run_tool, tool_parser
+from kdlab.defaults import LABEL_BATCH_SIZE, PAIR_MAX_LENGTH
+from kdlab.models.export import load_rank_teacher
+from kdlab.runs import atomic_dir, atomic_path, slug, write_json_atomic
+from kdlab.stages.teacher_rank_sft import TeacherRankSFT
 
 TOY = """
 model:
@@ -134,3 +141,154 @@ def test_instantiation_errors_are_one_line(tmp_path: Path, repo_root: Path) -> N
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: model path './no-such-model' does not exist"
     assert "Traceback" not in proc.stderr
+
+
+def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
+    target = tmp_path / "model"
+    with atomic_dir(target) as build:
+        (build / "a.txt").write_text("first")
+    assert [p.name for p in target.iterdir()] == ["a.txt"]
+    with pytest.raises(RuntimeError), atomic_dir(target) as build:
+        (build / "b.txt").write_text("half")
+        raise RuntimeError("killed mid-export")
+    assert [p.name for p in target.iterdir()] == ["a.txt"] and (target / "a.txt").read_text() == "first"
+    with atomic_dir(target) as build:
+        (build / "c.txt").write_text("second")
+    assert [p.name for p in target.iterdir()] == ["c.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"], "no temporary or old directories left"
+
+
+def test_slug_keeps_safe_characters_only() -> None:
+    assert slug("hybrid+TCL") == "hybrid_TCL"
+    assert slug("point-only") == "point-only"
+    assert slug("K=4, lr 0.5/x") == "K=4__lr_0.5_x"
+
+
+def test_scalar_metrics_keeps_finite_scalars() -> None:
+    metrics = {"a": torch.tensor(1.5), "b": 2, "c": float("nan"), "d": torch.tensor([1.0, 2.0]),
+               "e": torch.tensor(float("inf")), "f": "text", "g": torch.tensor(3)}
+    assert scalar_metrics(metrics) == {"a": 1.5, "b": 2.0, "g": 3.0}
+
+
+@pytest.mark.parametrize("override,hint", [
+    ("--model.init_args.teacher_path=/some/export",
+     "unknown config key 'model.init_args.teacher_path' for kdlab.stages.RankDistillStudent (configure the "
+     "teacher under `teacher:` (e.g. --teacher.backbone=DIR --teacher.task=ranker))"),
+    ("--model.init_args.student=tiny-bert",
+     "unknown config key 'model.init_args.student' for kdlab.stages.RankDistillStudent (the trainable model "
+     "is 'backbone' in every stage)"),
+])
+def test_renamed_init_keys_give_one_line_hints(override: str, hint: str, repo_root: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    distill = repo_root / "experiments" / "quickstart" / "disranker" / "distill.yaml"
+    assert main(["fit", "--config", str(distill), override]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[-1] == f"error: {hint}"
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_renamed_rl_keys_and_moved_callbacks_give_one_line_hints(repo_root: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    ketchup = str(repo_root / "experiments" / "quickstart" / "ketchup.yaml")
+    for args, hint in (
+        (["--model.init_args.warmup_steps_ce=3"], "(use 'ce_warmup_steps' (the cross-entropy objective schedule))"),
+        (["--model.init_args.student_keep_layers=[0]"], "(use 'backbone_keep_layers')"),
+        (["--trainer.callbacks+=kdlab.callbacks.TeacherLoader"],
+         "TeacherLoader is configured under its own `teacher:` key, not in trainer.callbacks"),
+        (["--trainer.callbacks+=GradVariance"],
+         "GradVariance is configured under its own `grad_variance:` key, not in trainer.callbacks"),
+    ):
+        assert main(["fit", "--config", ketchup, *args]) == 2, args
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert err[-1].startswith("error: ") and hint in err[-1], (args, err[-3:])
+
+
+# ------------------------------------------------------------------------- short names, teacher group
+SHORT_NAMES = """
+model:
+  class_path: RankDistillStudent
+  init_args:
+    backbone: tiny-llama-h32
+    architecture: decoder
+    teacher_source: live
+    lr: 1.0e-3
+data:
+  class_path: RankingDataModule
+  init_args:
+    tokenizer: tiny-llama-h32
+    text_format: decoder
+    num_negatives: 1
+    batch_size: 2
+    eval_batch_size: 2
+    eval_max_docs: 4
+    max_length: 48
+trainer:
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+"""
+
+
+@pytest.fixture(scope="module")
+def ranker_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny TeacherRankSFT export (the teacher of a live distillation, and of `kdlab label`)."""
+    L.seed_everything(0)
+    out = tmp_path_factory.mktemp("ranker") / "model"
+    TeacherRankSFT(backbone="tiny-llama-h32").export_pretrained(str(out))
+    return out
+
+
+def test_short_class_names_parse_and_fast_run_with_a_live_teacher(tmp_path: Path, ranker_export: Path) -> None:
+    """``class_path: RankDistillStudent`` / ``RankingDataModule`` resolve without their module, and a
+    live teacher comes from the ``teacher:`` group (``--teacher.backbone`` / ``--teacher.task``)."""
+    config = tmp_path / "short.yaml"
+    config.write_text(SHORT_NAMES)
+    teacher = [f"--teacher.backbone={ranker_export}", "--teacher.task=ranker"]
+    parsed = parse_lightning(["fit", "--config", str(config), *teacher]).fit
+    assert parsed.model.class_path.startswith("kdlab.") and parsed.model.class_path.endswith(".RankDistillStudent")
+    assert parsed.data.class_path.startswith("kdlab.") and parsed.data.class_path.endswith(".RankingDataModule")
+    assert parsed.teacher.backbone == str(ranker_export) and parsed.teacher.task == "ranker"
+
+    run = run_lightning(["fit", "--config", str(config), *teacher, "--trainer.fast_dev_run=1",
+                         f"--run.dir={tmp_path / 'run'}"])
+    assert json.loads((run / "manifest.json").read_text())["status"] == "finished"
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert recorded["teacher"]["backbone"] == str(ranker_export) and recorded["teacher"]["task"] == "ranker"
+    assert recorded["model"]["class_path"].endswith("RankDistillStudent")
+    assert "train/loss" in json.loads((run / "metrics.json").read_text())
+    assert load_rank_teacher(str(run / "model")).text_format == "decoder"
+
+
+def test_live_student_without_a_teacher_stops_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "short.yaml"
+    config.write_text(SHORT_NAMES)
+    assert main(["fit", "--config", str(config), "--trainer.fast_dev_run=1", f"--run.dir={tmp_path / 'run'}"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[-1].startswith("error: RankDistillStudent needs a teacher: set teacher.backbone"), err[-3:]
+
+
+# ------------------------------------------------------------------------------------ tool commands
+def test_label_command_runs_through_the_tool_table(tmp_path: Path, ranker_export: Path) -> None:
+    from kdlab.data import sample_path
+
+    assert set(TOOL_COMMANDS) == {"pipeline", "label", "sweep", "ablate", "models"}
+    label = tool_parser("label").parse_args(["--teacher=T", "--input=I", "--output=O"])
+    assert (label.batch_size, label.max_length, label.resume) == (LABEL_BATCH_SIZE, PAIR_MAX_LENGTH, True)
+
+    source = tmp_path / "groups.jsonl"
+    source.write_text("".join(Path(sample_path("ranking_val.jsonl")).read_text().splitlines(True)[:3]))
+    output = tmp_path / "labeled.jsonl"
+    produced = run_tool("label", [f"--teacher={ranker_export}", f"--input={source}", f"--output={output}",
+                                  "--max_length=48"])
+    assert produced == [output]
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(rows) == 3 and all(isinstance(d["teacher_score"], float) for r in rows for d in r["docs"])
+
+
+def test_tool_commands_with_positional_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    sweep = tool_parser("sweep").parse_args(["my_sweep.yaml", "--jobs=3"])
+    assert sweep.sweep_file == "my_sweep.yaml" and sweep.jobs == 3 and sweep.dry_run is False
+    assert tool_parser("models").parse_args(["prepare", "minilm-l6"]).alias == "minilm-l6"
+    assert tool_parser("models").parse_args(["list"]).alias == "all"  # the optional positional's default
+    assert run_tool("models", ["list"]) == []
+    assert "minilm-l6" in capsys.readouterr().out

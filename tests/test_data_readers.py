@@ -22,9 +22,9 @@ from kdlab.data.readers import (
     read_seq2seq_jsonl,
     read_trec_qrels,
     read_trec_run,
-    write_jsonl_atomic,
     write_ranking_jsonl,
 )
+from kdlab.runs import write_jsonl_atomic
 
 GOOD_GROUP = {"query_id": "q1", "query": "open a file",
               "docs": [{"id": "d1", "title": "io.open", "summary": "Open file", "label": 2, "teacher_score": 1.5},

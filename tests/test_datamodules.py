@@ -11,9 +11,11 @@ import pytest
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from kdlab.data.collators import IGNORE_INDEX, BucketBatchSampler, EpochSequentialSampler, pad_sequences
+from kdlab.data.collators import BucketBatchSampler, EpochSequentialSampler, RankingCollator, pad_sequences
 from kdlab.data.datamodules import ClickLogDataModule, RankingDataModule, Seq2SeqDataModule
 from kdlab.data.readers import DataFormatError
+from kdlab.defaults import IGNORE_INDEX
+from kdlab.models.backbones import load_tokenizer, pad_token_id
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,32 @@ def test_training_sampling_is_deterministic_and_changes_with_epoch(ranking: Rank
     reseeded = RankingDataModule(batch_size=4, num_negatives=3, seed=1)
     reseeded.setup("fit")
     assert epoch_batches(ranking, 0) != epoch_batches(reseeded, 0)
+
+
+def test_ranking_collator_pad_is_the_pair_batcher(ranking: RankingDataModule) -> None:
+    """``RankingCollator.pad`` batches encoded (query, doc) pairs: right padding with the tokenizer's
+    pad id, and it is what the group batches are made of."""
+    batch = next(iter(ranking.test_dataloader()))
+    group = ranking.groups["test"][int(batch["query_index"][0])]
+    collator = RankingCollator(ranking.tokenizer, "cross-encoder", max_length=ranking.max_length)
+    encodings = [collator.encode(group.query, doc.text) for doc in group.docs]
+    padded = collator.pad(encodings)
+    lengths = [len(e["input_ids"]) for e in encodings]
+    assert set(padded) == {"input_ids", "attention_mask", "token_type_ids"}
+    assert padded["input_ids"].shape == (len(encodings), max(lengths))
+    assert padded["attention_mask"].sum(1).tolist() == lengths
+    pad = pad_token_id(ranking.tokenizer)
+    for row, (encoding, n) in enumerate(zip(encodings, lengths)):
+        assert padded["input_ids"][row, :n].tolist() == encoding["input_ids"]
+        assert padded["token_type_ids"][row, :n].tolist() == encoding["token_type_ids"]
+        assert (padded["input_ids"][row, n:] == pad).all() and not padded["attention_mask"][row, n:].any()
+    # the first group of the collated batch holds exactly these rows (padded to the batch's width)
+    k, width = len(encodings), max(lengths)
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert torch.equal(batch[key][:k, :width], padded[key]), key
+    assert (batch["attention_mask"][:k, width:] == 0).all()
+    decoder = RankingCollator(load_tokenizer("tiny-llama"), "decoder", max_length=32)
+    assert set(decoder.pad([decoder.encode("q", "a doc"), decoder.encode("q", "b")])) == {"input_ids", "attention_mask"}
 
 
 def test_teacher_scores_nan_where_missing(tmp_path: Path) -> None:

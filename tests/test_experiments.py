@@ -2,9 +2,10 @@
 ``--trainer.fast_dev_run=1``.
 
 Real-use configs name models and files the test machine does not have (``/path/to/llm``, an alias
-of real weights): those values are swapped for tiny models and the embedded sample, and distillation
-data for a small teacher-scored file. What is tested is that the YAML's keys, types and class paths
-match the code and that one training + validation step runs.
+of real weights): those values are swapped for tiny models by name (``tiny-llama-h32``,
+``tiny-bert-h32``), the teacher (``teacher.backbone``) for a tiny exported causal LM, files for the
+embedded sample, and distillation data for a small teacher-scored file. What is tested is that the
+YAML's keys, types and class paths match the code and that one training + validation step runs.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import pytest
 import yaml
 from conftest import REPO
 
-from kdlab.cli import parse_lightning, run_lightning
+from kdlab.cli import parse_lightning, run_lightning, tool_parser
 
 EXPERIMENTS = REPO / "experiments"
 PLACEHOLDER = re.compile(r"^(/path/to/|PATH/TO/|runs/)|^(smollm2-135m|minilm-l6)$")
-MODEL_KEYS = {"backbone", "student", "tokenizer", "teacher_path"}
+MODEL_KEYS = {"backbone", "tokenizer"}
+TINY_ENCODER, TINY_DECODER = "tiny-bert-h32", "tiny-llama-h32"
 
 
 def _kind(data: dict[str, Any]) -> str:
@@ -89,23 +91,20 @@ TINY_BUDGETS = {"max_new_tokens": 8, "num_rollouts": 2, "num_samples_per_prompt"
 def _tiny_substitute(data: Any, *, encoder: bool, teacher: str, labels: dict[str, str], distill: bool,
                      key: str | None = None) -> Any:
     """Swap real-use placeholders for tiny models / sample data, keeping every key and type."""
-    if key == "student_keep_layers" and isinstance(data, list):
-        return [0]  # a layer the 2-layer tiny-llama teacher has
+    if key == "backbone_keep_layers" and isinstance(data, list):
+        return [0]  # a layer the 1-layer tiny-llama-h32 has
     if key in TINY_BUDGETS and isinstance(data, int):
         return min(data, TINY_BUDGETS[key])
+    if key == "teacher" and isinstance(data, dict):  # the `teacher:` group (TeacherLoader)
+        return {**{k: v for k, v in data.items() if k != "config"}, "backbone": teacher}
     if isinstance(data, dict):
-        if str(data.get("class_path", "")).endswith("TeacherLoader"):
-            args = dict(data.get("init_args") or {})
-            args["backbone"] = teacher
-            args.pop("config", None)
-            return {**data, "init_args": args}
         return {k: _tiny_substitute(v, encoder=encoder, teacher=teacher, labels=labels, distill=distill, key=k)
                 for k, v in data.items()}
     if isinstance(data, list):
         return [_tiny_substitute(v, encoder=encoder, teacher=teacher, labels=labels, distill=distill) for v in data]
     if isinstance(data, str) and PLACEHOLDER.search(data):
         if key in MODEL_KEYS:
-            return "tiny-bert" if encoder else "tiny-llama"
+            return TINY_ENCODER if encoder else TINY_DECODER
         if key in ("train_path", "val_path") and distill:
             return labels[key.split("_")[0]]
         if key and key.endswith("_path"):
@@ -179,23 +178,35 @@ def test_sweep_commands_parse_against_cli() -> None:
             parse_lightning(run.argv)
 
 
-def test_ablation_variants_parse_against_cli(tmp_path: Path) -> None:
-    from kdlab.ablations import _render_args, load_ablation
+def test_ablation_runs_parse_against_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every setup run and variant of every ablation file, as ``run_ablation`` renders it (``{setup.X}``
+    substituted), is a command line the CLI accepts. The runs themselves are replaced by a parse."""
+    import kdlab.ablations as ablations
 
+    launched: list[tuple[str, list[str], Path]] = []
+
+    def parse_instead_of_running(args: list[str], run_dir: Path, *, label: str | None = None,
+                                 command: str = "fit", quiet: bool = True) -> dict[str, float]:
+        assert not any("{setup." in arg for arg in args), args
+        parse_lightning([command, *args])
+        launched.append((command, args, Path(run_dir)))
+        return {metric: float(len(launched)) for metric in spec.metrics}
+
+    monkeypatch.setattr(ablations, "launch_run", parse_instead_of_running)
+    monkeypatch.chdir(REPO)  # ablation files name configs relative to the repository
     for path in sorted(p for p in _all_yamls() if _kind(_load(p)) == "ablation"):
-        spec = load_ablation(path)
-        fake_setup = {name: tmp_path / f"setup-{name}" for name in spec.setup}
-        for name, args in spec.setup.items():
-            parse_lightning([spec.setup_commands.get(name, "fit"), *_render_args(args, fake_setup, tmp_path)])
-        for variant, overrides in spec.variants.items():
-            args = _render_args([*spec.base, *overrides, f"--seed_everything={spec.seeds[0]}"], fake_setup, tmp_path)
-            parse_lightning([spec.command, *args])
+        spec = ablations.load_ablation(path)
+        launched.clear()
+        report = ablations.run_ablation(str(path), root=str(tmp_path / "ablations"))
+        assert len(launched) == len(spec.setup) + len(spec.variants) * len(spec.seeds), path
+        assert report.is_file()
+        if any("{setup." in arg for arg in spec.base):  # the variants read a setup run's output
+            setup_dirs = [str(run_dir.resolve()) for _, _, run_dir in launched[:len(spec.setup)]]
+            assert any(d in arg for arg in launched[-1][1] for d in setup_dirs), path
 
 
 def test_pipeline_configs_parse() -> None:
-    from kdlab.cli import _tool_parser
-
     for path in sorted(p for p in _all_yamls() if _kind(_load(p)) == "pipeline"):
-        cfg = _tool_parser("pipeline").parse_args(["--config", str(path)])
+        cfg = tool_parser("pipeline").parse_args(["--config", str(path)])
         for key in ("cpt_config", "rank_sft_config", "distill_config"):
             assert (REPO / cfg[key]).exists(), f"{path}: {key} names a missing file"

@@ -10,30 +10,31 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers_rl import loader, seq2seq_batches
 
-from callbacks.teacher import TeacherLoader
-from kdlab.models.backbones import load_backbone, load_tokenizer
+from kdlab.callbacks import TeacherLoader
+from kdlab.models.backbones import load_backbone, load_tokenizer, pad_token_id
 from kdlab.models.sampling import sample_causal
 from kdlab.stages.rl_distill_kstep import RLDistillKStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-TEACHER = {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-           "intermediate_size": 512}
-STUDENT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-           "intermediate_size": 128}
+# The KETCHUP teacher: tiny-llama resized to H256 / I512 (no named tiny model has that size);
+# the student: tiny-llama itself (H64, 2 layers).
+TEACHER_OVERRIDES = {"hidden_size": 256, "intermediate_size": 512}
+STUDENT = "tiny-llama"
 
 
 def test_8bit_teacher_lands_on_the_gpu_and_matches_fp32(tmp_path: Path) -> None:
     import bitsandbytes as bnb
 
-    from _ddp_teacher_script import TEACHER_CONFIG, DistillToy, toy_loader
+    from _ddp_teacher_script import TEACHER, TEACHER_CONFIG, DistillToy, toy_loader
 
-    loaders = {q: TeacherLoader("tiny-llama", config=TEACHER_CONFIG, quantization=q) for q in (None, "8bit")}
-    for sub, loader in loaders.items():
+    loaders = {q: TeacherLoader(TEACHER, config=TEACHER_CONFIG, quantization=q) for q in (None, "8bit")}
+    for sub, teacher_loader in loaders.items():
         L.Trainer(accelerator="gpu", devices=1, max_steps=1, logger=False, enable_progress_bar=False,
                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path / str(sub)),
-                  callbacks=[loader]).fit(DistillToy(), train_dataloaders=toy_loader())
+                  callbacks=[teacher_loader]).fit(DistillToy(), train_dataloaders=toy_loader())
     fp32, int8 = loaders[None].teacher, loaders["8bit"].teacher
     layer = int8.model.layers[0].mlp.up_proj
     assert isinstance(layer, bnb.nn.Linear8bitLt) and layer.weight.device.type == "cuda"
@@ -49,12 +50,10 @@ def test_8bit_teacher_lands_on_the_gpu_and_matches_fp32(tmp_path: Path) -> None:
 def test_ketchup_pg_steps_on_the_gpu_with_an_8bit_teacher() -> None:
     import bitsandbytes as bnb
 
-    from test_rl_distill import loader, seq2seq_batches
-
     L.seed_everything(0)
-    stage = RLDistillKStep(student_config=STUDENT, k=2, max_new_tokens=8, num_samples_per_prompt=2, lr=1e-3)
+    stage = RLDistillKStep(backbone=STUDENT, k=2, max_new_tokens=8, num_samples_per_prompt=2, lr=1e-3)
     before = {n: p.detach().clone() for n, p in stage.student.named_parameters()}
-    teacher_loader = TeacherLoader("tiny-llama", config=TEACHER, quantization="8bit")
+    teacher_loader = TeacherLoader("tiny-llama", config=TEACHER_OVERRIDES, quantization="8bit")
     student_devices: list[str] = []  # read during training: Lightning moves the module back to the CPU at teardown
     record = L.pytorch.callbacks.LambdaCallback(
         on_train_batch_end=lambda trainer, module, *_: student_devices.append(next(module.parameters()).device.type))
@@ -73,8 +72,8 @@ def test_ketchup_pg_steps_on_the_gpu_with_an_8bit_teacher() -> None:
 
 def test_greedy_sampling_loop_equals_generate_on_cuda() -> None:
     torch.manual_seed(0)
-    model = load_backbone("tiny-llama", "causal-lm", config=STUDENT).cuda().eval()
-    pad = load_tokenizer("tiny-llama").pad_token_id
+    model = load_backbone(STUDENT, "causal-lm").cuda().eval()
+    pad = pad_token_id(load_tokenizer("tiny-llama"))
     ids = torch.randint(5, model.config.vocab_size, (6, 11), device="cuda")
     mask = torch.ones_like(ids)
     mask[2, :5] = 0

@@ -11,9 +11,11 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers_rl import cpu_trainer, loader, make_stage, make_teacher, seq2seq_batches
 from torch import nn
 
-from callbacks.grad_variance import GradVariance, select_parameters
+from kdlab.callbacks import GradVariance
+from kdlab.callbacks.grad_variance import select_parameters
 
 
 class Noisy(L.LightningModule):
@@ -118,27 +120,56 @@ def test_select_parameters() -> None:
         GradVariance(num_rollouts=1)
 
 
-def _fit_rl(with_callback: bool) -> tuple[dict[str, torch.Tensor], GradVariance | None, L.Trainer]:
-    from test_rl_distill import loader, make_stage, make_teacher, seq2seq_batches
-
+def _fit_rl(callback: GradVariance | None) -> tuple[dict[str, torch.Tensor], L.Trainer]:
     stage = make_stage(k=2)
     stage.attach_teacher(make_teacher())
     batches = seq2seq_batches(4, 2)
-    L.seed_everything(7)
-    cb = GradVariance(every_n_steps=1, num_rollouts=3) if with_callback else None
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[cb] if cb else [])
+    L.seed_everything(7, verbose=False)
+    trainer = cpu_trainer(3, limit_val_batches=0, callbacks=[callback] if callback else [])
     trainer.fit(stage, train_dataloaders=loader(batches))
-    return {k: v.clone() for k, v in stage.student.state_dict().items()}, cb, trainer
+    return {k: v.clone() for k, v in stage.student.state_dict().items()}, trainer
 
 
 def test_training_trajectory_identical_with_and_without_callback() -> None:
-    plain, _, _ = _fit_rl(False)
-    measured, cb, trainer = _fit_rl(True)
+    plain, _ = _fit_rl(None)
+    cb = GradVariance(every_n_steps=1, num_rollouts=3)
+    measured, trainer = _fit_rl(cb)
     assert plain.keys() == measured.keys()
     assert all(torch.equal(plain[k], measured[k]) for k in plain)
-    assert cb is not None and [h["step"] for h in cb.history] == [1.0, 2.0, 3.0]
+    assert [h["step"] for h in cb.history] == [1.0, 2.0, 3.0]
     assert all(h["trace"] > 0 and h["mean_sq_norm"] > 0 for h in cb.history)  # on-policy rollouts are noisy
     for key in ("grad_var/trace", "grad_var/mean_sq_norm", "grad_var/ratio", "grad_var/noise_scale"):
         assert key in trainer.callback_metrics
+    # sanity: the trajectory does depend on the random stream, so "identical" above is a real check
+    stage = make_stage(k=2)
+    stage.attach_teacher(make_teacher())
+    L.seed_everything(8, verbose=False)
+    cpu_trainer(3, limit_val_batches=0).fit(stage, train_dataloaders=loader(seq2seq_batches(4, 2)))
+    assert not all(torch.equal(plain[k], v) for k, v in stage.student.state_dict().items())
+
+
+def test_off_by_default() -> None:
+    """``GradVariance()`` (every_n_steps None, as the CLI's ``grad_variance:`` group defaults) measures nothing."""
+    cb = GradVariance()
+    assert cb.every_n_steps is None
+    calls: list[int] = []
+    measure = cb.measure
+
+    def counting_measure(*args: Any, **kwargs: Any) -> dict[str, float]:
+        calls.append(1)
+        return measure(*args, **kwargs)
+
+    cb.measure = counting_measure  # type: ignore[method-assign]
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*_batch()), batch_size=2)
+    trainer = cpu_trainer(4, limit_val_batches=0, callbacks=[cb])
+    trainer.fit(Noisy(0.5), train_dataloaders=data)
+    assert calls == [] and cb.history == []
+    assert not any(key.startswith("grad_var/") for key in trainer.callback_metrics)
+    on = GradVariance(every_n_steps=2, num_rollouts=2)  # the same run, switched on, does measure
+    trainer = cpu_trainer(4, limit_val_batches=0, callbacks=[on])
+    trainer.fit(Noisy(0.5), train_dataloaders=data)
+    assert [h["step"] for h in on.history] == [2.0, 4.0]
+    assert "grad_var/trace" in trainer.callback_metrics
+    assert cb.state_dict() == {"history": []}
+    with pytest.raises(ValueError, match="every_n_steps"):
+        GradVariance(every_n_steps=0)

@@ -6,7 +6,9 @@ import torch
 import transformers
 
 from kdlab.models.heads import (
+    DecoderRanker,
     LastTokenScore,
+    SequenceClassificationRanker,
     TermControlLayer,
     last_token_index,
     last_token_pool,
@@ -75,3 +77,21 @@ def test_term_control_layer_ignores_unselected_positions() -> None:
     assert torch.allclose(tcl(changed, sel)[0], out[0], atol=1e-5)
     changed[0, 1] = 5.0  # a selected position matters
     assert not torch.allclose(tcl(changed, sel)[0], out[0], atol=1e-5)
+
+
+def test_rankers_name_their_text_format() -> None:
+    """A ranker module says how its (query, document) inputs are built, so labeling and evaluation
+    encode them the way it was trained (kdlab.data.collators.RankingCollator)."""
+    assert DecoderRanker.text_format == "decoder"
+    assert SequenceClassificationRanker.text_format == "cross-encoder"
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)
+    ranker = DecoderRanker(transformers.LlamaModel(cfg), 16).eval()
+    assert ranker.text_format == "decoder"
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        scores = ranker(input_ids=ids, attention_mask=mask)
+        alone = ranker(input_ids=ids[1:, :2], attention_mask=mask[1:, :2])
+    assert scores.shape == (2,) and torch.allclose(scores[1:], alone, atol=1e-5)

@@ -1,4 +1,5 @@
-"""Labeling: resumable scoring equals an uninterrupted run; permutation parsing; RRADistill labels."""
+"""Labeling: resumable scoring equals an uninterrupted run; what a teacher may be; permutation
+parsing; RRADistill labels."""
 
 from __future__ import annotations
 
@@ -11,17 +12,17 @@ import torch
 
 from kdlab.data import sample_path
 from kdlab.data.readers import RankingDoc, RankingGroup, read_ranking_jsonl
+from kdlab.data.collators import RankingCollator
 from kdlab.labeling import (
     build_listwise_prompt,
-    load_rank_teacher,
     parse_permutation,
     rradistill_labels,
+    score_candidates,
     score_file,
 )
+from kdlab.models.backbones import load_tokenizer
+from kdlab.models.export import load_rank_teacher
 from kdlab.stages.teacher_rank_sft import TeacherRankSFT
-
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 2}
 
 
 class Interrupted(RuntimeError):
@@ -32,7 +33,7 @@ class Interrupted(RuntimeError):
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     L.seed_everything(0)
     out = tmp_path_factory.mktemp("teacher") / "export"
-    TeacherRankSFT(backbone_config=TINY).export_pretrained(str(out))
+    TeacherRankSFT(backbone="tiny-llama-h32").export_pretrained(str(out))
     return out
 
 
@@ -91,9 +92,6 @@ def test_scores_match_the_teacher_and_ignore_bucketing(tmp_path: Path, teacher_d
     sb = [d.teacher_score for g in read_ranking_jsonl(str(b)) for d in g.docs]
     assert sa == pytest.approx(sb, abs=1e-4)  # batch composition / padding does not change scores
     # and equal the teacher applied to one unpadded pair
-    from kdlab.data.collators import RankingCollator
-    from kdlab.models.backbones import load_tokenizer
-
     teacher = load_rank_teacher(str(teacher_dir))
     g = read_ranking_jsonl(str(small_input))[0]
     enc = RankingCollator(load_tokenizer(str(teacher_dir)), "decoder", max_length=48).encode(g.query, g.docs[0].text)
@@ -101,6 +99,36 @@ def test_scores_match_the_teacher_and_ignore_bucketing(tmp_path: Path, teacher_d
     with torch.no_grad():
         direct = teacher(input_ids=ids, attention_mask=torch.ones_like(ids)).item()
     assert sa[0] == pytest.approx(direct, abs=1e-4)
+
+
+def test_a_ranker_module_with_its_tokenizer_scores_like_its_export(tmp_path: Path, teacher_dir: Path,
+                                                                   small_input: Path) -> None:
+    from_dir, from_module = tmp_path / "dir.jsonl", tmp_path / "module.jsonl"
+    score_file(str(teacher_dir), str(small_input), str(from_dir), max_length=48, progress=False)
+    ranker = load_rank_teacher(str(teacher_dir))
+    assert ranker.text_format == "decoder"  # the class says how its inputs are built
+    score_file(ranker, str(small_input), str(from_module), max_length=48, progress=False, tokenizer="tiny-llama")
+    assert from_module.read_bytes() == from_dir.read_bytes()
+    # score_candidates: the scores of every document of the groups, in file order
+    groups = read_ranking_jsonl(str(small_input))[:3]
+    encoder = RankingCollator(load_tokenizer("tiny-llama"), ranker.text_format, max_length=48)
+    scores = score_candidates(ranker, encoder, groups, batch_size=5, device=torch.device("cpu"))
+    written = read_ranking_jsonl(str(from_dir))[:3]
+    assert [len(s) for s in scores] == [len(g.docs) for g in groups]
+    assert [x for s in scores for x in s] == pytest.approx([d.teacher_score for g in written for d in g.docs],
+                                                          abs=1e-4)
+
+
+def test_score_file_refuses_a_stage_or_a_module_without_tokenizer(tmp_path: Path, teacher_dir: Path,
+                                                                  small_input: Path) -> None:
+    L.seed_everything(0)
+    stage = TeacherRankSFT(backbone="tiny-llama-h32")
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(TypeError, match="export directory"):  # export the stage first
+        score_file(stage, str(small_input), str(out), tokenizer="tiny-llama", progress=False)
+    with pytest.raises(TypeError, match="tokenizer=NAME"):
+        score_file(load_rank_teacher(str(teacher_dir)), str(small_input), str(out), progress=False)
+    assert not out.exists() and not (tmp_path / "out.jsonl.partial").exists()
 
 
 @pytest.mark.parametrize("text,n,expected", [

@@ -158,12 +158,12 @@ def test_ddp_rank_distill_student_same_trajectory_and_metrics(tmp_path: Path) ->
 
 
 # --------------------------------------------------------------------- the causal-LM stages
-TINY_LLAMA = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2}"
+TINY_LLAMA = "tiny-llama-h32"  # kdlab.models.backbones.TINY_CONFIGS: hidden 32, 1 layer
 CAUSAL_STAGES = {
     "TeacherCPT": f"""
 model:
   class_path: kdlab.stages.TeacherCPT
-  init_args: {{backbone: tiny-llama, backbone_config: {TINY_LLAMA}, lr: 1.0e-3, warmup_steps: 2}}
+  init_args: {{backbone: {TINY_LLAMA}, lr: 1.0e-3, warmup_steps: 2}}
 data:
   class_path: kdlab.data.ClickLogDataModule
   init_args: {{tokenizer: tiny-llama, max_length: 48, batch_size: 8, world_size_invariant: true}}
@@ -171,7 +171,7 @@ data:
     "TeacherRankSFT": f"""
 model:
   class_path: kdlab.stages.TeacherRankSFT
-  init_args: {{backbone: tiny-llama, backbone_config: {TINY_LLAMA}, loss: listwise, lr: 1.0e-3, warmup_steps: 2}}
+  init_args: {{backbone: {TINY_LLAMA}, loss: listwise, lr: 1.0e-3, warmup_steps: 2}}
 data:
   class_path: kdlab.data.RankingDataModule
   init_args: {{tokenizer: tiny-llama, text_format: decoder, num_negatives: 3, batch_size: 4, max_length: 64,
@@ -180,7 +180,7 @@ data:
     "RLDistillKStep-ce": f"""
 model:
   class_path: kdlab.stages.rl_distill_kstep.RLDistillKStep
-  init_args: {{student: tiny-llama, student_config: {TINY_LLAMA}, tokenizer: tiny-llama, objective: ce, lr: 1.0e-3}}
+  init_args: {{backbone: {TINY_LLAMA}, tokenizer: tiny-llama, objective: ce, lr: 1.0e-3, warmup_steps: 2}}
 data:
   class_path: kdlab.data.Seq2SeqDataModule
   init_args: {{tokenizer: tiny-llama, max_source_length: 32, max_target_length: 12, batch_size: 8,

@@ -8,21 +8,24 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
+from kdlab.callbacks import TeacherLoader
 from kdlab.data.datamodules import ClickLogDataModule, RankingDataModule
-from kdlab.labeling import load_rank_teacher, score_file
-from kdlab.models.backbones import load_backbone
+from kdlab.labeling import score_file
+from kdlab.losses.ranking import hybrid_distill_loss
+from kdlab.models.backbones import count_parameters, load_backbone
+from kdlab.models.export import SCORE_HEAD_FILE, SCORE_HEAD_META, load_rank_teacher
 from kdlab.protocols import ExportsPretrained, HasBatchLoss, NeedsTeacher
-from kdlab.stages._common import count_parameters
 from kdlab.stages.rank_distill_student import RankDistillStudent
 from kdlab.stages.teacher_cpt import TeacherCPT
 from kdlab.stages.teacher_rank_sft import TeacherRankSFT
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "num_key_value_heads": 2}
-TINY_BERT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+# The smallest tiny models (kdlab.models.backbones.TINY_CONFIGS): H32, 1 layer, 2 heads.
+TINY = "tiny-llama-h32"
+TINY_BERT = "tiny-bert-h32"
 
 
 def _trainer(tmp_path: Path, max_steps: int = 2, **kw: Any) -> L.Trainer:
@@ -44,19 +47,19 @@ def _ranking_dm(text_format: str, tokenizer: str, **kw: Any) -> RankingDataModul
 
 def test_protocols() -> None:
     L.seed_everything(0)
-    student = RankDistillStudent(backbone_config=TINY_BERT)
+    student = RankDistillStudent(backbone=TINY_BERT)
     assert isinstance(student, NeedsTeacher) and not student.needs_teacher
     assert isinstance(student, ExportsPretrained) and isinstance(student, HasBatchLoss)
-    live = RankDistillStudent(backbone_config=TINY_BERT, teacher_source="live")
+    live = RankDistillStudent(backbone=TINY_BERT, teacher_source="live")
     assert live.needs_teacher
-    cpt = TeacherCPT(backbone_config=TINY)
+    cpt = TeacherCPT(backbone=TINY)
     assert isinstance(cpt, ExportsPretrained) and isinstance(cpt, HasBatchLoss)
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_teacher_cpt_fits_logs_perplexity_and_exports(tmp_path: Path, lora_rank: int) -> None:
     L.seed_everything(0)
-    stage = TeacherCPT(backbone_config=TINY, lora_rank=lora_rank, lr=1e-3, warmup_steps=2)
+    stage = TeacherCPT(backbone=TINY, lora_rank=lora_rank, lr=1e-3, warmup_steps=2)
     dm = ClickLogDataModule(tokenizer="tiny-llama", batch_size=8, max_length=64)
     trainer = _trainer(tmp_path)
     trainer.fit(stage, datamodule=dm)
@@ -83,7 +86,7 @@ def test_teacher_cpt_fits_logs_perplexity_and_exports(tmp_path: Path, lora_rank:
 @pytest.mark.parametrize("loss,lora_rank", [("hinge", 0), ("listwise", 0), ("ranknet", 4)])
 def test_teacher_rank_sft_fits_exports_and_reloads(tmp_path: Path, loss: str, lora_rank: int) -> None:
     L.seed_everything(0)
-    stage = TeacherRankSFT(backbone_config=TINY, loss=loss, lora_rank=lora_rank, lr=1e-3)  # type: ignore[arg-type]
+    stage = TeacherRankSFT(backbone=TINY, loss=loss, lora_rank=lora_rank, lr=1e-3)  # type: ignore[arg-type]
     dm = _ranking_dm("decoder", "tiny-llama")
     trainer = _trainer(tmp_path, limit_predict_batches=1)
     trainer.fit(stage, datamodule=dm)
@@ -92,7 +95,7 @@ def test_teacher_rank_sft_fits_exports_and_reloads(tmp_path: Path, loss: str, lo
         assert key in trainer.callback_metrics
     out = tmp_path / "teacher"
     stage.export_pretrained(str(out))
-    assert (out / "score_head.safetensors").is_file() and (out / "kdlab_score_head.json").is_file()
+    assert (out / SCORE_HEAD_FILE).is_file() and (out / SCORE_HEAD_META).is_file()
     teacher = load_rank_teacher(str(out))
     assert teacher.text_format == "decoder"
     dm.setup("validate")
@@ -107,21 +110,19 @@ def test_teacher_rank_sft_fits_exports_and_reloads(tmp_path: Path, loss: str, lo
     assert isinstance(preds[0]["query_ids"][0], str) and len(preds[0]["doc_ids"]) == len(preds[0]["query_ids"])
 
 
-def _label(tmp_path: Path, teacher: TeacherRankSFT) -> Path:
-    from kdlab.data import sample_path
-
-    subset = tmp_path / "train_subset.jsonl"
-    subset.write_text("".join(Path(sample_path("ranking_train.jsonl")).read_text().splitlines(True)[:48]))
-    out = tmp_path / "train_labeled.jsonl"
-    score_file(teacher, str(subset), str(out), batch_size=64, max_length=64, progress=False)
-    return out
-
-
 @pytest.fixture(scope="module")
 def labeled_train(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 48 training groups scored by a tiny exported TeacherRankSFT (``kdlab label``'s route)."""
+    from kdlab.data import sample_path
+
+    base = tmp_path_factory.mktemp("label")
     L.seed_everything(0)
-    teacher = TeacherRankSFT(backbone_config=TINY)
-    return _label(tmp_path_factory.mktemp("label"), teacher)
+    TeacherRankSFT(backbone=TINY).export_pretrained(str(base / "teacher"))
+    subset = base / "train_subset.jsonl"
+    subset.write_text("".join(Path(sample_path("ranking_train.jsonl")).read_text().splitlines(True)[:48]))
+    out = base / "train_labeled.jsonl"
+    score_file(str(base / "teacher"), str(subset), str(out), batch_size=64, max_length=64, progress=False)
+    return out
 
 
 @pytest.mark.parametrize("kw", [
@@ -131,7 +132,7 @@ def labeled_train(tmp_path_factory: pytest.TempPathFactory) -> Path:
 ])
 def test_student_fits_on_teacher_scores(tmp_path: Path, labeled_train: Path, kw: dict[str, Any]) -> None:
     L.seed_everything(0)
-    stage = RankDistillStudent(backbone_config=TINY_BERT, lr=1e-3, **kw)
+    stage = RankDistillStudent(backbone=TINY_BERT, lr=1e-3, **kw)
     dm = _ranking_dm("cross-encoder", "tiny-bert", train_path=str(labeled_train))
     before = {k: v.clone() for k, v in stage.state_dict().items()}
     trainer = _trainer(tmp_path)
@@ -144,19 +145,42 @@ def test_student_fits_on_teacher_scores(tmp_path: Path, labeled_train: Path, kw:
         assert any(k.startswith("tcl.") for k in changed)
         assert "train/loss_tcl" in trainer.callback_metrics
     if kw.get("standardize_teacher"):
-        scores = [d["teacher_score"] for line in labeled_train.read_text().splitlines()
-                  for d in json.loads(line)["docs"]]
-        mean = sum(scores) / len(scores)
-        std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
-        # stats over the *training groups the dataloader yields* (sampled docs), close to the file's
-        assert float(stage.teacher_stats[0]) == pytest.approx(mean, abs=3 * std)
-        assert float(stage.teacher_stats[1]) > 0
+        assert torch.isfinite(stage.teacher_stats).all() and float(stage.teacher_stats[1]) > 0
+
+
+def test_teacher_standardisation_is_computed_from_the_training_data(tmp_path: Path, labeled_train: Path) -> None:
+    """μ, σ are the mean and (population) standard deviation of every valid teacher score the
+    training loader yields (``train_group_sampling: all``: every document of every group that has two
+    different labels), and the loss compares the student with ``(t − μ) / σ``."""
+    L.seed_everything(0)
+    stage = RankDistillStudent(backbone=TINY_BERT, lr=1e-3, standardize_teacher=True)
+    dm = _ranking_dm("cross-encoder", "tiny-bert", train_path=str(labeled_train), train_group_sampling="all")
+    assert not torch.isfinite(stage.teacher_stats).any()  # not given: computed when training starts
+    _trainer(tmp_path, max_steps=1).fit(stage, datamodule=dm)
+
+    groups = [json.loads(line) for line in labeled_train.read_text().splitlines()]
+    scores = np.array([d["teacher_score"] for g in groups if len({d["label"] for d in g["docs"]}) > 1
+                       for d in g["docs"]], dtype=np.float64)
+    assert len(scores) > 100
+    mean, std = float(stage.teacher_stats[0]), float(stage.teacher_stats[1])
+    assert mean == pytest.approx(float(scores.mean()), rel=1e-5, abs=1e-6)
+    assert std == pytest.approx(float(scores.std()), rel=1e-5)
+
+    batch = next(iter(dm.train_dataloader()))
+    stage.eval()
+    with torch.no_grad():
+        loss = stage.batch_loss(batch)
+        expected = hybrid_distill_loss(stage.score_groups(batch).float(), (batch["teacher_scores"] - mean) / std,
+                                       batch["doc_mask"])
+        raw = hybrid_distill_loss(stage.score_groups(batch).float(), batch["teacher_scores"], batch["doc_mask"])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert abs(loss.item() - raw.item()) > 1e-3  # standardising changed the targets
 
 
 def test_tcl_is_training_only_served_model_identical(tmp_path: Path) -> None:
     L.seed_everything(0)
-    with_tcl = RankDistillStudent(backbone_config=TINY_BERT, use_tcl=True, tcl_heads=2)
-    without = RankDistillStudent(backbone_config=TINY_BERT, use_tcl=False)
+    with_tcl = RankDistillStudent(backbone=TINY_BERT, use_tcl=True, tcl_heads=2)
+    without = RankDistillStudent(backbone=TINY_BERT, use_tcl=False)
     without.ranker.load_state_dict(with_tcl.ranker.state_dict())
     assert count_parameters(with_tcl) > count_parameters(without)
     assert count_parameters(with_tcl.served_model()) == count_parameters(without.served_model())
@@ -164,6 +188,7 @@ def test_tcl_is_training_only_served_model_identical(tmp_path: Path) -> None:
     with_tcl.export_pretrained(str(a))
     without.export_pretrained(str(b))
     ra, rb = load_rank_teacher(str(a)), load_rank_teacher(str(b))
+    assert ra.text_format == rb.text_format == "cross-encoder"
     assert count_parameters(ra) == count_parameters(rb) == count_parameters(without.ranker)
     files_a = sorted(p.name for p in a.iterdir())
     assert files_a == sorted(p.name for p in b.iterdir())
@@ -181,21 +206,34 @@ def test_tcl_is_training_only_served_model_identical(tmp_path: Path) -> None:
 
 
 def test_student_decoder_architecture_and_live_teacher(tmp_path: Path) -> None:
+    """A decoder student sharing the teacher's tokenizer and text format distils from it live: the
+    TeacherLoader callback loads the TeacherRankSFT export (``task="ranker"``) and attaches it."""
     L.seed_everything(0)
-    teacher_stage = TeacherRankSFT(backbone_config=TINY)
+    teacher_stage = TeacherRankSFT(backbone=TINY)
     tdir = tmp_path / "teacher"
     teacher_stage.export_pretrained(str(tdir))
-    # a decoder student sharing the teacher's tokenizer/text format can distil from it live
-    stage = RankDistillStudent(backbone="tiny-llama", backbone_config=TINY, architecture="decoder",
-                               teacher_source="live", teacher_path=str(tdir), lr=1e-3)
+    stage = RankDistillStudent(backbone=TINY, architecture="decoder", teacher_source="live", lr=1e-3)
     assert stage.needs_teacher
     dm = _ranking_dm("decoder", "tiny-llama")
-    trainer = _trainer(tmp_path)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    with pytest.raises(RuntimeError, match="teacher:"):
+        stage.batch_loss(batch)  # no teacher attached yet: the error says where to configure one
+    loader = TeacherLoader(backbone=str(tdir), task="ranker")
+    trainer = _trainer(tmp_path, callbacks=[loader])
     trainer.fit(stage, datamodule=dm)
-    assert stage.teacher is not None
+    assert stage.teacher is loader.teacher and loader.load_count == 1
     assert not any(k.startswith("teacher.") for k in stage.state_dict())
     assert count_parameters(stage) == count_parameters(stage.ranker)
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    # the live scores are the export's: the loss equals the hybrid loss against the reloaded teacher
+    reference = load_rank_teacher(str(tdir))
+    stage.eval()
+    with torch.no_grad():
+        teacher_scores = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        expected = hybrid_distill_loss(stage.score_groups(batch).float(), teacher_scores.view(batch["doc_mask"].shape),
+                                       batch["doc_mask"])
+        assert stage.batch_loss(batch).item() == pytest.approx(expected.item(), rel=1e-4)
     out = tmp_path / "student"
     stage.export_pretrained(str(out))
     assert load_rank_teacher(str(out)).text_format == "decoder"
@@ -217,8 +255,7 @@ def test_rank_sft_teacher_beats_random_ndcg(tmp_path: Path) -> None:
     subset = tmp_path / "subset.jsonl"
     subset.write_text("".join(Path(sample_path("ranking_train.jsonl")).read_text().splitlines(True)[:40]))
     L.seed_everything(0)
-    stage = TeacherRankSFT(backbone_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2},
-                           loss="ranknet", lr=3e-3)
+    stage = TeacherRankSFT(backbone="tiny-llama", loss="ranknet", lr=3e-3)  # H64, 2 layers
     dm = _ranking_dm("decoder", "tiny-llama", train_path=str(subset), val_path=str(subset), batch_size=8,
                      eval_batch_size=8, eval_max_docs=16, max_length=48)
     trainer = _trainer(tmp_path, max_steps=30, limit_val_batches=None)
@@ -239,20 +276,23 @@ def test_rank_sft_teacher_beats_random_ndcg(tmp_path: Path) -> None:
 
 
 def test_live_seq_cls_teacher_output_and_warmup_schedule(tmp_path: Path) -> None:
-    """A seq-cls teacher (what the teacher callback loads) returns HF logits [B, 1]; the student reads them."""
+    """A seq-cls teacher (what the teacher callback loads for ``task: seq-cls``) returns HF logits
+    [B, 1]; the student's loss is computed against them."""
     L.seed_everything(0)
-    teacher = load_backbone("tiny-bert", task="seq-cls", config=TINY_BERT, num_labels=1).eval()
-    stage = RankDistillStudent(backbone_config=TINY_BERT, teacher_source="live", lr=1e-3, warmup_steps=4)
+    teacher = load_backbone(TINY_BERT, task="seq-cls", num_labels=1).eval()
+    stage = RankDistillStudent(backbone=TINY_BERT, teacher_source="live", lr=1e-3, warmup_steps=4)
     stage.attach_teacher(teacher)
     assert "teacher" not in dict(stage.named_children())
     dm = _ranking_dm("cross-encoder", "tiny-bert")
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    t = stage._teacher_scores(batch)
+    stage.eval()
     with torch.no_grad():
         ref = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       token_type_ids=batch["token_type_ids"]).logits[:, 0]
-    assert torch.equal(t, ref.view_as(t))
+        scores = stage.score_groups(batch).float()
+        expected = hybrid_distill_loss(scores, ref.view_as(scores), batch["doc_mask"])
+        assert stage.batch_loss(batch).item() == pytest.approx(expected.item(), rel=1e-5)
     opt = stage.configure_optimizers()
     sched = opt["lr_scheduler"]["scheduler"]
     lrs = []

@@ -46,7 +46,7 @@ trainer:
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{every_n_train_steps: {every}, save_last: true}}
-    - class_path: _ddp_fit_script.LossTrace
+    - class_path: _killable_fit.StepTrace
       init_args: {{out: {trace}}}
 """
 

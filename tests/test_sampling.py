@@ -13,13 +13,15 @@ from kdlab.models.backbones import load_backbone, load_tokenizer
 from kdlab.models.sampling import sample_causal, sample_from_probs
 from kdlab.stages.rl_distill_kstep import RLDistillKStep
 
-TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-        "intermediate_size": 64}
+# tiny-llama-h32 with two layers (the KV cache must carry state across layers) and grouped-query
+# attention (2 query heads share 1 KV head).
+TINY = "tiny-llama-h32"
+TINY_OVERRIDES = {"num_hidden_layers": 2, "num_key_value_heads": 1}
 
 
 def _model_and_prompts() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, int]:
     torch.manual_seed(0)
-    model = load_backbone("tiny-llama", "causal-lm", config=TINY).eval()
+    model = load_backbone(TINY, "causal-lm", config=TINY_OVERRIDES).eval()
     ids = torch.randint(5, model.config.vocab_size, (4, 9))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # left padding of different widths
@@ -128,25 +130,49 @@ def test_zero_new_tokens_is_empty() -> None:
     assert sample_causal(model, ids, mask, 0, eos_ids=[], pad_id=pad).shape == (4, 0)
 
 
-def test_stage_uses_the_loop_only_where_it_applies() -> None:
-    common = {"student_config": TINY, "max_new_tokens": 4}
+def _sampler_used(stage: RLDistillKStep, greedy: bool, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``kdlab`` if a rollout of ``stage`` went through kdlab's loop, ``generate`` if through HF generate."""
+    import kdlab.stages.rl_distill_kstep as module
+
+    calls: list[str] = []
+    real_loop, real_generate = module.sample_causal, stage.student.generate
+
+    def loop(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append("kdlab")
+        return real_loop(*args, **kwargs)
+
+    def generate(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append("generate")
+        return real_generate(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "sample_causal", loop)
+        patch.setattr(stage.student, "generate", generate)
+        _, ids, mask, _ = _model_and_prompts()
+        stage.rollout(ids[:2], mask[:2], greedy=greedy)
+    assert len(calls) == 1, calls
+    return calls[0]
+
+
+def test_stage_uses_the_loop_only_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    common = {"backbone": TINY, "backbone_config": TINY_OVERRIDES, "max_new_tokens": 4}
     stage = RLDistillKStep(**common)
-    assert stage._uses_kdlab_sampler(greedy=False) and stage._uses_kdlab_sampler(greedy=True)
+    assert _sampler_used(stage, False, monkeypatch) == _sampler_used(stage, True, monkeypatch) == "kdlab"
     for kwargs in ({"top_k": 5}, {"top_p": 0.9}, {"generation_kwargs": {"repetition_penalty": 1.2}}):
         stage = RLDistillKStep(**common, **kwargs)
-        assert not stage._uses_kdlab_sampler(greedy=False)
-        assert stage._uses_kdlab_sampler(greedy=True)  # validation decodes greedily either way
-    assert not RLDistillKStep(**common, sampler="hf-generate")._uses_kdlab_sampler(greedy=True)
+        assert _sampler_used(stage, False, monkeypatch) == "generate", kwargs
+        assert _sampler_used(stage, True, monkeypatch) == "kdlab", kwargs  # validation decodes greedily either way
+    assert _sampler_used(RLDistillKStep(**common, sampler="hf-generate"), True, monkeypatch) == "generate"
     # A student whose own generation config asks generate for a logits processor keeps generate.
     stage = RLDistillKStep(**common)
     stage.student.generation_config.repetition_penalty = 1.3
-    assert not stage._uses_kdlab_sampler(greedy=False) and not stage._uses_kdlab_sampler(greedy=True)
-    # Sharded strategies keep generate (it steps every rank in lock step).
+    assert _sampler_used(stage, False, monkeypatch) == _sampler_used(stage, True, monkeypatch) == "generate"
+    # Sharded strategies keep generate (it steps every rank in lock step); DDP does not need to.
     stage = RLDistillKStep(**common)
-    stage._trainer = SimpleNamespace(strategy=type("FSDPStrategy", (), {})())
-    assert not stage._uses_kdlab_sampler(greedy=False)
-    stage._trainer = SimpleNamespace(strategy=type("DDPStrategy", (), {})())
-    assert stage._uses_kdlab_sampler(greedy=False)
+    stage.trainer = SimpleNamespace(strategy=type("FSDPStrategy", (), {})())
+    assert _sampler_used(stage, False, monkeypatch) == "generate"
+    stage.trainer = SimpleNamespace(strategy=type("DDPStrategy", (), {})())
+    assert _sampler_used(stage, False, monkeypatch) == "kdlab"
 
 
 def test_stage_greedy_rollout_is_the_same_with_either_sampler() -> None:
@@ -154,7 +180,7 @@ def test_stage_greedy_rollout_is_the_same_with_either_sampler() -> None:
     rollouts = []
     for sampler in ("kdlab", "hf-generate"):
         torch.manual_seed(0)
-        stage = RLDistillKStep(student_config=TINY, max_new_tokens=6, sampler=sampler)
+        stage = RLDistillKStep(backbone=TINY, backbone_config=TINY_OVERRIDES, max_new_tokens=6, sampler=sampler)
         rollouts.append(stage.rollout(ids, mask, greedy=True))
     a, b = rollouts
     assert torch.equal(a.actions, b.actions) and torch.equal(a.full_mask, b.full_mask)

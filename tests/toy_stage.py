@@ -37,12 +37,20 @@ class ToyRegression(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
 
+def toy_tensors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` inputs ``x [n, 4]`` and targets ``y = x · w + noise``, drawn from a generator seeded ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 0.0]) + 0.1 * torch.randn(n, generator=g)
+    return x, y
+
+
 class ToyData(L.LightningDataModule):
+    """:func:`toy_tensors`, shuffled by a plain ``DataLoader(shuffle=True)`` for training."""
+
     def __init__(self, n: int = 64, batch_size: int = 8, seed: int = 0) -> None:
         super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 4, generator=g)
-        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 0.0]) + 0.1 * torch.randn(n, generator=g)
+        self.x, self.y = toy_tensors(n, seed)
         self.batch_size = batch_size
 
     def train_dataloader(self):

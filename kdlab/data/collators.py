@@ -18,7 +18,8 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import BatchSampler, Sampler
 
-IGNORE_INDEX = -100
+from kdlab.defaults import IGNORE_INDEX
+from kdlab.models.backbones import pad_token_id
 
 
 class EpochSequentialSampler(Sampler[int]):
@@ -162,8 +163,8 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int,
 class CausalLMCollator:
     """Collate ``{"prompt_ids", "target_ids", "target_text"?}`` items into a causal-LM batch.
 
-    ``input_ids = prompt + target`` right-padded; ``labels`` copy ``input_ids`` with -100 on the
-    prompt (unless ``loss_on_prompt``) and on padding. With ``with_prompts`` the batch also has
+    ``input_ids = prompt + target`` right-padded; ``labels`` copy ``input_ids`` with
+    ``IGNORE_INDEX`` on the prompt (unless ``loss_on_prompt``) and on padding. With ``with_prompts`` the batch also has
     ``prompt_input_ids``/``prompt_attention_mask`` LEFT-padded (so ``generate`` continues every row
     from its last real token) and ``target_text``.
     """
@@ -233,6 +234,17 @@ class RankingCollator:
                              max_length=max(1, self.max_length - 1))["input_ids"]
         return {"input_ids": list(ids) + [self.tokenizer.eos_token_id]}
 
+    def pad(self, encodings: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        """``input_ids`` / ``attention_mask`` (and ``token_type_ids`` when every encoding has them)
+        of :meth:`encode` outputs, right-padded to the longest: the model inputs of a pair batch."""
+        batch = {
+            "input_ids": pad_sequences([e["input_ids"] for e in encodings], pad_token_id(self.tokenizer)),
+            "attention_mask": pad_sequences([[1] * len(e["input_ids"]) for e in encodings], 0),
+        }
+        if all("token_type_ids" in e for e in encodings):
+            batch["token_type_ids"] = pad_sequences([e["token_type_ids"] for e in encodings], 0)
+        return batch
+
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         n = self.group_size or max(len(it["docs"]) for it in items)
         encodings: list[dict[str, list[int]]] = []
@@ -255,13 +267,7 @@ class RankingCollator:
                     encodings.append(self.encode(it["query"], ""))
                     ids.append("")
             doc_ids.append(ids)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        batch: dict[str, Any] = {
-            "input_ids": pad_sequences([e["input_ids"] for e in encodings], pad_id),
-            "attention_mask": pad_sequences([[1] * len(e["input_ids"]) for e in encodings], 0),
-        }
-        if all("token_type_ids" in e for e in encodings):
-            batch["token_type_ids"] = pad_sequences([e["token_type_ids"] for e in encodings], 0)
+        batch: dict[str, Any] = dict(self.pad(encodings))
         batch["labels"] = labels
         batch["doc_mask"] = doc_mask
         if self.with_teacher_scores:

@@ -316,7 +316,7 @@ class _PromptTargetDataModule(L.LightningDataModule):
 class ClickLogDataModule(_PromptTargetDataModule):
     """Causal-LM batches for continued pre-training on click logs: the prompt is the query
     (``prompt_template``), the target the clicked title + summary (``target_template``) + EOS.
-    ``labels`` are -100 on the prompt (unless ``loss_on_prompt``) and on padding. Sequences longer
+    ``labels`` are ``IGNORE_INDEX`` on the prompt (unless ``loss_on_prompt``) and on padding. Sequences longer
     than ``max_length`` keep the prompt (cut to half of ``max_length`` if needed) and cut the target.
     Validation batches have ``batch_size`` sequences too.
     """

@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kdlab.runs import write_jsonl_atomic
 
 PathLike = str | os.PathLike
 
@@ -322,6 +323,15 @@ def read_msmarco_queries(path: PathLike) -> dict[str, str]:
     return read_tsv_texts(path, "qid")
 
 
+def _check_known_ids(path: PathLike, line: int, qid: str, pid: str, known_queries: set[str] | None,
+                     known_docs: set[str] | None) -> None:
+    """A qrels/run line must name a query and a document that the other files define (when given)."""
+    if known_queries is not None and qid not in known_queries:
+        raise DataFormatError(path, line, "qid", f"unknown query id {qid!r} (not in the queries file)")
+    if known_docs is not None and pid not in known_docs:
+        raise DataFormatError(path, line, "pid", f"unknown document id {pid!r} (not in the collection)")
+
+
 def read_trec_qrels(path: PathLike, doc_ids: Iterable[str] | None = None,
                     query_ids: Iterable[str] | None = None) -> dict[str, dict[str, int]]:
     """Read TREC qrels ``qid 0 pid rel`` (whitespace-separated). When ``doc_ids``/``query_ids`` are
@@ -335,10 +345,7 @@ def read_trec_qrels(path: PathLike, doc_ids: Iterable[str] | None = None,
             raise DataFormatError(path, line, None, f"expected 4 columns 'qid 0 pid rel', got {len(parts)}")
         qid, _, pid, rel_token = parts
         rel = _parse_int(path, line, "rel", rel_token)
-        if known_queries is not None and qid not in known_queries:
-            raise DataFormatError(path, line, "qid", f"unknown query id {qid!r} (not in the queries file)")
-        if known_docs is not None and pid not in known_docs:
-            raise DataFormatError(path, line, "pid", f"unknown document id {pid!r} (not in the collection)")
+        _check_known_ids(path, line, qid, pid, known_queries, known_docs)
         judged = qrels.setdefault(qid, {})
         if pid in judged:
             raise DataFormatError(path, line, "pid", f"duplicate judgement for query {qid!r}, document {pid!r}")
@@ -361,10 +368,7 @@ def read_trec_run(path: PathLike, doc_ids: Iterable[str] | None = None,
         qid, _, pid, rank_token, score_token, _tag = parts
         rank = _parse_int(path, line, "rank", rank_token)
         score = _parse_float(path, line, "score", score_token)
-        if known_queries is not None and qid not in known_queries:
-            raise DataFormatError(path, line, "qid", f"unknown query id {qid!r} (not in the queries file)")
-        if known_docs is not None and pid not in known_docs:
-            raise DataFormatError(path, line, "pid", f"unknown document id {pid!r} (not in the collection)")
+        _check_known_ids(path, line, qid, pid, known_queries, known_docs)
         entries = run.setdefault(qid, {})
         if pid in entries:
             raise DataFormatError(path, line, "pid", f"duplicate entry for query {qid!r}, document {pid!r}")
@@ -503,29 +507,6 @@ def read_beir_groups(directory: PathLike, run: PathLike, split: str = "test", to
 # Writing
 
 
-def write_jsonl_atomic(path: PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
-    """Write rows as JSONL so that readers never see a half-written file: the rows go to a temporary
-    file in the same directory (same filesystem, so the rename is atomic), which is fsynced and then
-    moved over ``path`` with ``os.replace``. On any error the temporary file is removed and the old
-    file, if any, is left untouched. NaN/inf are refused (they are not JSON)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def ranking_group_to_json(group: RankingGroup) -> dict[str, Any]:
     """The JSONL form of a group (inverse of :func:`read_ranking_jsonl`); absent fields stay absent."""
     docs = []
@@ -549,5 +530,5 @@ __all__ = [
     "Seq2SeqPair", "assemble_ranking_groups", "iter_jsonl", "iter_lines", "ranking_group_to_json",
     "read_beir", "read_beir_groups", "read_clicks_jsonl", "read_msmarco_collection",
     "read_msmarco_groups", "read_msmarco_queries", "read_ranking_jsonl", "read_seq2seq_jsonl",
-    "read_trec_qrels", "read_trec_run", "read_tsv_texts", "write_jsonl_atomic", "write_ranking_jsonl",
+    "read_trec_qrels", "read_trec_run", "read_tsv_texts", "write_ranking_jsonl",
 ]

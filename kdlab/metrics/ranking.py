@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.retrieval import RetrievalMRR, RetrievalNormalizedDCG
 
+from kdlab.losses.ranking import preference_pairs
+
 __all__ = ["PNR", "RankingMetrics", "pair_counts"]
 
 
@@ -28,9 +30,8 @@ def pair_counts(scores: Tensor, labels: Tensor, doc_mask: Tensor) -> tuple[Tenso
     Returns ``(concordant, discordant, tied)``: the number of pairs with ``s_i > s_j``,
     ``s_i < s_j`` and ``s_i == s_j`` respectively (``concordant + discordant + tied = |P|``).
     """
-    valid = doc_mask.bool()
-    s = scores.detach().masked_fill(~valid, 0.0)
-    pairs = valid.unsqueeze(2) & valid.unsqueeze(1) & (labels.unsqueeze(2) > labels.unsqueeze(1))
+    pairs = preference_pairs(labels, doc_mask)
+    s = scores.detach().masked_fill(~doc_mask.bool(), 0.0)
     diff = s.unsqueeze(2) - s.unsqueeze(1)
     conc = (pairs & (diff > 0)).sum()
     disc = (pairs & (diff < 0)).sum()

@@ -3,8 +3,9 @@
 Every stage, callback and script gets its models and tokenizers from here so that the rules of the
 house hold in one place:
 
-* ``name`` is ``tiny-llama`` / ``tiny-bert`` (random init from ``LlamaConfig`` / ``BertConfig`` sized
-  by ``config``; vocabulary = the embedded sample tokenizer), an alias made by
+* ``name`` is a tiny model by name (:data:`TINY_CONFIGS`: ``tiny-llama``, ``tiny-bert``, ...; random
+  init from ``LlamaConfig`` / ``BertConfig``, resized by ``config``; vocabulary = the embedded
+  sample tokenizer), an alias made by
   ``python -m kdlab models prepare`` (``smollm2-135m``, ``minilm-l6``), a local directory or a hub id;
 * ``trust_remote_code`` only when asked, safetensors preferred, ``dtype`` explicit;
 * 8-bit / 4-bit weights through bitsandbytes are loaded directly onto their device (quantized models
@@ -39,7 +40,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-TINY_NAMES: tuple[str, ...] = ("tiny-llama", "tiny-bert")
 
 #: Where the embedded sample tokenizer lives (a module attribute so tests can point it elsewhere).
 SAMPLE_TOKENIZER_DIR: Path = Path(__file__).resolve().parents[1] / "data" / "sample" / "tokenizer"
@@ -62,6 +62,20 @@ TINY_BERT_DEFAULTS: dict[str, Any] = {
     "max_position_embeddings": 512,
     "type_vocab_size": 2,
 }
+_MICRO: dict[str, Any] = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+
+#: Tiny random-init models by name (as litgpt's ``Config.from_name``): name → (family, size over the
+#: family's defaults). ``tiny-llama`` / ``tiny-bert`` are the quickstart students, ``tiny-llama-h128``
+#: its teachers, the ``-h32`` ones the smallest that tests train. A config's ``backbone_config``
+#: still overrides any field.
+TINY_CONFIGS: dict[str, tuple[Literal["llama", "bert"], dict[str, Any]]] = {
+    "tiny-llama": ("llama", {}),
+    "tiny-llama-h128": ("llama", {"hidden_size": 128, "intermediate_size": 256}),
+    "tiny-llama-h32": ("llama", {**_MICRO, "num_key_value_heads": 2}),
+    "tiny-bert": ("bert", {}),
+    "tiny-bert-h32": ("bert", dict(_MICRO)),
+}
+TINY_NAMES: tuple[str, ...] = tuple(TINY_CONFIGS)
 
 
 class BackboneError(ValueError):
@@ -153,29 +167,29 @@ def sample_tokenizer_dir() -> Path:
 
 
 def tiny_config(name: str, config: dict[str, Any] | None = None, *, num_labels: int = 1) -> Any:
-    """The ``LlamaConfig`` / ``BertConfig`` for a tiny model: small defaults < sample vocab < ``config``.
+    """The ``LlamaConfig`` / ``BertConfig`` of tiny model ``name`` (:data:`TINY_CONFIGS`): family
+    defaults < the name's size < sample vocab < ``config``.
 
     Vocabulary size and pad/bos/eos ids come from the embedded sample tokenizer so that tiny models
     and the sample data always agree; ``config`` may still override them (e.g. a test's own vocab).
     """
     from transformers import BertConfig, LlamaConfig
 
+    if name not in TINY_CONFIGS:
+        raise BackboneError(f"unknown tiny model {name!r}; use one of {list(TINY_CONFIGS)}")
+    family, size = TINY_CONFIGS[name]
     overrides = dict(config or {})
     if "vocab_size" in overrides:
         vocab = {"vocab_size": overrides["vocab_size"]}
     else:
-        size, pad, bos, eos = _tokenizer_special_ids(str(sample_tokenizer_dir()))
-        vocab = {"vocab_size": size, "pad_token_id": pad}
-        if name == "tiny-llama":
+        vocab_size, pad, bos, eos = _tokenizer_special_ids(str(sample_tokenizer_dir()))
+        vocab = {"vocab_size": vocab_size, "pad_token_id": pad}
+        if family == "llama":
             vocab.update(bos_token_id=bos, eos_token_id=eos)
-    if name == "tiny-llama":
-        kwargs = {**TINY_LLAMA_DEFAULTS, **vocab, **overrides}
-        cfg = LlamaConfig(**kwargs)
-    elif name == "tiny-bert":
-        kwargs = {**TINY_BERT_DEFAULTS, **vocab, **overrides}
-        cfg = BertConfig(**kwargs)
-    else:  # pragma: no cover - guarded by callers
-        raise BackboneError(f"unknown tiny model {name!r}; use one of {list(TINY_NAMES)}")
+    if family == "llama":
+        cfg = LlamaConfig(**{**TINY_LLAMA_DEFAULTS, **size, **vocab, **overrides})
+    else:
+        cfg = BertConfig(**{**TINY_BERT_DEFAULTS, **size, **vocab, **overrides})
     cfg.num_labels = num_labels
     return cfg
 
@@ -268,7 +282,7 @@ def load_backbone(
     """Load (or build) a backbone for ``task``.
 
     Args:
-        name: ``tiny-llama`` / ``tiny-bert``, a prepared alias (``smollm2-135m``, ``minilm-l6``),
+        name: a tiny model name (:data:`TINY_CONFIGS`), a prepared alias (``smollm2-135m``, ``minilm-l6``),
             a local Hugging Face directory, or a hub id.
         task: ``causal-lm`` (with LM head), ``encoder`` (base model, last hidden state; for a decoder
             this skips the LM head) or ``seq-cls`` (with a ``num_labels`` classification head).
@@ -302,6 +316,21 @@ def load_backbone(
     return model
 
 
+def load_generation_model(name: str, config: dict[str, Any] | None = None, dtype: str = "float32") -> PreTrainedModel:
+    """A model that generates: a causal LM (:func:`load_backbone`), or an encoder-decoder
+    (``config.is_encoder_decoder``, e.g. T5) from a local directory / hub id via ``AutoModelForSeq2SeqLM``."""
+    kind, location = resolve_name(name)
+    if kind != "tiny":
+        from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+        cfg = AutoConfig.from_pretrained(location, local_files_only=kind == "local")
+        if getattr(cfg, "is_encoder_decoder", False):
+            return AutoModelForSeq2SeqLM.from_pretrained(
+                location, dtype=resolve_dtype(dtype), local_files_only=kind == "local", **(config or {})
+            )
+    return load_backbone(name, "causal-lm", config=config, dtype=dtype)
+
+
 def _build_tiny(
     name: str,
     task: Task,
@@ -313,8 +342,8 @@ def _build_tiny(
     num_labels: int,
 ) -> PreTrainedModel:
     """Random-init a tiny model; quantized variants go through a temp dir to load with bitsandbytes."""
-    family = "llama" if name == "tiny-llama" else "bert"
-    cls = task_model_class(task, family)  # type: ignore[arg-type]
+    family = TINY_CONFIGS[name][0]
+    cls = task_model_class(task, family)
     cfg = tiny_config(name, config, num_labels=num_labels)
     model = cls(cfg)
     if quantization is None:
@@ -350,6 +379,23 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> PreTrainedT
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def count_parameters(*modules: torch.nn.Module) -> int:
+    """Total number of parameters (trainable or not) of ``modules``."""
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id every batch pads with: the tokenizer's pad token, else EOS, else 0.
+
+    :func:`load_tokenizer` already sets a missing pad token to EOS; the rule is written once here
+    for tokenizers that come from elsewhere. Padding is always masked, so only its presence matters.
+    """
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate[0] if isinstance(candidate, (list, tuple)) else candidate)
+    return 0
 
 
 def is_quantized(model: torch.nn.Module) -> bool:
@@ -462,6 +508,7 @@ def assert_same_vocabulary(tok_a: PreTrainedTokenizerBase, tok_b: PreTrainedToke
 __all__ = [
     "BackboneError",
     "VocabularyMismatchError",
+    "TINY_CONFIGS",
     "TINY_NAMES",
     "TASKS",
     "DTYPES",
@@ -472,6 +519,9 @@ __all__ = [
     "task_model_class",
     "load_backbone",
     "load_tokenizer",
+    "load_generation_model",
+    "count_parameters",
+    "pad_token_id",
     "is_quantized",
     "build_student_from_teacher",
     "assert_same_vocabulary",

@@ -109,7 +109,10 @@ class DecoderRanker(nn.Module):
     """The served decoder ranker: a base decoder (no LM head) + :class:`LastTokenScore`.
 
     ``forward(input_ids, attention_mask) -> [B]`` scores (the inputs end with EOS, any padding side).
+    ``text_format`` names how its inputs are built (:class:`kdlab.data.collators.RankingCollator`).
     """
+
+    text_format = "decoder"
 
     def __init__(self, backbone: nn.Module, hidden_size: int) -> None:
         super().__init__()
@@ -124,6 +127,8 @@ class DecoderRanker(nn.Module):
 class SequenceClassificationRanker(nn.Module):
     """Wraps a ``*ForSequenceClassification`` model with one label (a cross-encoder such as
     ``BertForSequenceClassification``: ``[CLS]`` → pooler → linear) as ``forward(...) -> [B]``."""
+
+    text_format = "cross-encoder"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

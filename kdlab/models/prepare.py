@@ -23,11 +23,12 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
+
+from kdlab.runs import atomic_dir, write_text_atomic
 
 READY_MARKER = "READY"
 Source = Literal["auto", "package", "hub"]
@@ -249,11 +250,8 @@ def prepare(alias: str, force: bool = False, *, source: Source = "auto") -> Path
         if source == "package" or spec.hub_id is None:
             raise _missing_package(spec, alias)
 
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(parent, alias)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.tmp-{os.getpid()}-", dir=parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any HF cache
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(target.parent, alias)
     # builder steps + verify + install
     n_steps = ({"_build_smollm2": 4, "_build_minilm": 1}.get(spec.builder or "", 1) if use_package else 1) + 2
     bar = tqdm(total=n_steps, desc=f"prepare {alias}", unit="step")
@@ -265,51 +263,29 @@ def prepare(alias: str, force: bool = False, *, source: Source = "auto") -> Path
 
     started = time.time()
     try:
-        if use_package:
-            info = globals()[spec.builder](tmp, step)  # type: ignore[index]
-        else:
-            try:
-                info = _build_from_hub(spec.hub_id, tmp, step)  # type: ignore[arg-type]
-            except Exception as exc:  # offline, unknown id, ...: the package is the offline route
-                raise PrepareError(
-                    f"model alias {alias!r}: package not installed and hub download of {spec.hub_id} failed "
-                    f"({type(exc).__name__}); run: pip install {spec.pip_name}"
-                ) from exc
-        _verify(tmp, step)
-        marker = {"alias": alias, **info, "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "seconds": round(time.time() - started, 1)}
-        marker_tmp = tmp / (READY_MARKER + ".part")
-        marker_tmp.write_text(json.dumps(marker, indent=2) + "\n")
-        os.replace(marker_tmp, tmp / READY_MARKER)  # READY is the last file written
-        step(f"install into {target}")
-        _install(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # The pid in the temporary name lets a later prepare remove what a killed one left.
+        with atomic_dir(target, prefix=f".{alias}.tmp-{os.getpid()}-") as tmp:
+            if use_package:
+                info = globals()[spec.builder](tmp, step)  # type: ignore[index]
+            else:
+                try:
+                    info = _build_from_hub(spec.hub_id, tmp, step)  # type: ignore[arg-type]
+                except Exception as exc:  # offline, unknown id, ...: the package is the offline route
+                    raise PrepareError(
+                        f"model alias {alias!r}: package not installed and hub download of {spec.hub_id} failed "
+                        f"({type(exc).__name__}); run: pip install {spec.pip_name}"
+                    ) from exc
+            _verify(tmp, step)
+            marker = {"alias": alias, **info, "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      "seconds": round(time.time() - started, 1)}
+            write_text_atomic(tmp / READY_MARKER, json.dumps(marker, indent=2) + "\n")  # the last file written
+            step(f"install into {target}")
+    except OSError:
+        if not is_ready(target):  # else a concurrent prepare installed first: keep its result
+            raise
     finally:
         bar.close()
     return target
-
-
-def _install(tmp: Path, target: Path) -> None:
-    """Move the finished ``tmp`` into ``target``, moving any old directory aside first.
-
-    ``os.replace`` cannot replace a non-empty directory, so the old one (stale or forced) is renamed
-    to a trash name, the new one renamed into place, then the trash removed.
-    """
-    trash: Path | None = None
-    if target.exists():
-        trash = target.parent / f".{target.name}.old-{os.getpid()}-{int(time.time() * 1000)}"
-        os.replace(target, trash)
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if is_ready(target):  # a concurrent prepare won the race: keep its result
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            raise
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 def prepare_all(force: bool = False) -> dict[str, Path]:

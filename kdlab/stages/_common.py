@@ -1,9 +1,7 @@
-"""Helpers shared by the ranking stages: optimizer + warmup, LoRA, export, batch plumbing."""
+"""Helpers shared by the stages: optimizer + warmup, LoRA, token means across ranks, ranking evaluation."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,13 +12,6 @@ __all__ = [
     "build_optimizer",
     "linear_warmup",
     "apply_lora",
-    "merge_lora",
-    "save_tokenizer",
-    "save_score_head",
-    "load_score_head",
-    "SCORE_HEAD_FILE",
-    "SCORE_HEAD_META",
-    "count_parameters",
     "group_scores",
     "RankingEvalMixin",
     "PASSTHROUGH_KEYS",
@@ -44,8 +35,6 @@ def global_token_mean(module: Any, total: Tensor, count: Tensor) -> Tensor:
         return total / count.clamp(min=1)
     global_count = trainer.strategy.reduce(count.detach().to(total.dtype), reduce_op="sum")
     return total * world / global_count.clamp(min=1)
-SCORE_HEAD_FILE = "score_head.safetensors"
-SCORE_HEAD_META = "kdlab_score_head.json"
 
 
 def linear_warmup(warmup_steps: int):  # type: ignore[no-untyped-def]
@@ -103,48 +92,6 @@ def apply_lora(
         task_type=getattr(TaskType, task_type),
     )
     return get_peft_model(model, config)
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """A plain ``transformers`` model: LoRA weights merged in (``merge_and_unload``) when ``model``
-    is a peft model, else ``model`` itself. Works on a deep copy so training can go on."""
-    if hasattr(model, "merge_and_unload"):
-        import copy
-
-        return copy.deepcopy(model).merge_and_unload()  # type: ignore[operator]
-    return model
-
-
-def save_tokenizer(name: str, directory: str | Path) -> None:
-    """Save the tokenizer of backbone ``name`` (a tiny name, alias, path or hub id) to ``directory``."""
-    from kdlab.models.backbones import load_tokenizer
-
-    load_tokenizer(name).save_pretrained(str(directory))
-
-
-def save_score_head(head: nn.Module, directory: str | Path, meta: dict[str, Any]) -> None:
-    """Write ``score_head.safetensors`` (the head's state dict) and ``kdlab_score_head.json``."""
-    from safetensors.torch import save_file
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    save_file(state, str(out / SCORE_HEAD_FILE))
-    (out / SCORE_HEAD_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
-
-def load_score_head(head: nn.Module, directory: str | Path) -> dict[str, Any]:
-    """Load ``score_head.safetensors`` into ``head``; return the JSON metadata."""
-    from safetensors.torch import load_file
-
-    d = Path(directory)
-    head.load_state_dict(load_file(str(d / SCORE_HEAD_FILE)))
-    return json.loads((d / SCORE_HEAD_META).read_text())
-
-
-def count_parameters(*modules: nn.Module) -> int:
-    """Total number of parameters (trainable or not) of ``modules``."""
-    return sum(p.numel() for m in modules for p in m.parameters())
 
 
 def group_scores(flat: Tensor, batch: dict[str, Any]) -> Tensor:

@@ -14,7 +14,6 @@ hidden states at the selected term positions. The TCL is training-only: validati
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -25,14 +24,9 @@ from kdlab.losses.ranking import hybrid_distill_loss, rank_loss
 from kdlab.metrics import RankingMetrics
 from kdlab.models.backbones import load_backbone, load_tokenizer
 from kdlab.models.heads import DecoderRanker, SequenceClassificationRanker, TermControlLayer, select_term_tokens
+from kdlab.models.export import save_served_model
 from kdlab.protocols import attach_unregistered
-from kdlab.stages._common import (
-    RankingEvalMixin,
-    build_optimizer,
-    group_scores,
-    save_score_head,
-    save_tokenizer,
-)
+from kdlab.stages._common import RankingEvalMixin, build_optimizer, group_scores
 
 __all__ = ["RankDistillStudent"]
 
@@ -92,18 +86,16 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
             given, otherwise computed once over the training dataloader's valid teacher scores
             (summed over all ranks) at the start of training, and kept in the checkpoint.
         use_tcl, tcl_weight (λ), tcl_heads: the Term Control Layer (cross-encoder only).
-        teacher_source: ``data`` (``batch["teacher_scores"]``) or ``live`` (a frozen teacher attached
-            through :class:`kdlab.protocols.NeedsTeacher`; it is called on
+        teacher_source: ``data`` (``batch["teacher_scores"]``) or ``live``: a frozen teacher attached
+            through :class:`kdlab.protocols.NeedsTeacher` by the teacher callback (``teacher:`` in
+            the config, e.g. ``{backbone: <TeacherRankSFT export>, task: ranker}``; any module
+            returning ``[B]`` scores or an HF output with ``logits [B, 1]``). It is called on
             ``teacher_input_ids``/``teacher_attention_mask`` when the batch has them, otherwise on
-            the student's own inputs, so it must then share the student's tokenizer and text format).
+            the student's own inputs, so it must then share the student's tokenizer and text format.
         length_chunk_size: when > 0, the ``G*N`` rows of a batch are sorted by real length and scored
             in chunks of this many rows, each cut to its own longest row (scores are put back in
             batch order; padding is masked, so only float noise changes). A batch is padded to its
             longest row over all groups, so this cuts the padded tokens a forward pays for (0 = off).
-        teacher_path: a ranker export (:func:`kdlab.labeling.load_rank_teacher`: a TeacherRankSFT
-            export or a one-label seq-cls cross-encoder) loaded at fit start when ``live`` and no
-            teacher was attached. The teacher callback may attach any module returning ``[B]``
-            scores or an HF output with ``logits [B, 1]``.
     """
 
     def __init__(
@@ -124,7 +116,6 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
         tcl_weight: float = 0.5,
         tcl_heads: int = 4,
         teacher_source: Literal["data", "live"] = "data",
-        teacher_path: str | None = None,
         lr: float = 5e-5,
         weight_decay: float = 0.01,
         warmup_steps: int = 0,
@@ -166,9 +157,8 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
         if self.hparams.teacher_source == "live":
             teacher = getattr(self, "teacher", None)
             if teacher is None:
-                raise RuntimeError(
-                    "teacher_source='live' but no teacher is attached: add the teacher callback or set teacher_path"
-                )
+                raise RuntimeError("teacher_source='live' but no teacher is attached: configure one under "
+                                   "`teacher:` (e.g. --teacher.backbone=<ranker export> --teacher.task=ranker)")
             ids = batch.get("teacher_input_ids", batch["input_ids"])
             mask = batch.get("teacher_attention_mask", batch["attention_mask"])
             extra = {} if "teacher_input_ids" in batch or "token_type_ids" not in batch else {
@@ -177,8 +167,6 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
                 t = _as_scores(teacher(input_ids=ids, attention_mask=mask, **extra))
             t = group_scores(t.float(), batch)
         else:
-            if "teacher_scores" not in batch:
-                raise KeyError("the batch has no 'teacher_scores': label the data first or use teacher_source='live'")
             t = _data_teacher_scores(batch).float()
         if self.hparams.standardize_teacher:
             mean, std = self.teacher_stats[0], self.teacher_stats[1]
@@ -186,12 +174,6 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
                 raise RuntimeError("standardize_teacher is on but the teacher mean/std are not set")
             t = (t - mean) / std.clamp(min=1e-6)
         return t
-
-    def on_fit_start(self) -> None:
-        if self.needs_teacher and getattr(self, "teacher", None) is None and self.hparams.teacher_path:
-            from kdlab.labeling import load_rank_teacher
-
-            self.attach_teacher(load_rank_teacher(self.hparams.teacher_path, device=self.device))
 
     def on_train_start(self) -> None:
         if self.hparams.standardize_teacher and not torch.isfinite(self.teacher_stats).all():
@@ -287,15 +269,4 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
         ``AutoModelForSequenceClassification`` or sentence-transformers' ``CrossEncoder``;
         decoder: backbone + ``score_head.safetensors`` like :class:`TeacherRankSFT`.
         """
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        if isinstance(self.ranker, SequenceClassificationRanker):
-            self.ranker.model.save_pretrained(str(out))
-        else:
-            self.ranker.backbone.save_pretrained(str(out))
-            save_score_head(
-                self.ranker.head, out,
-                {"kind": "decoder-last-token", "hidden_size": self.ranker.head.hidden_size,
-                 "text_format": "decoder", "stage": "RankDistillStudent"},
-            )
-        save_tokenizer(self.hparams.backbone, out)
+        save_served_model(self.ranker, self.hparams.backbone, directory, stage=type(self).__name__)

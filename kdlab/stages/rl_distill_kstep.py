@@ -9,8 +9,9 @@ One training step (``objective="pg"``)::
     loss = − mean_t (G_t − b_t) · log π_θ(a_t | s_t)   (log-probs recomputed with grad)
 
 The mask of generated tokens runs up to and including the first EOS. Baselines ``ce`` (teacher-forced
-cross-entropy on the references) and ``kd`` (token-level forward KL to the teacher on the references)
-are selected by the same config; ``warmup_steps_ce`` runs CE for the first optimiser steps of ``pg``.
+cross-entropy on the references) and ``kd`` (token-level forward KL to the teacher on the references,
+:mod:`kdlab.losses.token`) are selected by the same config; ``ce_warmup_steps`` runs CE for the first
+optimiser steps of ``pg`` (an objective schedule; ``warmup_steps`` is the learning-rate warmup).
 
 Decoder-only students see ``prompt ⊕ continuation``; encoder-decoder (T5-style) students encode the
 prompt and decode the continuation. The teacher is always a causal LM scoring ``prompt ⊕
@@ -19,27 +20,27 @@ continuation``, so teacher and student must share a vocabulary (checked in :meth
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import BLEUScore
 from torchmetrics.text.rouge import ROUGEScore
 
+from kdlab.defaults import IGNORE_INDEX
 from kdlab.losses.returns import induced_rewards, kstep_returns, policy_gradient_loss
+from kdlab.losses.token import forward_kl, token_cross_entropy
+from kdlab.models.backbones import load_generation_model, pad_token_id
+from kdlab.models.export import save_served_model
 from kdlab.models.sampling import left_padded_positions, sample_causal
 from kdlab.protocols import attach_unregistered, is_sharded_strategy
-from kdlab.stages._common import global_token_mean
+from kdlab.stages._common import build_optimizer, global_token_mean
 
-__all__ = ["RLDistillKStep", "Rollout", "load_generation_student"]
+__all__ = ["GenerationMetrics", "RLDistillKStep", "Rollout"]
 
 
 @dataclass
@@ -65,23 +66,6 @@ class Rollout:
     def num_generated(self) -> int:
         """Valid generated tokens (up to and including EOS)."""
         return int(self.action_mask.sum().item())
-
-
-def load_generation_student(name: str, config: dict[str, Any] | None = None, dtype: str = "float32") -> nn.Module:
-    """Load a student for generation: a causal LM via ``load_backbone``, or an encoder-decoder
-    (``config.is_encoder_decoder``, e.g. T5) from a local directory / hub id via ``AutoModelForSeq2SeqLM``."""
-    from kdlab.models import backbones
-
-    kind, location = backbones.resolve_name(name)
-    if kind != "tiny":
-        from transformers import AutoConfig, AutoModelForSeq2SeqLM
-
-        cfg = AutoConfig.from_pretrained(location, local_files_only=kind == "local")
-        if getattr(cfg, "is_encoder_decoder", False):
-            return AutoModelForSeq2SeqLM.from_pretrained(
-                location, dtype=backbones.resolve_dtype(dtype), local_files_only=kind == "local", **(config or {})
-            )
-    return backbones.load_backbone(name, "causal-lm", config=config, dtype=dtype)
 
 
 def _output_vocab_size(model: nn.Module) -> int:
@@ -139,16 +123,42 @@ def _pack_index(valid: Tensor) -> tuple[Tensor, Tensor]:
     return index, packed_mask
 
 
+class GenerationMetrics(nn.Module):
+    """ROUGE-1/2/L, BLEU, mean generation length and the teacher's mean log-likelihood of the
+    student's tokens, for one evaluation split (validation and test each have their own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rouge = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))
+        self.bleu = BLEUScore()
+        self.teacher_logprob = MeanMetric()
+        self.gen_length = MeanMetric()
+
+    def compute(self) -> dict[str, Tensor]:
+        """``rouge1``, ``rouge2``, ``rougeL`` (F-measures), ``bleu``, ``gen_length`` and, when a
+        teacher scored anything, ``teacher_logprob``."""
+        rouge = self.rouge.compute()
+        out = {key: rouge[f"{key}_fmeasure"] for key in ("rouge1", "rouge2", "rougeL")}
+        out.update(bleu=self.bleu.compute(), gen_length=self.gen_length.compute())
+        if self.teacher_logprob.update_count > 0:
+            out["teacher_logprob"] = self.teacher_logprob.compute()
+        return out
+
+    def reset(self) -> None:
+        for metric in (self.rouge, self.bleu, self.teacher_logprob, self.gen_length):
+            metric.reset()
+
+
 class RLDistillKStep(L.LightningModule):
     """KETCHUP distillation of a generation teacher into a student by K-step-return policy gradient.
 
     Args:
-        student: backbone name for the student (``tiny-llama``, alias, local dir, hub id; a directory
-            whose config is encoder-decoder loads as ``AutoModelForSeq2SeqLM``).
-        student_config: tiny-model config overrides / pretrained config attribute overrides.
-        student_keep_layers: build the student from ``student`` read as a causal-LM *teacher*, keeping
-            these layer indices (or ``"every-other"``; DistilBERT-style init, same vocabulary) with
-            :func:`kdlab.models.backbones.build_student_from_teacher`. ``None``: load ``student`` as is.
+        backbone: the student (``tiny-llama``, alias, local dir, hub id; a directory whose config is
+            encoder-decoder loads as ``AutoModelForSeq2SeqLM``).
+        backbone_config: tiny-model config overrides / pretrained config attribute overrides.
+        backbone_keep_layers: build the student from ``backbone`` read as a causal-LM *teacher*,
+            keeping these layer indices (or ``"every-other"``; DistilBERT-style init, same vocabulary)
+            with :func:`kdlab.models.backbones.build_student_from_teacher`. ``None``: load as is.
         tokenizer: tokenizer name (default: the student's). Must equal the data module's ``tokenizer``
             (Lightning merges both hparams and refuses differing values).
         k: segment length K of the K-step return (K = 1: one-step RL-KD of Hao et al.).
@@ -163,9 +173,9 @@ class RLDistillKStep(L.LightningModule):
             The log-probs of the PG loss use ``logits / temperature`` (the policy that sampled).
         max_new_tokens: continuation budget (training and validation).
         num_samples_per_prompt: continuations per prompt (each prompt repeated n times).
-        warmup_steps_ce: optimiser steps of CE on references before PG starts (``pg`` only).
+        ce_warmup_steps: optimiser steps of CE on references before PG starts (``pg`` only).
         kd_temperature: τ of the ``kd`` objective, ``loss = τ² · KL(p_T^τ ‖ p_S^τ)``.
-        lr / weight_decay: AdamW.
+        lr, weight_decay, warmup_steps: AdamW + linear learning-rate warmup (as every stage).
         generation_kwargs: extra ``generate`` kwargs (e.g. ``repetition_penalty``) for training rollouts.
         sampler: ``kdlab`` — :func:`kdlab.models.sampling.sample_causal`, a lean KV-cache loop with
             inverse-CDF draws (same distribution as ``generate``, greedy identical, faster per token)
@@ -174,6 +184,8 @@ class RLDistillKStep(L.LightningModule):
             own ``generation_config`` sets a logits processor (e.g. ``repetition_penalty``, which
             ``generate`` would apply), and sharded strategies (FSDP/DeepSpeed: ``generate`` keeps
             the ranks in lock step). ``hf-generate``: always HF ``generate`` (HF's sampling stream).
+        eos_token_ids: the tokens that end a continuation (chat models often have several, e.g.
+            ``<|im_end|>`` and ``</s>``); None: the tokenizer's EOS (else the student config's).
         teacher_for_eval: with ``objective="ce"``, still ask for a teacher to report
             ``val/teacher_logprob`` (pg/kd always need one).
         dtype: student dtype.
@@ -181,9 +193,9 @@ class RLDistillKStep(L.LightningModule):
 
     def __init__(
         self,
-        student: str = "tiny-llama",
-        student_config: dict[str, Any] | None = None,
-        student_keep_layers: list[int] | Literal["every-other"] | None = None,
+        backbone: str = "tiny-llama",
+        backbone_config: dict[str, Any] | None = None,
+        backbone_keep_layers: list[int] | Literal["every-other"] | None = None,
         tokenizer: str | None = None,
         k: int = 1,
         objective: Literal["pg", "ce", "kd"] = "pg",
@@ -199,12 +211,14 @@ class RLDistillKStep(L.LightningModule):
         top_k: int = 0,
         top_p: float = 1.0,
         num_samples_per_prompt: int = 1,
-        warmup_steps_ce: int = 0,
+        ce_warmup_steps: int = 0,
         kd_temperature: float = 1.0,
         lr: float = 1e-5,
         weight_decay: float = 0.0,
+        warmup_steps: int = 0,
         generation_kwargs: dict[str, Any] | None = None,
         sampler: Literal["kdlab", "hf-generate"] = "kdlab",
+        eos_token_ids: list[int] | None = None,
         teacher_for_eval: bool = False,
         dtype: str = "float32",
     ) -> None:
@@ -217,16 +231,17 @@ class RLDistillKStep(L.LightningModule):
             raise ValueError(f"num_samples_per_prompt must be ≥ 1, got {num_samples_per_prompt}")
         # Recorded resolved (save_hyperparameters reads the locals): Lightning refuses a data module
         # whose ``tokenizer`` hparam differs, which also catches stage and data tokenising differently.
-        tokenizer = tokenizer or student
+        tokenizer = tokenizer or backbone
         self.save_hyperparameters()
         from kdlab.models.backbones import load_tokenizer
 
-        if student_keep_layers is None:
-            self.student = load_generation_student(student, student_config, dtype)
+        if backbone_keep_layers is None:
+            self.student = load_generation_model(backbone, backbone_config, dtype)
         else:
             from kdlab.models.backbones import build_student_from_teacher
 
-            self.student = build_student_from_teacher(student, student_keep_layers, dtype=dtype, config=student_config)
+            self.student = build_student_from_teacher(backbone, backbone_keep_layers, dtype=dtype,
+                                                      config=backbone_config)
             self.student.train()
         self.tokenizer = load_tokenizer(tokenizer)
         self.is_encoder_decoder = bool(getattr(self.student.config, "is_encoder_decoder", False))
@@ -234,23 +249,22 @@ class RLDistillKStep(L.LightningModule):
         attach_unregistered(self, "teacher", None)
         self.register_buffer("return_running_mean", torch.tensor(float("nan")), persistent=True)
         eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.student.config.eos_token_id
+        if eos_token_ids is not None:
+            eos = eos_token_ids
         self._eos_ids: list[int] = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [int(eos)])
-        pad = self.tokenizer.pad_token_id
-        self._pad_id: int = int(pad if pad is not None else (self._eos_ids[0] if self._eos_ids else 0))
-        self.val_rouge = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))
-        self.val_bleu = BLEUScore()
-        self.val_teacher_logprob = MeanMetric()
-        self.val_gen_length = MeanMetric()
+        self._pad_id: int = pad_token_id(self.tokenizer)
+        self.val_metrics = GenerationMetrics()
+        self.test_metrics = GenerationMetrics()
 
     # ------------------------------------------------------------------ teacher protocol
-    def attach_teacher(self, teacher: nn.Module, tokenizer: Any | None = None) -> None:
-        """Keep ``teacher`` unregistered (never a submodule / in a checkpoint) after checking vocabularies.
+    def attach_teacher(self, teacher: nn.Module) -> None:
+        """Keep the frozen ``teacher`` unregistered (never a submodule / in a checkpoint) after
+        checking that it scores the student's vocabulary.
 
         Rewards index the teacher's logits by the student's token ids, so the logit widths and
-        ``config.vocab_size`` must match; if the caller passes the teacher's tokenizer, the
-        token ↔ id maps must match too (``assert_same_vocabulary``).
+        ``config.vocab_size`` must match.
         """
-        from kdlab.models.backbones import VocabularyMismatchError, assert_same_vocabulary
+        from kdlab.models.backbones import VocabularyMismatchError
 
         t_head, s_head = _output_vocab_size(teacher), _output_vocab_size(self.student)
         t_cfg = getattr(getattr(teacher, "config", None), "vocab_size", t_head)
@@ -262,18 +276,14 @@ class RLDistillKStep(L.LightningModule):
                 f"(logits {s_head}); RLDistillKStep scores the student's tokens with the teacher's logits, "
                 "so both must use the same tokenizer"
             )
-        if tokenizer is not None:
-            assert_same_vocabulary(tokenizer, self.tokenizer)
-        teacher.eval()
-        teacher.requires_grad_(False)
         attach_unregistered(self, "teacher", teacher)
 
     def _require_teacher(self) -> nn.Module:
         teacher = getattr(self, "teacher", None)
         if teacher is None:
             raise RuntimeError(
-                f"RLDistillKStep(objective={self.hparams.objective!r}) needs a teacher: add the "
-                "callbacks.teacher.TeacherLoader callback (trainer.callbacks) or call attach_teacher()"
+                f"RLDistillKStep(objective={self.hparams.objective!r}) needs a teacher: configure it under "
+                "`teacher:` (e.g. --teacher.backbone=DIR) or call attach_teacher()"
             )
         return teacher
 
@@ -416,9 +426,9 @@ class RLDistillKStep(L.LightningModule):
         students encode ``prompt_input_ids`` and decode the packed targets.
         """
         labels = batch["labels"]
-        valid = labels[:, 1:] != -100
+        valid = labels[:, 1:] != IGNORE_INDEX
         index, packed_mask = _pack_index(valid)
-        targets = labels[:, 1:].gather(1, index).masked_fill(~packed_mask, -100)
+        targets = labels[:, 1:].gather(1, index).masked_fill(~packed_mask, IGNORE_INDEX)
         if self.is_encoder_decoder and not causal_only:
             dec_in = self.student.prepare_decoder_input_ids_from_labels(labels=targets)
             logits = model(
@@ -442,13 +452,12 @@ class RLDistillKStep(L.LightningModule):
     def _ce_loss(self, batch: dict[str, Any], across_ranks: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         """Teacher-forced cross-entropy on the references: ``− mean_t log p_θ(y_t | x, y_<t)``
         (the mean over the global batch's target tokens when ``across_ranks``)."""
-        logits, targets, mask = self._reference_logits(self.student, batch)
-        total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-        loss = self._token_mean(total, mask.sum(), across_ranks)
+        logits, targets, _ = self._reference_logits(self.student, batch)
+        loss = self._token_mean(*token_cross_entropy(logits, targets), across_ranks)
         return loss, {"ce_loss": loss.detach()}
 
     def _kd_loss(self, batch: dict[str, Any], across_ranks: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        """Token-level forward KL on the references::
+        """Token-level forward KL on the references (:func:`kdlab.losses.token.forward_kl`)::
 
             loss = τ² · mean_t Σ_v p_T^τ(v) (log p_T^τ(v) − log p_S^τ(v)),  p^τ = softmax(logits / τ)
         """
@@ -456,15 +465,12 @@ class RLDistillKStep(L.LightningModule):
         s_logits, _, mask = self._reference_logits(self.student, batch)
         with torch.no_grad():
             t_logits, _, _ = self._reference_logits(self._require_teacher(), batch, causal_only=True)
-        log_ps = torch.log_softmax(s_logits.float() / tau, dim=-1)
-        log_pt = torch.log_softmax(t_logits.float() / tau, dim=-1)
-        kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
-        loss = tau**2 * self._token_mean((kl * mask.float()).sum(), mask.sum(), across_ranks)
+        loss = tau**2 * self._token_mean(*forward_kl(s_logits, t_logits, mask, tau), across_ranks)
         return loss, {"kd_loss": loss.detach()}
 
     def _active_objective(self) -> str:
         hp = self.hparams
-        if hp.objective == "pg" and self.global_step < hp.warmup_steps_ce:
+        if hp.objective == "pg" and self.global_step < hp.ce_warmup_steps:
             return "ce"
         return hp.objective
 
@@ -496,40 +502,34 @@ class RLDistillKStep(L.LightningModule):
             self.log(f"train/{name}", value.float(), batch_size=bs)
         return loss
 
-    def _eval_step(self, batch: dict[str, Any]) -> None:
+    def _eval_step(self, metrics: GenerationMetrics, batch: dict[str, Any]) -> None:
         ro = self.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"], greedy=True)
         preds = self.decode(ro)
         targets = list(batch["target_text"])
-        self.val_rouge.update(preds, targets)
-        self.val_bleu.update(preds, [[t] for t in targets])
-        self.val_gen_length.update(ro.action_mask.sum(-1).float())
+        metrics.rouge.update(preds, targets)
+        metrics.bleu.update(preds, [[t] for t in targets])
+        metrics.gen_length.update(ro.action_mask.sum(-1).float())
         if getattr(self, "teacher", None) is not None and ro.num_generated > 0:
             logp = torch.log_softmax(self.teacher_action_logits(ro), dim=-1)
             ll = logp.gather(-1, ro.actions.unsqueeze(-1)).squeeze(-1)
-            self.val_teacher_logprob.update(ll[ro.action_mask])
+            metrics.teacher_logprob.update(ll[ro.action_mask])
 
-    def _eval_epoch_end(self, prefix: str) -> None:
-        rouge = self.val_rouge.compute()
-        for key in ("rouge1", "rouge2", "rougeL"):
-            self.log(f"{prefix}/{key}", rouge[f"{key}_fmeasure"], prog_bar=key == "rougeL")
-        self.log(f"{prefix}/bleu", self.val_bleu.compute())
-        self.log(f"{prefix}/gen_length", self.val_gen_length.compute())
-        if self.val_teacher_logprob.update_count > 0:
-            self.log(f"{prefix}/teacher_logprob", self.val_teacher_logprob.compute())
-        for metric in (self.val_rouge, self.val_bleu, self.val_teacher_logprob, self.val_gen_length):
-            metric.reset()
+    def _eval_epoch_end(self, metrics: GenerationMetrics, prefix: str) -> None:
+        for name, value in metrics.compute().items():
+            self.log(f"{prefix}/{name}", value, prog_bar=name == "rougeL")
+        metrics.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
+        self._eval_step(self.val_metrics, batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
+        self._eval_epoch_end(self.val_metrics, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch)
+        self._eval_step(self.test_metrics, batch)
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+        self._eval_epoch_end(self.test_metrics, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         return self.decode(self.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"], greedy=True))
@@ -539,23 +539,11 @@ class RLDistillKStep(L.LightningModule):
         ids = ro.actions.masked_fill(~ro.action_mask, self._pad_id)
         return [s.strip() for s in self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.student.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        return build_optimizer(self, hp.lr, hp.weight_decay, hp.warmup_steps)
 
     # ------------------------------------------------------------------ export
     def export_pretrained(self, directory: str) -> None:
-        """Write the student + tokenizer (``save_pretrained``) to ``directory`` atomically
-        (a sibling temp dir renamed into place)."""
-        directory = os.path.abspath(directory)
-        parent = os.path.dirname(directory)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-        try:
-            self.student.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            if os.path.isdir(directory):
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        """The student + tokenizer as a plain Hugging Face directory (``save_pretrained``)."""
+        save_served_model(self.student, self.hparams.tokenizer, directory, stage=type(self).__name__)

@@ -1,6 +1,6 @@
 """Stage A of DisRanker: continued pre-training (CPT) of a decoder LLM on click logs.
 
-The batch's ``labels`` already hold ``-100`` on the prompt (the query) and on padding, so the loss
+The batch's ``labels`` already hold ``IGNORE_INDEX`` on the prompt (the query) and on padding, so the loss
 is ``L_cpt = − (1 / |O|) Σ_{t ∈ O} log p(y_t | q, y_<t)`` over the output tokens ``O`` of the batch
 (our reading: loss on the clicked title + summary only; the data module's ``loss_on_prompt``
 option puts it on the query too).
@@ -8,31 +8,19 @@ option puts it on the query too).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from kdlab.losses.token import next_token_nll
 from kdlab.models.backbones import load_backbone
-from kdlab.stages._common import apply_lora, build_optimizer, global_token_mean, merge_lora, save_tokenizer
+from kdlab.models.export import save_served_model
+from kdlab.stages._common import apply_lora, build_optimizer, global_token_mean
 
-__all__ = ["TeacherCPT", "token_nll"]
-
-
-def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Next-token NLL: ``(Σ_t −log p(labels_{t+1} | ≤ t), number of target tokens)`` over positions
-    whose shifted label is not ``-100``."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    total = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-        ignore_index=-100, reduction="sum",
-    )
-    return total, (shift_labels != -100).sum()
+__all__ = ["TeacherCPT"]
 
 
 class TeacherCPT(L.LightningModule):
@@ -79,17 +67,17 @@ class TeacherCPT(L.LightningModule):
 
     def batch_loss(self, batch: dict[str, Any]) -> Tensor:
         """Mean next-token NLL over the batch's target tokens (the training loss)."""
-        total, count = token_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        total, count = next_token_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
         return total / count.clamp(min=1)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        total, count = token_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        total, count = next_token_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
         loss = global_token_mean(self, total, count)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        total, count = token_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        total, count = next_token_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
         if count > 0:
             self.val_nll.update(total / count, weight=count.float())
 
@@ -107,7 +95,4 @@ class TeacherCPT(L.LightningModule):
     def export_pretrained(self, directory: str) -> None:
         """Save the CPT model (LoRA merged in) and its tokenizer as a plain HF directory, loadable
         by path as the next stage's ``backbone``."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        merge_lora(self.model).save_pretrained(str(out))
-        save_tokenizer(self.hparams.backbone, out)
+        save_served_model(self.model, self.hparams.backbone, directory, stage=type(self).__name__)

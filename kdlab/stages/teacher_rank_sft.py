@@ -11,7 +11,6 @@ Score ``s(q, d) = w · h_EOS + b`` from the last-layer hidden state of the final
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -21,15 +20,8 @@ from kdlab.losses.ranking import rank_loss
 from kdlab.metrics import RankingMetrics
 from kdlab.models.backbones import load_backbone
 from kdlab.models.heads import DecoderRanker
-from kdlab.stages._common import (
-    RankingEvalMixin,
-    apply_lora,
-    build_optimizer,
-    group_scores,
-    merge_lora,
-    save_score_head,
-    save_tokenizer,
-)
+from kdlab.models.export import save_served_model
+from kdlab.stages._common import RankingEvalMixin, apply_lora, build_optimizer, group_scores
 
 __all__ = ["TeacherRankSFT"]
 
@@ -48,7 +40,7 @@ class TeacherRankSFT(RankingEvalMixin, L.LightningModule):
 
     Exports (``export_pretrained``): the backbone (LoRA merged) + tokenizer via ``save_pretrained``,
     plus ``score_head.safetensors`` and ``kdlab_score_head.json``;
-    :func:`kdlab.labeling.load_rank_teacher` reloads it.
+    :func:`kdlab.models.export.load_rank_teacher` reloads it.
     """
 
     def __init__(
@@ -101,12 +93,4 @@ class TeacherRankSFT(RankingEvalMixin, L.LightningModule):
 
     def export_pretrained(self, directory: str) -> None:
         """Backbone (LoRA merged) + tokenizer + score head, reloadable with ``load_rank_teacher``."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        merge_lora(self.ranker.backbone).save_pretrained(str(out))
-        save_tokenizer(self.hparams.backbone, out)
-        save_score_head(
-            self.ranker.head, out,
-            {"kind": "decoder-last-token", "hidden_size": self.ranker.head.hidden_size,
-             "text_format": "decoder", "stage": "TeacherRankSFT"},
-        )
+        save_served_model(self.ranker, self.hparams.backbone, directory, stage=type(self).__name__)

@@ -1,0 +1,129 @@
+"""RunRecord: writes a run directory's record (config, manifest, metrics, exported model).
+
+The run directory itself (its layout, the atomic writers, launching runs) is :mod:`kdlab.runs`;
+this callback only decides *when* each file is written during a Lightning run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from kdlab.protocols import ExportsPretrained
+from kdlab.runs import atomic_dir, git_state, now_iso, package_versions, write_json_atomic, write_text_atomic
+
+__all__ = ["RunRecord", "scalar_metrics"]
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            return None
+        value = value.item()
+    if isinstance(value, (int, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return None
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite scalar entries of a Lightning metrics mapping, as plain floats."""
+    out = {}
+    for key, value in metrics.items():
+        number = _as_float(value)
+        if number is not None:
+            out[key] = number
+    return out
+
+
+class RunRecord(L.Callback):
+    """Writes the run directory's record: config, manifest, metrics, and the exported model.
+
+    Added by the CLI to every run; only global rank 0 writes. The exported model goes to
+    ``model/`` when the stage follows :class:`kdlab.protocols.ExportsPretrained`.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], config_yaml: str, seed: int | None,
+                 command: str, export_model: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.config_yaml = config_yaml
+        self.seed = seed
+        self.command = command
+        self.export_model = export_model
+        self.manifest: dict[str, Any] = {}
+
+    # -- helpers
+    def _write_manifest(self, **updates: Any) -> None:
+        self.manifest.update(updates)
+        write_json_atomic(self.run_dir / "manifest.json", self.manifest)
+
+    def _merge_metrics(self, trainer: L.Trainer) -> None:
+        path = self.run_dir / "metrics.json"
+        current = json.loads(path.read_text()) if path.exists() else {}
+        current.update(scalar_metrics(trainer.callback_metrics))
+        write_json_atomic(path, current)
+
+    # -- hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero or self.manifest:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.run_dir / "config.yaml", self.config_yaml)
+        strategy = trainer.strategy
+        self._write_manifest(
+            command=self.command,
+            argv=sys.argv,
+            seed=self.seed,
+            git=git_state(),
+            versions=package_versions(),
+            devices={
+                "accelerator": type(trainer.accelerator).__name__,
+                "strategy": type(strategy).__name__,
+                "world_size": trainer.world_size,
+                "num_nodes": trainer.num_nodes,
+                "root_device": str(strategy.root_device),
+                "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+                "cpu_count": os.cpu_count(),
+                "platform": platform.platform(),
+            },
+            start_time=now_iso(),
+            end_time=None,
+            status="running",
+            stage=type(pl_module).__qualname__,
+        )
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._merge_metrics(trainer)
+        if self.export_model and isinstance(pl_module, ExportsPretrained) and not trainer.sanity_checking:
+            if trainer.is_global_zero:
+                with atomic_dir(self.run_dir / "model", prefix=".model.") as build:
+                    pl_module.export_pretrained(str(build))
+            trainer.strategy.barrier("kdlab-export")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            self._merge_metrics(trainer)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._merge_metrics(trainer)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero and self.manifest:
+            status = "interrupted" if trainer.interrupted else "finished"
+            self._write_manifest(end_time=now_iso(), status=status,
+                                 global_step=trainer.global_step, epoch=trainer.current_epoch)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if trainer.is_global_zero and self.manifest:
+            self._write_manifest(end_time=now_iso(), status="failed", error=repr(exception)[:500])
