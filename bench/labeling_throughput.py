@@ -37,21 +37,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import _common  # noqa: E402  (puts the repo root on sys.path)
 
 SCRIPT = Path(__file__).resolve()
-TINY_LLAMA_TEACHER = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-                      "num_key_value_heads": 4, "intermediate_size": 1024}
-
 
 # ------------------------------------------------------------------------------------------ teachers
 def make_teacher(kind: str, directory: Path, seed: int) -> str:
     """A teacher export: ``minilm-l6`` (one-label seq-cls cross-encoder, seeded head) or
-    ``tiny-llama`` (a :class:`TeacherRankSFT` with a 256-wide, 4-layer tiny Llama, decoder text)."""
+    ``tiny-llama`` (a :class:`TeacherRankSFT` on ``tiny-llama-h256``, 256-wide, 4 layers, decoder text)."""
     if kind == "tiny-llama":
         import lightning as L
 
         from kdlab.stages.teacher_rank_sft import TeacherRankSFT
 
         L.seed_everything(seed, verbose=False)
-        TeacherRankSFT(backbone="tiny-llama", backbone_config=TINY_LLAMA_TEACHER).export_pretrained(str(directory))
+        TeacherRankSFT(backbone="tiny-llama-h256").export_pretrained(str(directory))
         return str(directory)
     return _common.export_student_init(kind, directory, seed=seed)
 

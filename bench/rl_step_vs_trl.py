@@ -39,6 +39,7 @@ import torch  # noqa: E402
 
 from kdlab.data import sample_path  # noqa: E402
 from kdlab.models.backbones import load_backbone, load_tokenizer  # noqa: E402
+from kdlab.models.export import load_teacher, save_served_model  # noqa: E402
 from kdlab.stages.rl_distill_kstep import RLDistillKStep  # noqa: E402
 
 
@@ -185,10 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer("tiny-llama")
     torch.manual_seed(0)
     student = load_backbone("tiny-llama", "causal-lm", config=ns.student_config)
-    teacher = load_backbone("tiny-llama", "causal-lm", config=ns.teacher_config).eval().requires_grad_(False).to(ns.device)
+    teacher = load_teacher("tiny-llama", "causal-lm", config=ns.teacher_config, device=ns.device)
     student_dir = tempfile.mkdtemp(prefix="bench-student-")
-    student.save_pretrained(student_dir)
-    tok.save_pretrained(student_dir)
+    save_served_model(student, "tiny-llama", student_dir, stage="bench")
     n = (ns.steps + 1) * ns.batch_size
     ps = prompts(tok, n, ns.max_source_tokens)
     batches = [left_pad(ps[i:i + ns.batch_size], tok.pad_token_id) for i in range(0, n, ns.batch_size)]

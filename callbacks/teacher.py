@@ -27,14 +27,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from kdlab.models.backbones import Quantization
-from kdlab.models.export import TeacherTask, load_teacher
+from kdlab.models.export import TeacherConfigError, TeacherTask, check_teacher_options, load_teacher
 from kdlab.protocols import NeedsTeacher, is_sharded_strategy
 
 log = logging.getLogger(__name__)
-
-
-class TeacherConfigError(ValueError):
-    """The teacher configuration cannot work with this stage or strategy; printed as one line."""
 
 
 class TeacherLoader(L.Callback):
@@ -70,9 +66,7 @@ class TeacherLoader(L.Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if task == "ranker" and quantization is not None:
-            raise TeacherConfigError("teacher.task 'ranker' loads a full-precision export: set teacher.quantization "
-                                     "to null (or quantize a causal-lm/encoder teacher)")
+        check_teacher_options(task, quantization)  # a bad combination fails at config time, in one line
         self.backbone = backbone
         self.task = task
         self.config = dict(config) if config else None
@@ -93,6 +87,8 @@ class TeacherLoader(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Load (once) and attach the teacher; runs after the device is set, before DDP wraps the module."""
+        if self.backbone is None and not getattr(pl_module, "needs_teacher", False):
+            return  # nothing configured, nothing needed
         if not isinstance(pl_module, NeedsTeacher):
             rank_zero_warn(
                 f"TeacherLoader: {type(pl_module).__name__} does not implement NeedsTeacher "

@@ -30,10 +30,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from kdlab.ablations import AblationError
 from kdlab.callbacks import GradVariance, RunRecord, TeacherLoader
-from kdlab.callbacks.teacher import TeacherConfigError
 from kdlab.data.readers import DataFormatError
 from kdlab.defaults import LABEL_BATCH_SIZE, PAIR_MAX_LENGTH
 from kdlab.models.backbones import BackboneError
+from kdlab.models.export import TeacherConfigError
 from kdlab.models.prepare import PrepareError
 from kdlab.pipeline import PipelineConfig
 from kdlab.runs import RUN_DIR_ENV, RunFailed, resolve_run_dir
@@ -151,7 +151,8 @@ def _cli_kwargs(args: Sequence[str]) -> dict[str, Any]:
         "trainer_defaults": {"logger": DEFAULT_LOGGER, "deterministic": "warn"},
         "seed_everything_default": 0,
         "save_config_callback": None,
-        "parser_kwargs": {"parser_mode": "omegaconf", "exit_on_error": False},
+        # No prefix matching: `--teacher.backbon=x` must be an error, not a silent `backbone`.
+        "parser_kwargs": {"parser_mode": "omegaconf", "exit_on_error": False, "allow_abbrev": False},
     }
 
 
@@ -165,8 +166,9 @@ def _refuse_grouped_callbacks(callbacks: Any) -> None:
 
 def _moved_callback_message(class_name: str) -> str:
     group = CALLBACK_GROUPS[class_name]
+    off = "; every_n_steps now defaults to off (was 50): set it" if class_name == "GradVariance" else ""
     return (f"{class_name} is configured under its own `{group}:` key, not in trainer.callbacks: move its "
-            f"init_args there (YAML `{group}: {{...}}`, or --{group}.<option>=VALUE)")
+            f"init_args there (YAML `{group}: {{...}}`, or --{group}.<option>=VALUE){off}")
 
 
 def _class_name(model_cfg: Any) -> str:
@@ -340,7 +342,8 @@ TOOL_COMMANDS: dict[str, ToolCommand] = {
 def tool_parser(command: str) -> ArgumentParser:
     """The parser of a model-free command, built from its function's signature."""
     spec = TOOL_COMMANDS[command]
-    parser = ArgumentParser(prog=f"python -m kdlab {command}", description=spec.help, exit_on_error=False)
+    parser = ArgumentParser(prog=f"python -m kdlab {command}", description=spec.help, exit_on_error=False,
+                            allow_abbrev=False)
     if spec.options is not None:
         parser.add_argument("--config", action=ActionConfigFile)
         parser.add_class_arguments(spec.options, nested_key=None, as_group=False)

@@ -28,7 +28,7 @@ from torch import nn
 from kdlab.data.collators import RankingCollator
 from kdlab.data.readers import RankingDoc, RankingGroup, ranking_group_to_json, read_ranking_jsonl
 from kdlab.defaults import LABEL_BATCH_SIZE, LABEL_CHUNK_GROUPS, PAIR_MAX_LENGTH
-from kdlab.models.backbones import load_tokenizer
+from kdlab.models.backbones import load_tokenizer, pad_token_id
 from kdlab.models.export import load_rank_teacher
 from kdlab.runs import atomic_path
 
@@ -312,7 +312,7 @@ def hf_llm_rank_fn(
         enc = tokenizer(text, return_tensors="pt")
         device = next(model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_token_id(tokenizer)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)  # type: ignore[operator]
         return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

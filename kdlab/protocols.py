@@ -38,7 +38,11 @@ class NeedsTeacher(Protocol):
     needs_teacher: bool
 
     def attach_teacher(self, teacher: nn.Module) -> None:
-        """Keep a reference to ``teacher`` without registering it as a submodule."""
+        """Keep a reference to ``teacher`` without registering it as a submodule.
+
+        The teacher arrives frozen (eval mode, no gradients: :func:`kdlab.models.export.freeze`,
+        as :func:`kdlab.models.export.load_teacher` returns it); the stage does not change it.
+        """
 
 
 @runtime_checkable

@@ -34,6 +34,7 @@ from kdlab.data.readers import (
     read_ranking_jsonl,
     read_seq2seq_jsonl,
 )
+from kdlab.models.backbones import pad_token_id
 
 
 def load_data_tokenizer(name: str) -> Any:
@@ -300,7 +301,7 @@ class _PromptTargetDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         ds = self.datasets[split]
-        collate = CausalLMCollator(self.tokenizer.pad_token_id, loss_on_prompt=self.loss_on_prompt,
+        collate = CausalLMCollator(pad_token_id(self.tokenizer), loss_on_prompt=self.loss_on_prompt,
                                    with_prompts=self.with_prompts)
         return _make_loader(ds, collate, ds.lengths(), batch_size, shuffle=shuffle, bucket=self.bucket_by_length,
                             seed=self.seed, num_workers=self.num_workers,

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.retrieval import RetrievalMRR, RetrievalNormalizedDCG
 
+from kdlab.defaults import EVAL_K
 from kdlab.losses.ranking import preference_pairs
 
 __all__ = ["PNR", "RankingMetrics", "pair_counts"]
@@ -98,7 +99,7 @@ class RankingMetrics(nn.Module):
 
     def __init__(
         self,
-        k: int = 10,
+        k: int = EVAL_K,
         relevance_threshold: float = 0.0,
         empty_target_action: Literal["skip", "neg", "pos", "error"] = "skip",
     ) -> None:

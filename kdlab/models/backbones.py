@@ -66,12 +66,13 @@ _MICRO: dict[str, Any] = {"hidden_size": 32, "intermediate_size": 64, "num_hidde
 
 #: Tiny random-init models by name (as litgpt's ``Config.from_name``): name → (family, size over the
 #: family's defaults). ``tiny-llama`` / ``tiny-bert`` are the quickstart students, ``tiny-llama-h128``
-#: its teachers, the ``-h32`` ones the smallest that tests train. A config's ``backbone_config``
+#: its teachers, the ``-h32`` ones the smallest that tests train, ``tiny-llama-h256`` the benchmarks'. A config's ``backbone_config``
 #: still overrides any field.
 TINY_CONFIGS: dict[str, tuple[Literal["llama", "bert"], dict[str, Any]]] = {
     "tiny-llama": ("llama", {}),
     "tiny-llama-h128": ("llama", {"hidden_size": 128, "intermediate_size": 256}),
     "tiny-llama-h32": ("llama", {**_MICRO, "num_key_value_heads": 2}),
+    "tiny-llama-h256": ("llama", {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 1024}),
     "tiny-bert": ("bert", {}),
     "tiny-bert-h32": ("bert", dict(_MICRO)),
 }
@@ -152,8 +153,7 @@ def _tokenizer_special_ids(directory: str) -> tuple[int, int | None, int | None,
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(directory)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return len(tok), pad, tok.bos_token_id, tok.eos_token_id
+    return len(tok), pad_token_id(tok), tok.bos_token_id, tok.eos_token_id
 
 
 def sample_tokenizer_dir() -> Path:

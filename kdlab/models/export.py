@@ -4,7 +4,7 @@ Every stage exports through :func:`save_served_model`: a plain Hugging Face dire
 (``save_pretrained``, LoRA merged in) plus the tokenizer. A decoder ranker (a TeacherRankSFT
 teacher, a decoder student) adds its last-token score head as ``score_head.safetensors`` and
 ``kdlab_score_head.json``. :func:`load_rank_teacher` reads any ranker directory back, and
-:func:`load_teacher` is the one loader of frozen teachers (the teacher callback and labeling use it).
+:func:`load_teacher` is the one loader of frozen teachers (the teacher callback uses it).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from kdlab.models.backbones import Quantization, load_backbone, load_tokenizer
 from kdlab.models.heads import DecoderRanker, SequenceClassificationRanker
 
 __all__ = [
-    "SCORE_HEAD_FILE", "SCORE_HEAD_META", "TeacherTask", "freeze", "load_rank_teacher", "load_score_head",
+    "SCORE_HEAD_FILE", "SCORE_HEAD_META", "TeacherConfigError", "TeacherTask", "check_teacher_options", "freeze", "load_rank_teacher", "load_score_head",
     "load_teacher", "merge_lora", "save_score_head", "save_served_model",
 ]
 
@@ -29,6 +29,17 @@ SCORE_HEAD_FILE = "score_head.safetensors"
 SCORE_HEAD_META = "kdlab_score_head.json"
 
 TeacherTask = Literal["causal-lm", "encoder", "seq-cls", "ranker"]
+
+
+class TeacherConfigError(ValueError):
+    """A teacher configuration that cannot work (with this stage or strategy); printed as one line."""
+
+
+def check_teacher_options(task: TeacherTask, quantization: Quantization | None) -> None:
+    """Refuse option combinations no teacher can be loaded with."""
+    if task == "ranker" and quantization is not None:
+        raise TeacherConfigError("teacher task 'ranker' loads a full-precision export: set quantization to null "
+                                 "(or quantize a causal-lm/encoder teacher)")
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -125,10 +136,8 @@ def load_teacher(
     """A frozen teacher on ``device``: a backbone for ``task`` (:func:`load_backbone`, 8-bit / 4-bit
     through bitsandbytes where asked), or for ``task="ranker"`` an exported ranker directory
     (:func:`load_rank_teacher`, full precision only)."""
+    check_teacher_options(task, quantization)
     if task == "ranker":
-        if quantization is not None:
-            raise ValueError("a 'ranker' teacher loads a full-precision export; set quantization to null "
-                             "(or quantize a causal-lm/encoder teacher)")
         return load_rank_teacher(name, dtype=dtype, device=device)
     model = load_backbone(name, task, config=config, dtype=dtype, quantization=quantization, device=device,
                           trust_remote_code=trust_remote_code, num_labels=num_labels)

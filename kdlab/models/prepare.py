@@ -262,6 +262,7 @@ def prepare(alias: str, force: bool = False, *, source: Source = "auto") -> Path
         bar.update(1)
 
     started = time.time()
+    built = False
     try:
         # The pid in the temporary name lets a later prepare remove what a killed one left.
         with atomic_dir(target, prefix=f".{alias}.tmp-{os.getpid()}-") as tmp:
@@ -280,8 +281,10 @@ def prepare(alias: str, force: bool = False, *, source: Source = "auto") -> Path
                       "seconds": round(time.time() - started, 1)}
             write_text_atomic(tmp / READY_MARKER, json.dumps(marker, indent=2) + "\n")  # the last file written
             step(f"install into {target}")
+            built = True
     except OSError:
-        if not is_ready(target):  # else a concurrent prepare installed first: keep its result
+        # Only the final swap may lose a race: a concurrent prepare installed first; keep its result.
+        if not (built and is_ready(target)):
             raise
     finally:
         bar.close()

@@ -50,20 +50,24 @@ def linear_warmup(warmup_steps: int):  # type: ignore[no-untyped-def]
 
 
 def build_optimizer(
-    module: nn.Module, lr: float, weight_decay: float, warmup_steps: int
+    module: nn.Module, lr: float, weight_decay: float, warmup_steps: int, *, decay_biases_and_norms: bool = False
 ) -> dict[str, Any]:
-    """AdamW over trainable parameters (no weight decay on biases and norm weights, i.e. tensors
-    with ``ndim < 2``) with a per-step linear-warmup ``LambdaLR``; the Lightning
-    ``configure_optimizers`` dict."""
-    decay, no_decay = [], []
-    for _, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """AdamW over trainable parameters with a per-step linear-warmup ``LambdaLR``; the Lightning
+    ``configure_optimizers`` dict.
+
+    Biases and norm weights (tensors with ``ndim < 2``) get no weight decay, in a second parameter
+    group, unless ``decay_biases_and_norms``: then one group in the module's parameter order, as a
+    plain ``AdamW(module.parameters())``. The order matters beyond decay: gradient-norm clipping
+    sums the parameters' norms in the optimizer's order, so the two layouts round differently.
+    """
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if decay_biases_and_norms:
+        groups = [{"params": trainable, "weight_decay": weight_decay}]
+    else:
+        groups = [
+            {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(warmup_steps))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

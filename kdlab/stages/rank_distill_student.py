@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from kdlab.defaults import EVAL_K
 from kdlab.losses.ranking import hybrid_distill_loss, rank_loss
 from kdlab.metrics import RankingMetrics
 from kdlab.models.backbones import load_backbone, load_tokenizer
@@ -119,7 +120,7 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
         lr: float = 5e-5,
         weight_decay: float = 0.01,
         warmup_steps: int = 0,
-        eval_k: int = 10,
+        eval_k: int = EVAL_K,
         dtype: str = "float32",
         length_chunk_size: int = 0,
     ) -> None:

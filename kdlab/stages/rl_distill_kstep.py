@@ -175,7 +175,8 @@ class RLDistillKStep(L.LightningModule):
         num_samples_per_prompt: continuations per prompt (each prompt repeated n times).
         ce_warmup_steps: optimiser steps of CE on references before PG starts (``pg`` only).
         kd_temperature: τ of the ``kd`` objective, ``loss = τ² · KL(p_T^τ ‖ p_S^τ)``.
-        lr, weight_decay, warmup_steps: AdamW + linear learning-rate warmup (as every stage).
+        lr, weight_decay, warmup_steps: AdamW (decay on every parameter) + linear learning-rate
+            warmup, through the stages' shared optimizer builder.
         generation_kwargs: extra ``generate`` kwargs (e.g. ``repetition_penalty``) for training rollouts.
         sampler: ``kdlab`` — :func:`kdlab.models.sampling.sample_causal`, a lean KV-cache loop with
             inverse-CDF draws (same distribution as ``generate``, greedy identical, faster per token)
@@ -541,7 +542,9 @@ class RLDistillKStep(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        return build_optimizer(self, hp.lr, hp.weight_decay, hp.warmup_steps)
+        # Decay on every parameter, in one group: what this stage has always trained with, so its
+        # results (and the KETCHUP figures) stay as they were.
+        return build_optimizer(self, hp.lr, hp.weight_decay, hp.warmup_steps, decay_biases_and_norms=True)
 
     # ------------------------------------------------------------------ export
     def export_pretrained(self, directory: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import lightning as L
 from torch import Tensor
 
+from kdlab.defaults import EVAL_K
 from kdlab.losses.ranking import rank_loss
 from kdlab.metrics import RankingMetrics
 from kdlab.models.backbones import load_backbone
@@ -56,7 +57,7 @@ class TeacherRankSFT(RankingEvalMixin, L.LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 0.01,
         warmup_steps: int = 0,
-        eval_k: int = 10,
+        eval_k: int = EVAL_K,
         dtype: str = "float32",
         quantization: str | None = None,
     ) -> None:
