@@ -22,13 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from kdlab.runs import RUN_DIR_ENV, write_json_atomic
-
-
-def _toy_tensors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=g)
-    y = x @ torch.tensor([1.0, -2.0, 0.5, 0.0]) + 0.1 * torch.randn(n, generator=g)
-    return x, y
+from toy_stage import toy_tensors  # tests/ is on the path of every run this script serves
 
 
 class OrderedToyData(L.LightningDataModule):
@@ -37,7 +31,7 @@ class OrderedToyData(L.LightningDataModule):
 
     def __init__(self, n: int = 64, batch_size: int = 8, seed: int = 0) -> None:
         super().__init__()
-        x, y = _toy_tensors(n, seed)
+        x, y = toy_tensors(n, seed)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
         self.x, self.y = x[perm], y[perm]
         self.batch_size = batch_size

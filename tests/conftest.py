@@ -31,3 +31,17 @@ def subprocess_env() -> dict[str, str]:
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_ranker_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded tiny TeacherRankSFT export (``tiny-llama-h32``): the teacher of a live distillation,
+    of ``kdlab label`` and of ``score_file``."""
+    import lightning as L
+
+    from kdlab.stages import TeacherRankSFT
+
+    L.seed_everything(0)
+    out = tmp_path_factory.mktemp("ranker") / "model"
+    TeacherRankSFT(backbone="tiny-llama-h32").export_pretrained(str(out))
+    return out

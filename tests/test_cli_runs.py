@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
@@ -19,7 +18,6 @@ from kdlab.cli import TOOL_COMMANDS, condense_parse_error, main, parse_lightning
 from kdlab.defaults import LABEL_BATCH_SIZE, PAIR_MAX_LENGTH
 from kdlab.models.export import load_rank_teacher
 from kdlab.runs import atomic_dir, atomic_path, slug, write_json_atomic
-from kdlab.stages.teacher_rank_sft import TeacherRankSFT
 
 TOY = """
 model:
@@ -229,13 +227,9 @@ trainer:
 """
 
 
-@pytest.fixture(scope="module")
-def ranker_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny TeacherRankSFT export (the teacher of a live distillation, and of `kdlab label`)."""
-    L.seed_everything(0)
-    out = tmp_path_factory.mktemp("ranker") / "model"
-    TeacherRankSFT(backbone="tiny-llama-h32").export_pretrained(str(out))
-    return out
+@pytest.fixture
+def ranker_export(tiny_ranker_export: Path) -> Path:
+    return tiny_ranker_export
 
 
 def test_short_class_names_parse_and_fast_run_with_a_live_teacher(tmp_path: Path, ranker_export: Path) -> None:

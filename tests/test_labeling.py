@@ -29,12 +29,9 @@ class Interrupted(RuntimeError):
     pass
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    L.seed_everything(0)
-    out = tmp_path_factory.mktemp("teacher") / "export"
-    TeacherRankSFT(backbone="tiny-llama-h32").export_pretrained(str(out))
-    return out
+@pytest.fixture
+def teacher_dir(tiny_ranker_export: Path) -> Path:
+    return tiny_ranker_export
 
 
 @pytest.fixture(scope="module")

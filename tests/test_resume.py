@@ -130,6 +130,7 @@ def test_sigkill_mid_epoch_then_resume_last_matches_uninterrupted_run(tmp_path: 
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
 
 
+@pytest.mark.slow  # a control that shows what the resumable sampler fixes; not a property of kdlab
 def test_plain_shuffled_loader_is_not_exact_after_mid_epoch_resume(tmp_path: Path) -> None:
     """Control: the same kill + resume with the toy stage's ``DataLoader(shuffle=True)`` resumes
     (Lightning warns that the loader is not resumable) but trains on other batches."""
