@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,15 +46,17 @@ class DataFormatError(ValueError):
 # Records
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RankingDoc:
-    """One candidate document of a ranking group. ``label``/``teacher_score`` are None when absent."""
+    """One candidate document of a ranking group. ``label``/``teacher_score`` are None when absent;
+    ``first_stage_score`` is the pre-ranker's score (a run file's score, BM25, ...) when known."""
 
     id: str
     title: str
     body: str
     label: float | None = None
     teacher_score: float | None = None
+    first_stage_score: float | None = None
 
     @property
     def text(self) -> str:
@@ -62,7 +64,7 @@ class RankingDoc:
         return f"{self.title} {self.body}".strip()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RankingGroup:
     """A query and its candidate documents (in file order)."""
 
@@ -88,7 +90,7 @@ class Seq2SeqPair:
     target: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RunEntry:
     """One line of a TREC run file."""
 
@@ -323,8 +325,16 @@ def read_msmarco_queries(path: PathLike) -> dict[str, str]:
     return read_tsv_texts(path, "qid")
 
 
-def _check_known_ids(path: PathLike, line: int, qid: str, pid: str, known_queries: set[str] | None,
-                     known_docs: set[str] | None) -> None:
+def _as_container(ids: Container[str] | Iterable[str] | None) -> Container[str] | None:
+    """Membership tests without copying: a collection index, a set or a dict view is used as it is
+    (a set of 8.8 M MS MARCO ids would cost GBs); a bare iterable is collected into a set."""
+    if ids is None or isinstance(ids, Container):
+        return ids  # type: ignore[return-value]
+    return set(ids)
+
+
+def _check_known_ids(path: PathLike, line: int, qid: str, pid: str, known_queries: Container[str] | None,
+                     known_docs: Container[str] | None) -> None:
     """A qrels/run line must name a query and a document that the other files define (when given)."""
     if known_queries is not None and qid not in known_queries:
         raise DataFormatError(path, line, "qid", f"unknown query id {qid!r} (not in the queries file)")
@@ -332,12 +342,12 @@ def _check_known_ids(path: PathLike, line: int, qid: str, pid: str, known_querie
         raise DataFormatError(path, line, "pid", f"unknown document id {pid!r} (not in the collection)")
 
 
-def read_trec_qrels(path: PathLike, doc_ids: Iterable[str] | None = None,
-                    query_ids: Iterable[str] | None = None) -> dict[str, dict[str, int]]:
+def read_trec_qrels(path: PathLike, doc_ids: Container[str] | Iterable[str] | None = None,
+                    query_ids: Container[str] | Iterable[str] | None = None) -> dict[str, dict[str, int]]:
     """Read TREC qrels ``qid 0 pid rel`` (whitespace-separated). When ``doc_ids``/``query_ids`` are
     given, ids outside them are errors (a qrels file for another collection is a common mistake)."""
-    known_docs = set(doc_ids) if doc_ids is not None else None
-    known_queries = set(query_ids) if query_ids is not None else None
+    known_docs = _as_container(doc_ids)
+    known_queries = _as_container(query_ids)
     qrels: dict[str, dict[str, int]] = {}
     for line, text in iter_lines(path):
         parts = text.split()
@@ -353,13 +363,13 @@ def read_trec_qrels(path: PathLike, doc_ids: Iterable[str] | None = None,
     return qrels
 
 
-def read_trec_run(path: PathLike, doc_ids: Iterable[str] | None = None,
-                  query_ids: Iterable[str] | None = None) -> dict[str, list[RunEntry]]:
+def read_trec_run(path: PathLike, doc_ids: Container[str] | Iterable[str] | None = None,
+                  query_ids: Container[str] | Iterable[str] | None = None) -> dict[str, list[RunEntry]]:
     """Read a TREC run ``qid Q0 pid rank score tag``. Each query's entries are returned best first
     (by score descending, then rank ascending, then doc id, so ties are ordered deterministically).
     Scores must be finite; a (qid, pid) pair may appear once."""
-    known_docs = set(doc_ids) if doc_ids is not None else None
-    known_queries = set(query_ids) if query_ids is not None else None
+    known_docs = _as_container(doc_ids)
+    known_queries = _as_container(query_ids)
     run: dict[str, dict[str, RunEntry]] = {}
     for line, text in iter_lines(path):
         parts = text.split()
