@@ -70,7 +70,7 @@ def child_kdlab(args: argparse.Namespace) -> dict[str, Any]:
     from kdlab.stages.rank_distill_student import RankDistillStudent
 
     L.seed_everything(args.seed, verbose=False)
-    dm = RankingDataModule(train_path=args.data, val_path=args.data, tokenizer=args.init_dir,
+    dm = RankingDataModule(train=args.data, val=args.data, tokenizer=args.init_dir,
                            num_negatives=args.num_negatives, batch_size=args.batch_size,
                            max_length=args.max_length, seed=args.seed)
     stage = RankDistillStudent(backbone=args.init_dir, alpha=0.0, beta=1.0, lr=args.lr, weight_decay=0.01,

@@ -32,6 +32,7 @@ from kdlab.ablations import AblationError
 from kdlab.callbacks import GradVariance, RunRecord, TeacherLoader
 from kdlab.data.readers import DataFormatError
 from kdlab.defaults import LABEL_BATCH_SIZE, PAIR_MAX_LENGTH
+from kdlab.errors import ConfigError
 from kdlab.models.backbones import BackboneError
 from kdlab.models.export import TeacherConfigError
 from kdlab.models.prepare import PrepareError
@@ -57,10 +58,6 @@ MOVED_KEYS = {
     "student_keep_layers": "use 'backbone_keep_layers'",
     "warmup_steps_ce": "use 'ce_warmup_steps' (the cross-entropy objective schedule)",
 }
-
-
-class ConfigError(ValueError):
-    """A config that cannot work as written; printed as one line, no traceback, exit code 2."""
 
 
 def _register_components() -> None:
@@ -96,9 +93,20 @@ class KdlabCLI(LightningCLI):
         parser.add_lightning_class_args(TeacherLoader, "teacher")
         parser.add_lightning_class_args(GradVariance, "grad_variance")
 
+    def _set_seed(self) -> None:
+        # LightningCLI seeds right after parsing; the config's own checks come first, so that a
+        # mistake prints its one line alone (no "Seed set to 0" before it) and before anything loads.
+        if self.subcommand is not None:
+            self.check_config(self.config[self.subcommand])
+        super()._set_seed()
+
+    def check_config(self, cfg: Any) -> None:
+        """Refuse moved keys, validate the data files and check the stage's options against them."""
+        _refuse_grouped_callbacks(cfg.trainer.callbacks)
+        check_inputs_before_loading(cfg, self.subcommand)
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
-        _refuse_grouped_callbacks(cfg.trainer.callbacks)
         name = cfg.run.name or _config_stem(cfg) or _class_name(cfg.get("model"))
         cfg.run.name = name
         self.run_dir = resolve_run_dir(cfg.run.root, name if self.subcommand == "fit" else f"{name}-{self.subcommand}",
@@ -134,8 +142,11 @@ class KdlabCLI(LightningCLI):
 class _ParseOnlyCLI(KdlabCLI):
     """Parses and type-checks a command line without building or running anything."""
 
+    def check_config(self, cfg: Any) -> None:
+        _refuse_grouped_callbacks(cfg.trainer.callbacks)
+
     def before_instantiate_classes(self) -> None:
-        _refuse_grouped_callbacks(self.config[self.subcommand].trainer.callbacks)
+        pass
 
     def instantiate_classes(self) -> None:
         pass
@@ -169,6 +180,34 @@ def _moved_callback_message(class_name: str) -> str:
     off = "; every_n_steps now defaults to off (was 50): set it" if class_name == "GradVariance" else ""
     return (f"{class_name} is configured under its own `{group}:` key, not in trainer.callbacks: move its "
             f"init_args there (YAML `{group}: {{...}}`, or --{group}.<option>=VALUE){off}")
+
+
+def _import_class(class_path: str) -> Any:
+    import importlib
+
+    module_name, _, attr = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def _init_args(section: Any) -> dict[str, Any]:
+    args = getattr(section, "init_args", None)
+    return args.as_dict() if hasattr(args, "as_dict") else dict(args or {})
+
+
+def check_inputs_before_loading(cfg: Any, subcommand: str) -> None:
+    """Read and validate every data file the run will read, and check the stage's options against
+    the data (:class:`kdlab.protocols.ChecksData`), before any model is built or weights load."""
+    data_cfg, model_cfg = cfg.get("data"), cfg.get("model")
+    stage = _import_class(str(model_cfg.class_path)) if getattr(model_cfg, "class_path", None) else None
+    if stage is not None and hasattr(stage, "check_options"):
+        stage.check_options(_init_args(model_cfg))
+    if data_cfg is None or not getattr(data_cfg, "class_path", None):
+        return
+    datamodule = _import_class(str(data_cfg.class_path))(**_init_args(data_cfg))
+    if hasattr(datamodule, "check_inputs"):
+        datamodule.check_inputs(subcommand)
+    if stage is not None and hasattr(stage, "check_data") and subcommand == "fit":
+        stage.check_data(_init_args(model_cfg), datamodule)
 
 
 def _class_name(model_cfg: Any) -> str:

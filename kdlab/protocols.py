@@ -66,6 +66,27 @@ class ExportsPretrained(Protocol):
         """Write ``save_pretrained`` output (model + tokenizer) of the served model to ``directory``."""
 
 
+@runtime_checkable
+class ChecksData(Protocol):
+    """A stage that can tell, from its config and the data alone, that a run cannot work.
+
+    The CLI calls ``check_options`` and then ``check_data`` on the stage *class* before any model is
+    built — ``check_data`` after the data module has read and validated its files
+    (``check_inputs``) — so a mistake surfaces as one line in seconds, not after a backbone has
+    loaded or a first step has run. A stage may define either method alone.
+    """
+
+    @classmethod
+    def check_options(cls, init_args: Any) -> None:
+        """Raise :class:`kdlab.errors.ConfigError` when the options alone (a mapping of the stage's
+        init arguments) cannot work: a value out of range, options that contradict each other."""
+
+    @classmethod
+    def check_data(cls, init_args: Any, datamodule: Any) -> None:
+        """Raise :class:`kdlab.errors.ConfigError` when ``init_args`` (a mapping of the stage's init
+        arguments) cannot train on ``datamodule``'s data."""
+
+
 def attach_unregistered(owner: nn.Module, name: str, module: nn.Module | None) -> None:
     """Store ``module`` on ``owner`` without making it a submodule.
 

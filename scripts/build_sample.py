@@ -256,7 +256,7 @@ def build_ranking(records: list[DocRecord], n_queries: int, rng: random.Random, 
             title, summary = titles_summaries[i]
             docs.append({
                 "id": records[i].qualname, "title": title, "summary": summary,
-                "label": label_for(source, records[i], q_words), "bm25": round(score, 4),
+                "label": label_for(source, records[i], q_words), "first_stage_score": round(score, 4),
             })
         groups.append({"query_id": f"{split}:{source.qualname}", "query": source.query, "docs": docs})
     return groups
@@ -274,7 +274,7 @@ def bm25_ndcg(groups: list[dict], k: int = 10) -> float:
     """Mean NDCG@k of the stored BM25 order (ties broken by file order)."""
     values = []
     for g in groups:
-        ranked = sorted(range(len(g["docs"])), key=lambda i: (-g["docs"][i]["bm25"], i))
+        ranked = sorted(range(len(g["docs"])), key=lambda i: (-g["docs"][i]["first_stage_score"], i))
         values.append(ndcg_at_k([g["docs"][i]["label"] for i in ranked], k))
     return sum(values) / len(values)
 
@@ -361,7 +361,7 @@ Query = a public function's/method's docstring summary line (first paragraph, {q
 documents = functions of the same split: title = qualified name (`module.Class.method`), summary =
 the first {doc_words} words of the docstring after the summary. Candidates = the top {k} by BM25
 (k1={k1}, b={b}, over title + summary, lowercase alphanumeric tokens) among the split's documents;
-when BM25 misses the source function it replaces the last candidate. `bm25` = that score.
+when BM25 misses the source function it replaces the last candidate. `first_stage_score` = that score.
 Queries whose summary text is shared by two functions are dropped.
 
 Graded labels (`label`):

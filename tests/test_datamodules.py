@@ -113,7 +113,7 @@ def test_teacher_scores_nan_where_missing(tmp_path: Path) -> None:
         {"id": "2", "text": "closes a socket", "label": 0}]}]
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    dm = RankingDataModule(train_path=str(path), val_path=str(path), num_negatives=3, train_group_sampling="all")
+    dm = RankingDataModule(train=str(path), val=str(path), num_negatives=3, train_group_sampling="all")
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     assert batch["teacher_scores"][0, 0] == 2.5 and math.isnan(batch["teacher_scores"][0, 1])
@@ -125,7 +125,7 @@ def test_ranking_fewer_docs_than_negatives_padded(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({"query": "q", "docs": [{"id": "1", "text": "a", "label": 1},
                                                         {"id": "2", "text": "b", "label": 0}]}) + "\n")
-    dm = RankingDataModule(train_path=str(path), val_path=str(path), num_negatives=3)
+    dm = RankingDataModule(train=str(path), val=str(path), num_negatives=3)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["doc_mask"].tolist() == [[True, True, False, False]]
@@ -146,7 +146,7 @@ def test_decoder_format_ends_with_eos() -> None:
 def test_malformed_file_fails_in_setup(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"query": "q", "docs": [{"id": "1", "text": "a", "label": "high"}]}\n')
-    dm = RankingDataModule(train_path=str(path))
+    dm = RankingDataModule(train=str(path))
     with pytest.raises(DataFormatError, match=r"bad\.jsonl:1: field 'docs\[0\]\.label': expected a number"):
         dm.setup("fit")
 

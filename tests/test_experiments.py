@@ -105,11 +105,14 @@ def _tiny_substitute(data: Any, *, encoder: bool, teacher: str, labels: dict[str
     if isinstance(data, str) and PLACEHOLDER.search(data):
         if key in MODEL_KEYS:
             return TINY_ENCODER if encoder else TINY_DECODER
-        if key in ("train_path", "val_path") and distill:
-            return labels[key.split("_")[0]]
-        if key and key.endswith("_path"):
+        if key in ("train", "val") and distill:
+            return labels[key]
+        if key and (key.endswith("_path") or key in RANKING_SPLITS):
             return None
     return data
+
+
+RANKING_SPLITS = ("train", "val", "test", "predict")  # RankingDataModule's sources
 
 
 def _stage_cases() -> list[tuple[str, list[Path]]]:
@@ -150,7 +153,7 @@ def test_stage_config_fast_dev_run(name: str, files: list[Path], tmp_path: Path,
     tiny.pop("run", None)
     if distill:
         data_args = tiny["data"].setdefault("init_args", {})
-        data_args.update(train_path=labeled_files["train"], val_path=labeled_files["val"])
+        data_args.update(train=labeled_files["train"], val=labeled_files["val"])
     if distill and (tiny["model"].get("init_args") or {}).get("teacher_source") == "live":
         tiny["model"]["init_args"]["teacher_source"] = "data"
     config = tmp_path / "tiny.yaml"

@@ -57,8 +57,8 @@ data:
   class_path: kdlab.data.RankingDataModule
   init_args:
     world_size_invariant: true
-    train_path: {train}
-    val_path: {val}
+    train: {train}
+    val: {val}
     num_negatives: 3
     batch_size: 4
     eval_batch_size: 4
@@ -302,7 +302,7 @@ def test_grad_accumulation_rank_distill_student(tmp_path: Path) -> None:
                                   lr=1e-3, weight_decay=0.0)
 
     def data(batch_size: int) -> RankingDataModule:
-        return RankingDataModule(train_path=str(train), val_path=str(train), num_negatives=3,
+        return RankingDataModule(train=str(train), val=str(train), num_negatives=3,
                                  batch_size=batch_size, max_length=64, bucket_by_length=False)
 
     full = _fit_in_process(tmp_path, "b8", student, data(8), 1, 2)

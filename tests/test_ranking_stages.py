@@ -133,7 +133,7 @@ def labeled_train(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_student_fits_on_teacher_scores(tmp_path: Path, labeled_train: Path, kw: dict[str, Any]) -> None:
     L.seed_everything(0)
     stage = RankDistillStudent(backbone=TINY_BERT, lr=1e-3, **kw)
-    dm = _ranking_dm("cross-encoder", "tiny-bert", train_path=str(labeled_train))
+    dm = _ranking_dm("cross-encoder", "tiny-bert", train=str(labeled_train))
     before = {k: v.clone() for k, v in stage.state_dict().items()}
     trainer = _trainer(tmp_path)
     trainer.fit(stage, datamodule=dm)
@@ -154,7 +154,7 @@ def test_teacher_standardisation_is_computed_from_the_training_data(tmp_path: Pa
     different labels), and the loss compares the student with ``(t − μ) / σ``."""
     L.seed_everything(0)
     stage = RankDistillStudent(backbone=TINY_BERT, lr=1e-3, standardize_teacher=True)
-    dm = _ranking_dm("cross-encoder", "tiny-bert", train_path=str(labeled_train), train_group_sampling="all")
+    dm = _ranking_dm("cross-encoder", "tiny-bert", train=str(labeled_train), train_group_sampling="all")
     assert not torch.isfinite(stage.teacher_stats).any()  # not given: computed when training starts
     _trainer(tmp_path, max_steps=1).fit(stage, datamodule=dm)
 
@@ -256,7 +256,7 @@ def test_rank_sft_teacher_beats_random_ndcg(tmp_path: Path) -> None:
     subset.write_text("".join(Path(sample_path("ranking_train.jsonl")).read_text().splitlines(True)[:40]))
     L.seed_everything(0)
     stage = TeacherRankSFT(backbone="tiny-llama", loss="ranknet", lr=3e-3)  # H64, 2 layers
-    dm = _ranking_dm("decoder", "tiny-llama", train_path=str(subset), val_path=str(subset), batch_size=8,
+    dm = _ranking_dm("decoder", "tiny-llama", train=str(subset), val=str(subset), batch_size=8,
                      eval_batch_size=8, eval_max_docs=16, max_length=48)
     trainer = _trainer(tmp_path, max_steps=30, limit_val_batches=None)
     trainer.fit(stage, datamodule=dm)

@@ -61,7 +61,7 @@ def test_ranking_files_shape_and_size() -> None:
             ids = [d["id"] for d in g["docs"]]
             assert len(set(ids)) == len(ids)
             for d in g["docs"]:
-                assert set(d) == {"id", "title", "summary", "label", "bm25"}
+                assert set(d) == {"id", "title", "summary", "label", "first_stage_score"}
 
 
 def test_splits_are_held_out_by_module() -> None:

@@ -31,9 +31,10 @@ from kdlab.data.readers import (
     RankingGroup,
     Seq2SeqPair,
     read_clicks_jsonl,
-    read_ranking_jsonl,
     read_seq2seq_jsonl,
 )
+from kdlab.data.sources import RankingSource, as_source, read_source
+from kdlab.errors import ConfigError
 from kdlab.models.backbones import pad_token_id
 
 
@@ -145,19 +146,22 @@ def _group_item(g: RankingGroup, query_index: int, docs: Sequence[Any]) -> dict[
 class RankingDataModule(L.LightningDataModule):
     """Ranking groups for cross-encoder or decoder rankers (batch contract: DEVELOPERS.md).
 
-    Paths left ``None`` read the embedded sample (``ranking_{train,val,test}.jsonl``; predict →
-    test). ``batch_size``/``eval_batch_size`` count query groups, so a training step sees
-    ``batch_size * (1 + num_negatives)`` sequences. ``world_size_invariant``: under DDP the W ranks
-    together train on exactly the batches of one process with ``batch_size · W``
-    (:class:`~kdlab.data.collators.BucketBatchSampler`), e.g. to check that 1 and 2 ranks agree.
+    ``train``/``val``/``test``/``predict`` are :class:`~kdlab.data.sources.RankingSource` values — a
+    format and its files (``{format: msmarco, collection: ..., queries: ..., qrels: ..., run: ...}``)
+    — or a plain path, which means a kdlab JSONL file; left ``None`` they read the embedded sample
+    (``ranking_{train,val,test}.jsonl``; predict → test). ``batch_size``/``eval_batch_size`` count
+    query groups, so a training step sees ``batch_size * (1 + num_negatives)`` sequences.
+    ``world_size_invariant``: under DDP the W ranks together train on exactly the batches of one
+    process with ``batch_size · W`` (:class:`~kdlab.data.collators.BucketBatchSampler`), e.g. to
+    check that 1 and 2 ranks agree.
     """
 
     def __init__(
         self,
-        train_path: str | None = None,
-        val_path: str | None = None,
-        test_path: str | None = None,
-        predict_path: str | None = None,
+        train: RankingSource | str | None = None,
+        val: RankingSource | str | None = None,
+        test: RankingSource | str | None = None,
+        predict: RankingSource | str | None = None,
         tokenizer: str = "tiny-bert",
         text_format: Literal["cross-encoder", "decoder"] = "cross-encoder",
         num_negatives: int = 7,
@@ -173,8 +177,18 @@ class RankingDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        for name, value in (("num_negatives", num_negatives), ("eval_max_docs", eval_max_docs or 1)):
+            if value < 0 or (name == "eval_max_docs" and value < 1):
+                raise ConfigError(f"data.init_args.{name}: expected an integer >= {0 if name == 'num_negatives' else 1}, "
+                                  f"got {value}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                            ("max_length", max_length)):
+            if value < 1:
+                raise ConfigError(f"data.init_args.{name}: expected an integer >= 1, got {value}")
         self.world_size_invariant = world_size_invariant
-        self.paths = split_paths("ranking", train=train_path, val=val_path, test=test_path, predict=predict_path)
+        self.sources = {split: as_source(value, f"data.{split}", sample=f"ranking_{split}.jsonl")
+                        for split, value in (("train", train), ("val", val), ("test", test))}
+        self.sources["predict"] = as_source(predict, "data.predict") if predict is not None else self.sources["test"]
         self.tokenizer_name = tokenizer
         self.text_format = text_format
         self.num_negatives = num_negatives
@@ -188,13 +202,30 @@ class RankingDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.tokenizer: Any = None
         self.groups: dict[str, list[RankingGroup]] = {}
+        self.first_stage: dict[str, dict[str, Any]] = {}
 
-    def setup(self, stage: str | None = None) -> None:
-        """Read (and validate) the files the stage needs; load the tokenizer once."""
+    def source_label(self, split: str) -> str:
+        """The user's main file of ``split``, for messages."""
+        return self.sources[split].label()
+
+    def check_inputs(self, stage: str | None = None) -> None:
+        """Read and validate every file ``stage`` will read (all splits when ``None``), and check
+        the options against the data — before any model loads (the CLI calls this first)."""
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
         for split in needed.get(stage or "", ("train", "val", "test")):
             if split not in self.groups:
-                self.groups[split] = read_ranking_jsonl(self.paths[split])
+                data = read_source(self.sources[split], f"data.{split}")
+                self.groups[split], self.first_stage[split] = data.groups, data.first_stage
+        if "train" in self.groups and self.train_group_sampling == "positive-vs-negatives" and self.num_negatives:
+            largest = max(len(g.docs) for g in self.groups["train"])
+            if self.num_negatives > largest - 1:
+                raise ConfigError(f"data.init_args.num_negatives={self.num_negatives}, but no query of "
+                                  f"{self.source_label('train')} has more than {largest - 1} negatives "
+                                  f"({largest} candidates); lower num_negatives or raise the source's top_k")
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read (and validate) the files the stage needs; load the tokenizer once."""
+        self.check_inputs(stage)
         if self.tokenizer is None:
             self.tokenizer = load_data_tokenizer(self.tokenizer_name)
 
@@ -209,8 +240,8 @@ class RankingDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = RankingTrainDataset(self.groups["train"], self.num_negatives, self.train_group_sampling, self.seed)
         if len(dataset) == 0:
-            raise ValueError(f"{self.paths['train']}: no query has two documents with different labels; "
-                             "nothing to train a ranker on")
+            raise ConfigError(f"{self.source_label('train')}: no query has two documents with different labels; "
+                              "nothing to train a ranker on")
         group_size = 1 + self.num_negatives if self.train_group_sampling == "positive-vs-negatives" else None
         lengths = _group_lengths([g for _, g in dataset.entries])
         return _make_loader(dataset, self._collator("train", group_size), lengths, self.batch_size,
@@ -291,11 +322,20 @@ class _PromptTargetDataModule(L.LightningDataModule):
     def read(self, path: str) -> Sequence[Any]:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def _splits(self, stage: str | None) -> tuple[str, ...]:
+        every = tuple(dict.fromkeys(s for splits in self.stage_splits.values() for s in splits if s != "predict"))
+        return self.stage_splits.get(stage or "", every)
+
+    def check_inputs(self, stage: str | None = None) -> None:
+        """Read and validate every file ``stage`` will read, before any model loads (the CLI calls
+        this first; a bad line fails here with file:line, not after a model has loaded)."""
+        for split in self._splits(stage):
+            self.read(self.paths[split])
+
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
             self.tokenizer = load_data_tokenizer(self.tokenizer_name)
-        every = tuple(dict.fromkeys(s for splits in self.stage_splits.values() for s in splits if s != "predict"))
-        for split in self.stage_splits.get(stage or "", every):
+        for split in self._splits(stage):
             if split not in self.datasets:
                 self.datasets[split] = TokenizedDataset([self.encode(r) for r in self.read(self.paths[split])])
 

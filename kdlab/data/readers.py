@@ -222,7 +222,8 @@ def _parse_int(path: PathLike, line: int, name: str, token: str) -> int:
 def read_ranking_jsonl(path: PathLike) -> list[RankingGroup]:
     """Read ranking groups: one JSON object per line,
     ``{"query_id"?: str, "query": str, "docs": [{"id", "text" | "title"+"summary", "label"?,
-    "teacher_score"?}, ...]}``. Other keys (e.g. ``bm25``) are ignored.
+    "teacher_score"?, "first_stage_score"?}, ...]}``. Other keys are ignored. Labels may be
+    fractional (click rates, averaged judgements); they are kept as they are.
 
     ``query_id`` defaults to the line number. Document ids must be unique within a group and query
     ids unique in the file; labels and teacher scores must be finite numbers.
@@ -266,6 +267,7 @@ def read_ranking_jsonl(path: PathLike) -> list[RankingGroup]:
                 id=doc_id, title=title, body=body,
                 label=_optional_number(path, line, d, "label", f"{prefix}.label"),
                 teacher_score=_optional_number(path, line, d, "teacher_score", f"{prefix}.teacher_score"),
+                first_stage_score=_optional_number(path, line, d, "first_stage_score", f"{prefix}.first_stage_score"),
             ))
         groups.append(RankingGroup(query_id, query, tuple(docs)))
     return groups
@@ -389,6 +391,34 @@ def read_trec_run(path: PathLike, doc_ids: Container[str] | Iterable[str] | None
     }
 
 
+def read_run(path: PathLike, doc_ids: Container[str] | Iterable[str] | None = None,
+             query_ids: Container[str] | Iterable[str] | None = None, *,
+             allow_msmarco_tsv: bool = False) -> dict[str, list[RunEntry]]:
+    """A TREC run, or (``allow_msmarco_tsv``) an MS MARCO run ``qid \t pid \t rank`` — the format of
+    the official MS MARCO baseline runs, which carry ranks but no scores. The whole file must use one
+    of the two layouts (decided by its first line). An MS MARCO run's entries get ``score = −rank``,
+    an order-preserving stand-in, so the first-stage ordering (all that NDCG/MRR use) is kept."""
+    first = next(iter_lines(path))
+    if not allow_msmarco_tsv or len(first[1].split()) == 6:
+        return read_trec_run(path, doc_ids, query_ids)
+    known_docs = _as_container(doc_ids)
+    known_queries = _as_container(query_ids)
+    run: dict[str, dict[str, RunEntry]] = {}
+    for line, text in iter_lines(path):
+        parts = text.split("\t")
+        if len(parts) != 3:
+            raise DataFormatError(path, line, None, f"expected 3 tab-separated columns 'qid pid rank' (the layout "
+                                                    f"of line {first[0]}), got {len(parts)}")
+        qid, pid, rank_token = (p.strip() for p in parts)
+        rank = _parse_int(path, line, "rank", rank_token)
+        _check_known_ids(path, line, qid, pid, known_queries, known_docs)
+        entries = run.setdefault(qid, {})
+        if pid in entries:
+            raise DataFormatError(path, line, "pid", f"duplicate entry for query {qid!r}, document {pid!r}")
+        entries[pid] = RunEntry(pid, rank, float(-rank))
+    return {qid: sorted(entries.values(), key=lambda e: (e.rank, e.doc_id)) for qid, entries in run.items()}
+
+
 # --------------------------------------------------------------------------------------------------
 # BEIR
 
@@ -414,6 +444,40 @@ def _read_beir_jsonl(path: Path, with_title: bool) -> dict[str, Any]:
     return out
 
 
+def read_beir_queries(path: PathLike) -> dict[str, str]:
+    """A BEIR ``queries.jsonl`` (``_id``, ``text``): query id → text."""
+    return _read_beir_jsonl(Path(path), with_title=False)
+
+
+def read_beir_qrels(path: PathLike, doc_ids: Container[str] | Iterable[str] | None = None,
+                    query_ids: Container[str] | Iterable[str] | None = None) -> dict[str, dict[str, int]]:
+    """A BEIR ``qrels/<split>.tsv``: header ``query-id corpus-id score``, then tab-separated rows.
+    Ids must exist in the queries and the corpus when those are given."""
+    known_docs = _as_container(doc_ids)
+    known_queries = _as_container(query_ids)
+    qrels: dict[str, dict[str, int]] = {}
+    header_seen = False
+    for line, text in iter_lines(path):
+        parts = text.split("\t")
+        if not header_seen:
+            header_seen = True
+            if parts[0].strip().lower() in {"query-id", "query_id", "qid"}:
+                continue
+            raise DataFormatError(path, line, None, "expected a header 'query-id\\tcorpus-id\\tscore'")
+        if len(parts) != 3:
+            raise DataFormatError(path, line, None, f"expected 3 tab-separated columns, got {len(parts)}")
+        qid, pid, score_token = (p.strip() for p in parts)
+        if known_queries is not None and qid not in known_queries:
+            raise DataFormatError(path, line, "query-id", f"unknown query id {qid!r} (not in queries.jsonl)")
+        if known_docs is not None and pid not in known_docs:
+            raise DataFormatError(path, line, "corpus-id", f"unknown document id {pid!r} (not in corpus.jsonl)")
+        judged = qrels.setdefault(qid, {})
+        if pid in judged:
+            raise DataFormatError(path, line, "corpus-id", f"duplicate judgement for query {qid!r}, document {pid!r}")
+        judged[pid] = _parse_int(path, line, "score", score_token)
+    return qrels
+
+
 def read_beir(directory: PathLike, split: str = "test") -> BeirDataset:
     """Read a BEIR dataset directory: ``corpus.jsonl`` (``_id``, ``title``, ``text``),
     ``queries.jsonl`` (``_id``, ``text``) and ``qrels/<split>.tsv`` (header
@@ -422,28 +486,8 @@ def read_beir(directory: PathLike, split: str = "test") -> BeirDataset:
     if not root.is_dir():
         raise DataFormatError(root, None, None, "not a directory (expected a BEIR dataset directory)")
     corpus = _read_beir_jsonl(root / "corpus.jsonl", with_title=True)
-    queries = _read_beir_jsonl(root / "queries.jsonl", with_title=False)
-    qrels_path = root / "qrels" / f"{split}.tsv"
-    qrels: dict[str, dict[str, int]] = {}
-    header_seen = False
-    for line, text in iter_lines(qrels_path):
-        parts = text.split("\t")
-        if not header_seen:
-            header_seen = True
-            if parts[0].strip().lower() in {"query-id", "query_id", "qid"}:
-                continue
-            raise DataFormatError(qrels_path, line, None, "expected a header 'query-id\\tcorpus-id\\tscore'")
-        if len(parts) != 3:
-            raise DataFormatError(qrels_path, line, None, f"expected 3 tab-separated columns, got {len(parts)}")
-        qid, pid, score_token = (p.strip() for p in parts)
-        if qid not in queries:
-            raise DataFormatError(qrels_path, line, "query-id", f"unknown query id {qid!r} (not in queries.jsonl)")
-        if pid not in corpus:
-            raise DataFormatError(qrels_path, line, "corpus-id", f"unknown document id {pid!r} (not in corpus.jsonl)")
-        judged = qrels.setdefault(qid, {})
-        if pid in judged:
-            raise DataFormatError(qrels_path, line, "corpus-id", f"duplicate judgement for query {qid!r}, document {pid!r}")
-        judged[pid] = _parse_int(qrels_path, line, "score", score_token)
+    queries = read_beir_queries(root / "queries.jsonl")
+    qrels = read_beir_qrels(root / "qrels" / f"{split}.tsv", doc_ids=corpus.keys(), query_ids=queries.keys())
     return BeirDataset(corpus=corpus, queries=queries, qrels=qrels)
 
 
@@ -461,7 +505,8 @@ def assemble_ranking_groups(
     add_missing_positives: bool = False,
     only_judged_queries: bool = True,
 ) -> list[RankingGroup]:
-    """Ranking groups from a run's top-k candidates per query, labelled from qrels (unjudged → 0).
+    """Ranking groups from a run's top-k candidates per query, labelled from qrels (unjudged → 0),
+    each candidate keeping the run's score as its ``first_stage_score`` (added positives have none).
 
     This is how MS MARCO / BEIR data feed the same data module as JSONL groups. Queries come out
     sorted by id so the result does not depend on dict order. ``add_missing_positives`` appends
@@ -479,16 +524,18 @@ def assemble_ranking_groups(
             continue
         if qid not in queries:
             raise KeyError(f"query id {qid!r} of the run is not in the queries")
-        doc_ids = [e.doc_id for e in run[qid][:top_k]]
+        first_stage = {e.doc_id: e.score for e in run[qid][:top_k]}
+        doc_ids = list(first_stage)
         if add_missing_positives:
-            doc_ids += sorted(pid for pid, rel in judged.items() if rel > 0 and pid not in doc_ids)
+            doc_ids += sorted(pid for pid, rel in judged.items() if rel > 0 and pid not in first_stage)
         docs = []
         for pid in doc_ids:
             if pid not in corpus:
                 raise KeyError(f"document id {pid!r} of the run is not in the collection")
             entry = corpus[pid]
             title, body = entry if isinstance(entry, tuple) else ("", entry)
-            docs.append(RankingDoc(id=pid, title=title, body=body, label=float(judged.get(pid, 0))))
+            docs.append(RankingDoc(id=pid, title=title, body=body, label=float(judged.get(pid, 0)),
+                                   first_stage_score=first_stage.get(pid)))
         groups.append(RankingGroup(qid, queries[qid], tuple(docs)))
     return groups
 
@@ -514,6 +561,73 @@ def read_beir_groups(directory: PathLike, run: PathLike, split: str = "test", to
 
 
 # --------------------------------------------------------------------------------------------------
+# FlagEmbedding reranker JSONL
+
+
+def _text_id(text: str) -> str:
+    """A document id for formats without ids: a digest of the text, so one passage gets one id."""
+    import hashlib
+
+    return "sha1:" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def read_flagembedding_jsonl(path: PathLike) -> list[RankingGroup]:
+    """FlagEmbedding's reranker/embedder training JSONL:
+    ``{"query": str, "pos": [str, ...], "neg": [str, ...], "pos_scores"?: [float], "neg_scores"?: [float]}``
+    (other keys such as ``prompt``/``type`` are ignored). ``pos`` documents get label 1, ``neg``
+    documents label 0; ``pos_scores``/``neg_scores`` (a teacher's scores, when present) become
+    ``teacher_score`` and must have one number per passage. Query ids are ``line<N>``; passages have
+    no ids in this format, so each gets a digest of its text (the same passage twice in one line is an
+    error: it would be both a positive and a negative, or counted twice)."""
+    groups: list[RankingGroup] = []
+    for line, obj in iter_jsonl(path):
+        query = _require_str(path, line, obj, "query")
+        docs: list[RankingDoc] = []
+        seen: dict[str, str] = {}
+        for key, label in (("pos", 1.0), ("neg", 0.0)):
+            texts = obj.get(key, [])
+            if not isinstance(texts, list):
+                raise DataFormatError(path, line, key, f"expected a list of passages, got {_describe(texts)}")
+            scores = obj.get(f"{key}_scores")
+            if scores is not None and (not isinstance(scores, list) or len(scores) != len(texts)):
+                raise DataFormatError(path, line, f"{key}_scores",
+                                      f"expected a list of {len(texts)} numbers (one per '{key}' passage), "
+                                      f"got {_describe(scores)}")
+            for j, text in enumerate(texts):
+                name = f"{key}[{j}]"
+                if not isinstance(text, str) or not text.strip():
+                    raise DataFormatError(path, line, name, f"expected a non-empty string, got {_describe(text)}")
+                doc_id = _text_id(text)
+                if doc_id in seen:
+                    raise DataFormatError(path, line, name, f"the same passage as {seen[doc_id]}")
+                seen[doc_id] = name
+                teacher = None if scores is None else _as_number(path, line, f"{key}_scores[{j}]", scores[j])
+                docs.append(RankingDoc(id=doc_id, title="", body=text, label=label, teacher_score=teacher))
+        if not any(d.label for d in docs):
+            raise DataFormatError(path, line, "pos", "expected at least one positive passage")
+        groups.append(RankingGroup(f"line{line}", query, tuple(docs)))
+    return groups
+
+
+def flagembedding_record(group: RankingGroup) -> dict[str, Any]:
+    """A group as FlagEmbedding JSONL: documents with a label > 0 are ``pos``, the rest ``neg``;
+    teacher scores (which every document must have) go to ``pos_scores``/``neg_scores``."""
+    missing = [d.id for d in group.docs if d.teacher_score is None]
+    if missing:
+        raise ValueError(f"query {group.query_id!r}: document {missing[0]!r} has no teacher_score; "
+                         "FlagEmbedding distillation data needs one on every document (run `kdlab label` first)")
+    pos = [d for d in group.docs if (d.label or 0.0) > 0]
+    neg = [d for d in group.docs if (d.label or 0.0) <= 0]
+    return {"query": group.query, "pos": [d.text for d in pos], "neg": [d.text for d in neg],
+            "pos_scores": [d.teacher_score for d in pos], "neg_scores": [d.teacher_score for d in neg]}
+
+
+def write_flagembedding_jsonl(path: PathLike, groups: Iterable[RankingGroup]) -> None:
+    """Write groups with teacher scores as FlagEmbedding JSONL, atomically."""
+    write_jsonl_atomic(path, (flagembedding_record(g) for g in groups))
+
+
+# --------------------------------------------------------------------------------------------------
 # Writing
 
 
@@ -526,6 +640,8 @@ def ranking_group_to_json(group: RankingGroup) -> dict[str, Any]:
             row["label"] = d.label
         if d.teacher_score is not None:
             row["teacher_score"] = d.teacher_score
+        if d.first_stage_score is not None:
+            row["first_stage_score"] = d.first_stage_score
         docs.append(row)
     return {"query_id": group.query_id, "query": group.query, "docs": docs}
 
@@ -538,7 +654,8 @@ def write_ranking_jsonl(path: PathLike, groups: Iterable[RankingGroup]) -> None:
 __all__ = [
     "BeirDataset", "ClickRecord", "DataFormatError", "RankingDoc", "RankingGroup", "RunEntry",
     "Seq2SeqPair", "assemble_ranking_groups", "iter_jsonl", "iter_lines", "ranking_group_to_json",
-    "read_beir", "read_beir_groups", "read_clicks_jsonl", "read_msmarco_collection",
+    "flagembedding_record", "read_beir", "read_beir_groups", "read_beir_qrels", "read_beir_queries",
+    "read_flagembedding_jsonl", "read_run", "write_flagembedding_jsonl", "read_clicks_jsonl", "read_msmarco_collection",
     "read_msmarco_groups", "read_msmarco_queries", "read_ranking_jsonl", "read_seq2seq_jsonl",
     "read_trec_qrels", "read_trec_run", "read_tsv_texts", "write_ranking_jsonl",
 ]

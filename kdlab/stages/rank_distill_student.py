@@ -14,6 +14,7 @@ hidden states at the selected term positions. The TCL is training-only: validati
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning as L
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from kdlab.defaults import EVAL_K
+from kdlab.errors import ConfigError
 from kdlab.losses.ranking import hybrid_distill_loss, rank_loss
 from kdlab.metrics import RankingMetrics
 from kdlab.models.backbones import load_backbone, load_tokenizer
@@ -50,7 +52,7 @@ def _data_teacher_scores(batch: dict[str, Any]) -> Tensor:
         raise ValueError(
             "the ranking data has no 'teacher_score' fields: score it first with `python -m kdlab label "
             "--teacher <TeacherRankSFT export> --input <file> --output <file>` and point the data's "
-            "train_path/val_path at the output, or set model.init_args.teacher_source=live"
+            "train/val at the output, or set model.init_args.teacher_source=live"
         )
     return batch["teacher_scores"]
 
@@ -126,8 +128,8 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if use_tcl and architecture != "cross-encoder":
-            raise ValueError("use_tcl needs architecture='cross-encoder' (token selection uses token_type_ids)")
+        # Checked before any weights load, so a typo costs a second, not a model load.
+        self.check_options(dict(self.hparams))
         self.ranker: nn.Module
         if architecture == "cross-encoder":
             model = load_backbone(backbone, task="seq-cls", config=backbone_config, dtype=dtype, num_labels=1)
@@ -148,6 +150,44 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
         attach_unregistered(self, "teacher", None)
         self.val_metrics = RankingMetrics(k=eval_k)
         self.test_metrics = RankingMetrics(k=eval_k)
+
+    @classmethod
+    def check_options(cls, init_args: Mapping[str, Any]) -> None:
+        """Config-time checks of the options alone (:class:`kdlab.protocols.ChecksData`): one-line
+        :class:`~kdlab.errors.ConfigError` for a negative or all-zero loss weight and the like."""
+        defaults = {"alpha": 1.0, "beta": 1.0, "gt_weight": 0.0, "tcl_weight": 0.5, "eval_k": EVAL_K, "tcl_heads": 4,
+                    "length_chunk_size": 0, "warmup_steps": 0, "lr": 5e-5, "use_tcl": False,
+                    "architecture": "cross-encoder"}
+        a = {**defaults, **init_args}
+        for name in ("alpha", "beta", "gt_weight", "tcl_weight"):
+            if not a[name] >= 0.0:
+                raise ConfigError(f"model.init_args.{name}: a loss weight must be >= 0, got {a[name]} "
+                                  "(a negative weight maximises that loss)")
+        if a["alpha"] == 0.0 and a["beta"] == 0.0 and a["gt_weight"] == 0.0:
+            raise ConfigError("model.init_args: alpha, beta and gt_weight are all 0, so there is no loss to train on")
+        for name, least in (("eval_k", 1), ("tcl_heads", 1), ("length_chunk_size", 0), ("warmup_steps", 0)):
+            if a[name] < least:
+                raise ConfigError(f"model.init_args.{name}: expected an integer >= {least}, got {a[name]}")
+        if not a["lr"] > 0.0:
+            raise ConfigError(f"model.init_args.lr: expected a learning rate > 0, got {a['lr']}")
+        if a["use_tcl"] and a["architecture"] != "cross-encoder":
+            raise ConfigError("model.init_args.use_tcl needs architecture='cross-encoder' "
+                              "(token selection uses token_type_ids)")
+
+    @classmethod
+    def check_data(cls, init_args: Mapping[str, Any], datamodule: Any) -> None:
+        """Config-time check against the data (:class:`kdlab.protocols.ChecksData`): a student that
+        learns from teacher scores read from the data needs them in its training file."""
+        alpha, beta = init_args.get("alpha", 1.0), init_args.get("beta", 1.0)
+        if init_args.get("teacher_source", "data") != "data" or (alpha == 0.0 and beta == 0.0):
+            return
+        has_scores = getattr(datamodule, "has_teacher_scores", None)
+        if has_scores is not None and "train" in getattr(datamodule, "groups", {}) and not has_scores("train"):
+            source = datamodule.source_label("train")
+            raise ConfigError(
+                f"{source}: no document has a 'teacher_score', which the distillation loss needs; score it first: "
+                f"python -m kdlab label --teacher <TeacherRankSFT export>/model --input {source} --output "
+                f"<scored.jsonl>, then set data.init_args.train to the output (or use teacher_source=live)")
 
     # ---------------------------------------------------------------- teacher
     def attach_teacher(self, teacher: nn.Module) -> None:

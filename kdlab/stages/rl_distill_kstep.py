@@ -21,6 +21,7 @@ continuation``, so teacher and student must share a vocabulary (checked in :meth
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,12 +29,13 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
-from torchmetrics.text import BLEUScore
 from torchmetrics.text.rouge import ROUGEScore
 
 from kdlab.defaults import IGNORE_INDEX
+from kdlab.errors import ConfigError
 from kdlab.losses.returns import induced_rewards, kstep_returns, policy_gradient_loss
 from kdlab.losses.token import forward_kl, token_cross_entropy
+from kdlab.metrics.generation import SacreBLEU
 from kdlab.models.backbones import load_generation_model, pad_token_id
 from kdlab.models.export import save_served_model
 from kdlab.models.sampling import left_padded_positions, sample_causal
@@ -125,12 +127,14 @@ def _pack_index(valid: Tensor) -> tuple[Tensor, Tensor]:
 
 class GenerationMetrics(nn.Module):
     """ROUGE-1/2/L, BLEU, mean generation length and the teacher's mean log-likelihood of the
-    student's tokens, for one evaluation split (validation and test each have their own)."""
+    student's tokens, for one evaluation split (validation and test each have their own).
+    BLEU is sacreBLEU's corpus BLEU (exp smoothing, 13a tokens) on a 0–1 scale
+    (:class:`~kdlab.metrics.generation.SacreBLEU`); unsmoothed BLEU is 0 on short outputs."""
 
     def __init__(self) -> None:
         super().__init__()
         self.rouge = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))
-        self.bleu = BLEUScore()
+        self.bleu = SacreBLEU()
         self.teacher_logprob = MeanMetric()
         self.gen_length = MeanMetric()
 
@@ -192,6 +196,19 @@ class RLDistillKStep(L.LightningModule):
         dtype: student dtype.
     """
 
+    @classmethod
+    def check_options(cls, init_args: Mapping[str, Any]) -> None:
+        """Config-time checks of the options alone (:class:`kdlab.protocols.ChecksData`), before any
+        weights load: one-line :class:`~kdlab.errors.ConfigError` for ``k < 1`` and the like."""
+        k, temperature = init_args.get("k", 1), init_args.get("temperature", 1.0)
+        samples = init_args.get("num_samples_per_prompt", 1)
+        if k is None or k < 1:
+            raise ConfigError(f"model.init_args.k: the K-step segment length must be >= 1, got {k}")
+        if temperature is None or not temperature > 0:
+            raise ConfigError(f"model.init_args.temperature: expected > 0, got {temperature}")
+        if samples is None or samples < 1:
+            raise ConfigError(f"model.init_args.num_samples_per_prompt: expected >= 1, got {samples}")
+
     def __init__(
         self,
         backbone: str = "tiny-llama",
@@ -224,12 +241,7 @@ class RLDistillKStep(L.LightningModule):
         dtype: str = "float32",
     ) -> None:
         super().__init__()
-        if k < 1:
-            raise ValueError(f"k must be ≥ 1, got {k}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if num_samples_per_prompt < 1:
-            raise ValueError(f"num_samples_per_prompt must be ≥ 1, got {num_samples_per_prompt}")
+        self.check_options({"k": k, "temperature": temperature, "num_samples_per_prompt": num_samples_per_prompt})
         # Recorded resolved (save_hyperparameters reads the locals): Lightning refuses a data module
         # whose ``tokenizer`` hparam differs, which also catches stage and data tokenising differently.
         tokenizer = tokenizer or backbone
