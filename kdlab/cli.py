@@ -5,7 +5,7 @@ a LightningCLI that gives every run its own run directory (:mod:`kdlab.runs`), a
 logger and a fixed seed by default, and two callbacks as config groups of their own: ``teacher:``
 (:class:`~kdlab.callbacks.TeacherLoader`) and ``grad_variance:``
 (:class:`~kdlab.callbacks.GradVariance`), so no option depends on the order of ``trainer.callbacks``.
-The model-free commands (``pipeline``, ``label``, ``sweep``, ``ablate``, ``models``) are typed
+The model-free commands (``pipeline``, ``label``, ``data``, ``sweep``, ``ablate``, ``models``) are typed
 functions in :data:`TOOL_COMMANDS`; their parsers are built from the signatures.
 """
 
@@ -31,6 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from kdlab.ablations import AblationError
 from kdlab.callbacks import GradVariance, RunRecord, TeacherLoader
 from kdlab.data.readers import DataFormatError
+from kdlab.data.sources import RankingSource
 from kdlab.defaults import LABEL_BATCH_SIZE, PAIR_MAX_LENGTH
 from kdlab.errors import ConfigError
 from kdlab.models.backbones import BackboneError
@@ -57,6 +58,8 @@ MOVED_KEYS = {
     "student_config": "use 'backbone_config'",
     "student_keep_layers": "use 'backbone_keep_layers'",
     "warmup_steps_ce": "use 'ce_warmup_steps' (the cross-entropy objective schedule)",
+    **{f"{split}_path": f"ranking data is '{split}': a kdlab JSONL path or a source {{format: ..., ...}}"
+       for split in ("train", "val", "test", "predict")},
 }
 
 
@@ -144,6 +147,10 @@ class _ParseOnlyCLI(KdlabCLI):
 
     def check_config(self, cfg: Any) -> None:
         _refuse_grouped_callbacks(cfg.trainer.callbacks)
+
+    def _set_seed(self) -> None:  # nothing runs, so nothing is seeded (and no "Seed set to" line)
+        if self.subcommand is not None:
+            self.check_config(self.config[self.subcommand])
 
     def before_instantiate_classes(self) -> None:
         pass
@@ -283,13 +290,14 @@ def pipeline_command(config: PipelineConfig) -> list[Path]:
     return [report]
 
 
-def label_command(teacher: str, input: str, output: str, batch_size: int = LABEL_BATCH_SIZE,
+def label_command(teacher: str, input: RankingSource | str, output: str, batch_size: int = LABEL_BATCH_SIZE,
                   max_length: int = PAIR_MAX_LENGTH, resume: bool = True) -> list[Path]:
     """Score (query, doc) candidates with a teacher and write a teacher-score file.
 
     Args:
         teacher: a ranker export directory (TeacherRankSFT, or a one-label cross-encoder).
-        input: ranking groups JSONL.
+        input: ranking groups: a kdlab JSONL path, or a source in any format
+            (--input.format=beir --input.path=DIR --input.run=RUN, ...).
         output: where to write the groups with a teacher_score on every document.
         batch_size: (query, doc) pairs per forward pass.
         max_length: tokens per (query, doc) text.
@@ -299,6 +307,46 @@ def label_command(teacher: str, input: str, output: str, batch_size: int = LABEL
 
     count = score_file(teacher, input, output, batch_size=batch_size, max_length=max_length, resume=resume)
     print(f"wrote {count} scored groups to {output}")
+    return [Path(output)]
+
+
+def data_command(action: Literal["convert", "fixtures"], output: str, input: RankingSource | str | None = None,
+                 to: Literal["jsonl", "flagembedding"] = "jsonl") -> list[Path]:
+    """Convert ranking data between formats (`data convert --input.format=msmarco ... --output F`), or
+    write small example files in every format (`data fixtures --output DIR`).
+
+    Args:
+        action: convert, or fixtures (BEIR, MS MARCO and FlagEmbedding files from the embedded sample).
+        output: convert: the file to write (atomically); fixtures: the directory.
+        input: the source: a kdlab JSONL path, or --input.format=jsonl|msmarco|beir|trec|flagembedding
+            with its files (--input.path, --input.collection, --input.queries, --input.qrels,
+            --input.run, --input.top_k, ...).
+        to: jsonl (kdlab ranking groups, with first_stage_score from the run or BM25) or
+            flagembedding ({query, pos, neg, pos_scores, neg_scores}; needs teacher scores).
+    """
+    if action == "fixtures":
+        from kdlab.data.fixtures import write_fixtures
+
+        files = write_fixtures(output)
+        print(f"wrote {len(files)} files under {output}")
+        return files
+    if input is None:
+        raise ConfigError("data convert needs --input (a kdlab JSONL path, or --input.format=... with its files)")
+    from kdlab.data.readers import write_flagembedding_jsonl, write_ranking_jsonl
+    from kdlab.data.sources import as_source, read_source
+
+    data = read_source(as_source(input, "input"), "input")
+    if to == "flagembedding":
+        missing = next((g for g in data.groups if any(d.teacher_score is None for d in g.docs)), None)
+        if missing is not None:
+            raise ConfigError(f"{data.source.label()}: query {missing.query_id!r} has documents without a teacher_score; "
+                              f"FlagEmbedding distillation data needs them: run `python -m kdlab label --teacher "
+                              f"<ranker export> --input {data.source.label()} --output <scored.jsonl>` first")
+        write_flagembedding_jsonl(output, data.groups)
+    else:
+        write_ranking_jsonl(output, data.groups)
+    docs = sum(len(g.docs) for g in data.groups)
+    print(f"wrote {len(data.groups)} queries, {docs} (query, doc) pairs to {output} ({to})")
     return [Path(output)]
 
 
@@ -372,6 +420,7 @@ class ToolCommand:
 TOOL_COMMANDS: dict[str, ToolCommand] = {
     "pipeline": ToolCommand(pipeline_command, options=PipelineConfig),
     "label": ToolCommand(label_command),
+    "data": ToolCommand(data_command, positional=("action",)),
     "sweep": ToolCommand(sweep_command, positional=("sweep_file",)),
     "ablate": ToolCommand(ablate_command),
     "models": ToolCommand(models_command, positional=("action", "alias")),
@@ -405,7 +454,9 @@ def run_tool(command: str, argv: Sequence[str]) -> list[Path]:
         init = parser.instantiate_classes(cfg)
         fields = {f.name for f in dataclasses.fields(spec.options)}
         return spec.run(spec.options(**{k: v for k, v in init.items() if k in fields}))
-    return spec.run(**{k: v for k, v in cfg.items() if k != "__path__"})
+    init = parser.instantiate_classes(cfg)  # dataclass options (e.g. a RankingSource) become objects
+    names = inspect.signature(spec.run).parameters
+    return spec.run(**{name: init[name] for name in names if name in init})
 
 
 def _top_help() -> str:

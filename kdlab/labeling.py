@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from kdlab.data.collators import RankingCollator
-from kdlab.data.readers import RankingDoc, RankingGroup, ranking_group_to_json, read_ranking_jsonl
+from kdlab.data.readers import RankingDoc, RankingGroup, ranking_group_to_json
+from kdlab.data.sources import RankingSource, as_source, read_source
 from kdlab.defaults import LABEL_BATCH_SIZE, LABEL_CHUNK_GROUPS, PAIR_MAX_LENGTH
 from kdlab.models.backbones import load_tokenizer, pad_token_id
 from kdlab.models.export import load_rank_teacher
@@ -107,7 +108,7 @@ def _done_query_ids(partial: Path) -> set[str]:
 
 def score_file(
     teacher: str | os.PathLike[str] | nn.Module,
-    input_path: str,
+    input_path: RankingSource | str,
     output_path: str,
     batch_size: int = LABEL_BATCH_SIZE,
     max_length: int = PAIR_MAX_LENGTH,
@@ -121,6 +122,9 @@ def score_file(
     on_chunk: Callable[[int], None] | None = None,
 ) -> int:
     """Write ``input_path``'s groups to ``output_path`` with a ``teacher_score`` on every document.
+
+    ``input_path`` is a kdlab JSONL path or any :class:`~kdlab.data.sources.RankingSource`
+    (MS MARCO / BEIR / TREC / FlagEmbedding files); the output is kdlab JSONL.
 
     Args:
         teacher: a ranker export directory (:func:`kdlab.models.export.load_rank_teacher`), or a
@@ -138,12 +142,12 @@ def score_file(
     """
     from tqdm.auto import tqdm
 
+    groups = read_source(as_source(input_path, "input"), "input").groups  # validated before the model loads
     model, tok = _ranker_and_tokenizer(teacher, tokenizer)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     encoder = RankingCollator(tok, text_format=text_format or model.text_format, max_length=max_length)
-    groups = read_ranking_jsonl(input_path)
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")

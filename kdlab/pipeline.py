@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from kdlab.data.sources import RankingSource
 from kdlab.defaults import LABEL_BATCH_SIZE, PAIR_MAX_LENGTH
 from kdlab.runs import atomic_path, launch_run, new_run_dir, slug, write_json_atomic, write_text_atomic
 
@@ -53,7 +55,11 @@ class PipelineConfig:
             step's own config: they win), ``all`` (before every step's config, e.g. a shared base
             YAML: the step's config wins over it) and ``all_after`` (after everything: wins).
         variants: student variant name → extra CLI arguments for the distill step.
-        train_path / val_path / test_path: ranking groups JSONL (None: the embedded sample).
+        train / val / test: each split's ranking data: a kdlab JSONL path, or a source
+            ``{format: jsonl|msmarco|beir|trec|flagembedding, ...}``
+            (:class:`kdlab.data.sources.RankingSource`; None: the embedded sample). Every file is
+            read and validated before the first step; splits that are not kdlab JSONL (or are cut
+            to ``max_*_queries``) are written as kdlab JSONL into ``<pipeline dir>/data/``.
         max_train_queries / max_eval_queries: use only the first N queries of the training /
             validation and test files (the subsets are written into the pipeline directory and
             their sizes printed in the report) — to fit a large teacher into a time budget.
@@ -64,6 +70,11 @@ class PipelineConfig:
         eval_max_length: tokens per (query, doc) when evaluating.
         min_student_ratio: the report checks student NDCG@10 ≥ this × teacher NDCG@10.
         run_no_cpt_baseline: also train the teacher without CPT (the report's first row).
+        pre_ranker_name: the report's name for the first-stage row (default: says where the scores
+            come from: the run file, BM25 over the collection, or BM25 over the candidates).
+        gain: NDCG's gain, ``linear`` (``rel``, as trec_eval) or ``exponential`` (``2^rel − 1``).
+        significance: the per-query paired test of each model's NDCG@10 against the teacher and the
+            pre-ranker: ``randomization`` (sign-flip, 10 000 draws) or ``t-test``.
     """
 
     name: str = "disranker"
@@ -74,9 +85,9 @@ class PipelineConfig:
     distill_config: str = "experiments/quickstart/disranker/distill.yaml"
     step_args: dict[str, list[str]] = field(default_factory=dict)
     variants: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_VARIANTS.items()})
-    train_path: str | None = None
-    val_path: str | None = None
-    test_path: str | None = None
+    train: RankingSource | str | None = None
+    val: RankingSource | str | None = None
+    test: RankingSource | str | None = None
     max_train_queries: int | None = None
     max_eval_queries: int | None = None
     test_query_offset: int = 0
@@ -85,6 +96,9 @@ class PipelineConfig:
     eval_max_length: int = PAIR_MAX_LENGTH
     min_student_ratio: float = 0.9
     run_no_cpt_baseline: bool = True
+    pre_ranker_name: str | None = None
+    gain: Literal["linear", "exponential"] = "linear"
+    significance: Literal["randomization", "t-test"] = "randomization"
 
 
 @dataclass
@@ -93,14 +107,6 @@ class StepResult:
     run_dir: Path
     metrics: dict[str, float]
     seconds: float
-
-
-def _sample_or(path: str | None, name: str) -> str:
-    if path:
-        return path
-    from kdlab.data import sample_path
-
-    return str(sample_path(name))
 
 
 def run_step(name: str, pipeline_dir: Path, args: Sequence[str]) -> StepResult:
@@ -118,26 +124,97 @@ def _recorded_seconds(run_dir: Path) -> float:
     return (end - start).total_seconds()
 
 
-def _split_files(config: PipelineConfig, pipeline_dir: Path) -> dict[str, str]:
-    """The ranking files of each split, cut to ``max_*_queries`` (written once, atomically)."""
-    from kdlab.data.readers import iter_lines
+@dataclass
+class PreparedData:
+    """Each split's groups as the steps will see them, the user's own JSONL file where a step can
+    read it as it is (else None: a kdlab JSONL copy is written), and where each split's candidates
+    and first-stage scores came from."""
 
-    out = {}
-    for split, path in (("train", config.train_path), ("val", config.val_path), ("test", config.test_path)):
-        source = _sample_or(path, f"ranking_{split}.jsonl")
+    groups: dict[str, list[Any]]
+    user_files: dict[str, str | None]
+    first_stage: dict[str, dict[str, Any]]
+    pre_ranker_name: str
+
+    def write(self, pipeline_dir: Path) -> dict[str, str]:
+        """The file of each split: the user's, or a copy written (once, atomically) into ``data/``."""
+        from kdlab.data.readers import write_ranking_jsonl
+
+        files = {}
+        for split, groups in self.groups.items():
+            copy = pipeline_dir / "data" / f"ranking_{split}.jsonl"
+            if self.user_files[split] is not None:
+                files[split] = str(self.user_files[split])
+                continue
+            if not copy.exists():
+                write_ranking_jsonl(copy, groups)
+            files[split] = str(copy)
+        write_json_atomic(pipeline_dir / "data" / "first_stage.json", self.first_stage)
+        return files
+
+
+def read_ranking_data(config: PipelineConfig) -> PreparedData:
+    """Read and validate every split from the user's files (errors name their file and line), cut
+    the splits to ``max_*_queries`` and give every test candidate a first-stage score (BM25 over the
+    candidates when the data has none). Writes nothing."""
+    from kdlab.data.readers import RankingDoc, RankingGroup
+    from kdlab.data.sources import as_source, read_source
+    from kdlab.errors import ConfigError
+
+    prepared: dict[str, list[Any]] = {}
+    user_files: dict[str, str | None] = {}
+    first_stage: dict[str, dict[str, Any]] = {}
+    for split, value in (("train", config.train), ("val", config.val), ("test", config.test)):
+        source = as_source(value, split, sample=f"ranking_{split}.jsonl")
+        data = read_source(source, split)
+        groups, info = data.groups, dict(data.first_stage)
         limit = config.max_train_queries if split == "train" else config.max_eval_queries
         offset = config.test_query_offset if split == "test" else 0
-        if limit is None and offset == 0:
-            out[split] = source
-            continue
-        subset = pipeline_dir / "data" / f"ranking_{split}.jsonl"
-        if not subset.exists():
-            lines = [text for _, text in iter_lines(source)][offset:None if limit is None else offset + limit]
-            if not lines:
-                raise ValueError(f"{source}: no queries left after test_query_offset={offset}")
-            write_text_atomic(subset, "".join(line + "\n" for line in lines))
-        out[split] = str(subset)
-    return out
+        if limit is not None or offset:
+            groups = groups[offset:None if limit is None else offset + limit]
+            if not groups:
+                raise ConfigError(f"{source.label()}: no queries left after test_query_offset={offset}")
+        if split == "test" and any(d.first_stage_score is None for g in groups for d in g.docs):
+            from kdlab.data.first_stage import BM25Options, bm25_candidate_scores, describe
+
+            options = BM25Options(k1=source.bm25_k1, b=source.bm25_b)
+            scores = bm25_candidate_scores(groups, options)
+            groups = [RankingGroup(g.query_id, g.query, tuple(
+                RankingDoc(d.id, d.title, d.body, d.label, d.teacher_score, s) for d, s in zip(g.docs, row)))
+                for g, row in zip(groups, scores)]
+            info = {"kind": "bm25-candidates", **describe(options)}
+        first_stage[split] = info
+        prepared[split] = groups
+        user_files[split] = str(source.path) if source.format == "jsonl" and groups is data.groups else None
+    name = config.pre_ranker_name or _pre_ranker_name(first_stage["test"])
+    return PreparedData(prepared, user_files, first_stage, name)
+
+
+def _pre_ranker_name(info: dict[str, Any]) -> str:
+    kind = info.get("kind")
+    if kind == "run":
+        return f"first-stage run ({Path(str(info['run'])).name})"
+    if kind in ("bm25", "bm25-candidates"):
+        where = "the collection" if kind == "bm25" else "the candidates"
+        return f"BM25 over {where} (bm25s, k1={info.get('k1')}, b={info.get('b')})"
+    return "first-stage scores (from the data)"
+
+
+def check_steps(config: PipelineConfig, step_args: dict[str, list[str]]) -> None:
+    """Parse every step's command line and run its config-time checks now, before the first step
+    trains: a typo in the distill config fails here, not after the teachers have trained. Each
+    step's data files are read and validated too, except the students' (their teacher-score files
+    are written by the pipeline itself)."""
+    from kdlab.cli import check_inputs_before_loading, parse_lightning
+    from kdlab.cli import _import_class, _init_args
+
+    for name, args in step_args.items():
+        cfg = parse_lightning(["fit", *args]).fit
+        if name.startswith("student_"):
+            stage = _import_class(str(cfg.model.class_path))
+            if hasattr(stage, "check_options"):
+                stage.check_options(_init_args(cfg.model))
+        else:
+            check_inputs_before_loading(cfg, "fit")
 
 
 def label_split(teacher_dir: Path, source: str, output: Path, config: PipelineConfig) -> Path:
@@ -151,48 +228,119 @@ def label_split(teacher_dir: Path, source: str, output: Path, config: PipelineCo
     return output
 
 
-def run_pipeline(config: PipelineConfig) -> Path:
-    """Run every step and write the report; returns the path of ``report.md``."""
-    pipeline_dir = Path(config.pipeline_dir) if config.pipeline_dir else new_run_dir(config.root, config.name)
-    pipeline_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(pipeline_dir / "pipeline.json", asdict(config))
+def _step_commands(config: PipelineConfig, pipeline_dir: Path, splits: dict[str, str]) -> dict[str, list[str]]:
+    """Each step's ``fit`` command line, in the order the steps run."""
     common = list(config.step_args.get("all", []))
     last = list(config.step_args.get("all_after", []))
-    splits = _split_files(config, pipeline_dir)
-    data_args = [f"--data.init_args.{split}_path={path}" for split, path in splits.items()]
+    data_args = [f"--data.init_args.{split}={path}" for split, path in splits.items()]
+    label_args = [f"--data.init_args.{split}={path}" for split, path in {**splits, **_label_files(pipeline_dir)}.items()]
+    cpt_model = pipeline_dir / "cpt" / "model"
+    sft_args = [*common, "--config", config.rank_sft_config, *data_args, *config.step_args.get("rank_sft", []), *last]
+    step_args: dict[str, list[str]] = {}
+    if config.run_no_cpt_baseline:
+        step_args["rank_sft_no_cpt"] = sft_args
+    step_args["cpt"] = [*common, "--config", config.cpt_config, *config.step_args.get("cpt", []), *last]
+    step_args["rank_sft_cpt"] = [*sft_args, f"--model.init_args.backbone={cpt_model}"]
+    for variant, extra in config.variants.items():
+        step_args[f"student_{slug(variant)}"] = [*common, "--config", config.distill_config, *label_args,
+                                                 *config.step_args.get("distill", []), *extra, *last]
+    return step_args
+
+
+def _label_files(pipeline_dir: Path) -> dict[str, Path]:
+    return {split: pipeline_dir / "labels" / f"{split}.jsonl" for split in ("train", "val")}
+
+
+def run_pipeline(config: PipelineConfig) -> Path:
+    """Run every step and write the report; returns the path of ``report.md``."""
+    prepared = read_ranking_data(config)  # every split validated before anything is written
+    fresh = not config.pipeline_dir
+    pipeline_dir = new_run_dir(config.root, config.name) if fresh else Path(config.pipeline_dir)  # type: ignore[arg-type]
+    pipeline_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        splits = prepared.write(pipeline_dir)
+        step_args = _step_commands(config, pipeline_dir, splits)
+        check_steps(config, step_args)
+    except BaseException:
+        if fresh:  # a pipeline that never started leaves no directory behind
+            shutil.rmtree(pipeline_dir, ignore_errors=True)
+            for parent in (pipeline_dir.parent, pipeline_dir.parent.parent):
+                try:
+                    parent.rmdir()  # only when empty: other pipelines' directories stay
+                except OSError:
+                    break
+        raise
+    write_json_atomic(pipeline_dir / "pipeline.json", asdict(config))
     started = time.perf_counter()
     steps: dict[str, StepResult] = {}
-
-    sft_args = [*common, "--config", config.rank_sft_config, *data_args, *config.step_args.get("rank_sft", []), *last]
-    if config.run_no_cpt_baseline:
-        steps["rank_sft_no_cpt"] = run_step("rank_sft_no_cpt", pipeline_dir, sft_args)
-    steps["cpt"] = run_step("cpt", pipeline_dir, [*common, "--config", config.cpt_config,
-                                                  *config.step_args.get("cpt", []), *last])
-    cpt_model = pipeline_dir / "cpt" / "model"
-    steps["rank_sft_cpt"] = run_step("rank_sft_cpt", pipeline_dir,
-                                     [*sft_args, f"--model.init_args.backbone={cpt_model}"])
+    labels = _label_files(pipeline_dir)
+    for name in ("rank_sft_no_cpt", "cpt", "rank_sft_cpt"):
+        if name in step_args:
+            steps[name] = run_step(name, pipeline_dir, step_args[name])
     teacher_dir = pipeline_dir / "rank_sft_cpt" / "model"
-
-    labels_dir = pipeline_dir / "labels"
-    labels = {split: label_split(teacher_dir, splits[split], labels_dir / f"{split}.jsonl", config)
-              for split in ("train", "val")}
-    label_args = [f"--data.init_args.{split}_path={path}" for split, path in {**splits, **labels}.items()]
-    for variant, extra in config.variants.items():
+    for split, output in labels.items():
+        label_split(teacher_dir, splits[split], output, config)
+    for variant in config.variants:
         step = f"student_{slug(variant)}"
-        steps[step] = run_step(step, pipeline_dir, [*common, "--config", config.distill_config, *label_args,
-                                                    *config.step_args.get("distill", []), *extra, *last])
+        steps[step] = run_step(step, pipeline_dir, step_args[step])
 
-    from kdlab.evaluation import evaluate_models
+    from kdlab.evaluation import PRE_RANKER, RANDOM, evaluate_models
 
-    models: dict[str, Path | str] = {"random ordering (mean of 20)": "random", "lexical pre-ranker (BM25)": "bm25"}
+    models: dict[str, Path | str] = {"random ordering (mean of 20)": RANDOM, prepared.pre_ranker_name: PRE_RANKER}
     if config.run_no_cpt_baseline:
         models["teacher, no CPT"] = pipeline_dir / "rank_sft_no_cpt" / "model"
     models["teacher, CPT"] = teacher_dir
     for variant in config.variants:
         models[f"student, {variant}"] = pipeline_dir / f"student_{slug(variant)}" / "model"
-    rows = evaluate_models(models, splits["test"], max_length=config.eval_max_length)
+    scores: dict[str, list[list[float]]] = {}
+    rows = evaluate_models(models, splits["test"], max_length=config.eval_max_length, gain=config.gain,
+                           scores_out=scores)
+    evidence = review_figures(rows, scores, splits["test"], pipeline_dir, config, prepared.pre_ranker_name)
     total = time.perf_counter() - started
-    return write_report(pipeline_dir, config, rows, steps, total, data_sizes(splits))
+    return write_report(pipeline_dir, config, rows, steps, total, data_sizes(splits), evidence)
+
+
+def review_figures(rows: list[dict[str, Any]], scores: dict[str, list[list[float]]], test_path: str,
+                   pipeline_dir: Path, config: PipelineConfig, pre_ranker_name: str) -> dict[str, Any]:
+    """What a reviewer asks of the report's figures: a per-query paired significance test of each
+    model's NDCG@10 against the teacher and the pre-ranker (p-values added to the rows), and the
+    same NDCG@10 / MRR@10 recomputed by trec_eval (ir_measures) from TREC run files kdlab writes
+    under ``trec/`` — possible only for integer labels (trec_eval's qrels are integers)."""
+    from kdlab.data.readers import read_ranking_jsonl
+    from kdlab.defaults import EVAL_K
+    from kdlab.metrics.ranking import per_query_ranking_metrics
+    from kdlab.metrics.significance import paired_randomization_test, paired_t_test
+    from kdlab.metrics.trec import cross_check
+
+    groups = read_ranking_jsonl(test_path)
+    labels = [[float(d.label or 0.0) for d in g.docs] for g in groups]
+    key = f"ndcg@{EVAL_K}"
+    per_query = {name: [m[key] if m else None for m in per_query_ranking_metrics(list(zip(s, labels)), EVAL_K, config.gain)]
+                 for name, s in scores.items()}
+    test = paired_randomization_test if config.significance == "randomization" else paired_t_test
+    for row in rows:
+        mine = per_query.get(row["model"])
+        for column, other in (("p_vs_teacher", "teacher, CPT"), ("p_vs_pre_ranker", pre_ranker_name)):
+            theirs = per_query.get(other)
+            if mine is None or theirs is None or other == row["model"]:
+                continue
+            pairs = [(a, b) for a, b in zip(mine, theirs) if a is not None and b is not None]
+            row[column] = test([a for a, _ in pairs], [b for _, b in pairs]) if len(pairs) >= 2 else None
+
+    evidence: dict[str, Any] = {"gain": config.gain, "significance": config.significance,
+                                "pre_ranker": pre_ranker_name, "trec_eval": {}}
+    if any(y != int(y) for row in labels for y in row):
+        evidence["trec_eval_skipped"] = "fractional labels: trec_eval's qrels hold integers"
+        return evidence
+    for row in rows:
+        name = row["model"]
+        if name not in scores:
+            continue
+        queries = {g.query_id: ([d.id for d in g.docs], s, y) for g, s, y in zip(groups, scores[name], labels)}
+        evidence["trec_eval"][name] = cross_check(
+            queries, kdlab_figures={k: row[k] for k in (key, f"mrr@{EVAL_K}")}, k=EVAL_K, gain=config.gain,
+            out_dir=pipeline_dir / "trec" / slug(name))
+    return evidence
 
 
 def data_sizes(splits: dict[str, str]) -> dict[str, tuple[int, int]]:
@@ -208,23 +356,30 @@ def data_sizes(splits: dict[str, str]) -> dict[str, tuple[int, int]]:
 
 def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str, Any]],
                  steps: dict[str, StepResult], total_seconds: float,
-                 sizes: dict[str, tuple[int, int]] | None = None) -> Path:
+                 sizes: dict[str, tuple[int, int]] | None = None, evidence: dict[str, Any] | None = None) -> Path:
     """``report.md`` (table + checks), ``report.json`` (the same numbers) and ``report.png``."""
     teacher = next((r for r in rows if r["model"] == "teacher, CPT"), None)
     no_cpt = next((r for r in rows if r["model"] == "teacher, no CPT"), None)
-    lexical = next((r for r in rows if "BM25" in r["model"]), None)
+    evidence = evidence or {}
+    lexical = next((r for r in rows if r["model"] == evidence.get("pre_ranker")), None)
     chance = next((r for r in rows if r["model"].startswith("random")), None)
     lines = [f"# {config.name}: DisRanker pipeline report", "",
              f"Pipeline directory: `{pipeline_dir}`; steps {sum(s.seconds for s in steps.values()) / 60:.1f} min "
              f"(sum of the steps' recorded wall times), this invocation {total_seconds / 60:.1f} min, on "
              f"{os.cpu_count()} CPU cores.", "",
-             "Held-out test split. NDCG@10 uses torchmetrics' gain (linear in the label); "
-             "PNR = concordant / discordant pairs of one query with different labels (score ties count neither way).",
-             "", "| model | NDCG@10 | MRR@10 | PNR | parameters | ms / query |", "|---|---|---|---|---|---|"]
+             f"Held-out test split. NDCG@10 with {config.gain} gain "
+             f"({'rel, as trec_eval' if config.gain == 'linear' else '2^rel − 1'}), score ties averaged; "
+             "PNR = concordant / discordant pairs of one query with different labels (score ties count neither way). "
+             f"p = per-query paired {'randomisation test (10 000 sign flips)' if config.significance == 'randomization' else 't-test'} "
+             "on NDCG@10, two-sided.",
+             "", "| model | NDCG@10 | MRR@10 | PNR | p vs teacher | p vs pre-ranker | parameters | ms / query |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         params = f"{row['parameters'] / 1e6:.2f} M" if row.get("parameters") else "–"
         ms = f"{row['ms_per_query']:.1f}" if row.get("ms_per_query") is not None else "–"
-        lines.append(f"| {row['model']} | {row['ndcg@10']:.4f} | {row['mrr@10']:.4f} | {row['pnr']:.3f} | {params} | {ms} |")
+        p_t, p_l = (f"{row[c]:.3g}" if row.get(c) is not None else "–" for c in ("p_vs_teacher", "p_vs_pre_ranker"))
+        lines.append(f"| {row['model']} | {row['ndcg@10']:.4f} | {row['mrr@10']:.4f} | {row['pnr']:.3f} | {p_t} | {p_l} "
+                     f"| {params} | {ms} |")
     lines += ["", "## Checks", ""]
     if teacher and no_cpt:
         verdict = "better than" if teacher["ndcg@10"] > no_cpt["ndcg@10"] else "NOT better than"
@@ -250,11 +405,24 @@ def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str
         if config.test_query_offset:
             lines += ["", f"The test split is queries {config.test_query_offset + 1}–"
                           f"{config.test_query_offset + sizes['test'][0]} of its file (`test_query_offset`)."]
+    if evidence.get("trec_eval"):
+        lines += ["", "## trec_eval cross-check", "",
+                  "The same figures recomputed by trec_eval (ir_measures) from the TREC run and qrels files under "
+                  "`trec/` (queries with a relevant document; trec_eval breaks score ties by document id where "
+                  "kdlab averages them, so only tie-free queries must agree).", "",
+                  "| model | NDCG@10 kdlab | NDCG@10 trec_eval | MRR@10 kdlab | MRR@10 trec_eval | max abs diff | "
+                  "queries with tied scores |", "|---|---|---|---|---|---|---|"]
+        for name, check in evidence["trec_eval"].items():
+            n, m = check["ndcg@10"], check["mrr@10"]
+            lines.append(f"| {name} | {n['kdlab']:.6f} | {n['trec_eval']:.6f} | {m['kdlab']:.6f} | {m['trec_eval']:.6f} "
+                         f"| {max(n['abs_diff'], m['abs_diff']):.1e} | {check['queries_with_tied_scores']} |")
+    elif evidence.get("trec_eval_skipped"):
+        lines += ["", f"trec_eval cross-check skipped: {evidence['trec_eval_skipped']}."]
     lines += ["", "## Steps", "", "| step | wall time | run directory |", "|---|---|---|"]
     for name, step in steps.items():
         lines.append(f"| {name} | {step.seconds:.0f} s | `{step.run_dir}` |")
     report = pipeline_dir / "report.md"
-    write_json_atomic(pipeline_dir / "report.json", {"rows": rows, "total_seconds": total_seconds})
+    write_json_atomic(pipeline_dir / "report.json", {"rows": rows, "total_seconds": total_seconds, **evidence})
     _plot(rows, pipeline_dir / "report.png", title=config.name)
     write_text_atomic(report, "\n".join(lines) + "\n")
     return report
@@ -270,7 +438,8 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.5 * len(rows) + 2), sharey=True)
     for ax, key, label in zip(axes, ("ndcg@10", "pnr", "ms_per_query"), ("NDCG@10", "PNR", "ms / query")):
         values = [r.get(key) or 0.0 for r in rows]
-        ax.barh(names, values, color=["#888" if "BM25" in n else "#4c72b0" if "teacher" in n else "#dd8452" for n in names])
+        ax.barh(names, values, color=["#4c72b0" if "teacher" in n else "#dd8452" if "student" in n else "#888"
+                                      for n in names])
         ax.set_xlabel(label)
         for y, v in enumerate(values):
             ax.text(v, y, f" {v:.3g}", va="center", fontsize=8)

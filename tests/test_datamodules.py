@@ -15,6 +15,7 @@ from kdlab.data.collators import BucketBatchSampler, EpochSequentialSampler, Ran
 from kdlab.data.datamodules import ClickLogDataModule, RankingDataModule, Seq2SeqDataModule
 from kdlab.data.readers import DataFormatError
 from kdlab.defaults import IGNORE_INDEX
+from kdlab.errors import ConfigError
 from kdlab.models.backbones import load_tokenizer, pad_token_id
 
 
@@ -123,13 +124,18 @@ def test_teacher_scores_nan_where_missing(tmp_path: Path) -> None:
 
 def test_ranking_fewer_docs_than_negatives_padded(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
-    path.write_text(json.dumps({"query": "q", "docs": [{"id": "1", "text": "a", "label": 1},
-                                                        {"id": "2", "text": "b", "label": 0}]}) + "\n")
-    dm = RankingDataModule(train=str(path), val=str(path), num_negatives=3)
+    small = {"query": "q", "docs": [{"id": "1", "text": "a", "label": 1}, {"id": "2", "text": "b", "label": 0}]}
+    large = {"query": "r", "docs": [{"id": str(i), "text": f"doc {i}", "label": int(i == 0)} for i in range(4)]}
+    path.write_text(json.dumps(small) + "\n" + json.dumps(large) + "\n")
+    dm = RankingDataModule(train=str(path), val=str(path), num_negatives=3, bucket_by_length=False)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["doc_mask"].tolist() == [[True, True, False, False]]
-    assert batch["input_ids"].shape[0] == 4
+    assert sorted(batch["doc_mask"].tolist()) == [[True, True, False, False], [True, True, True, True]]
+    assert batch["input_ids"].shape[0] == 8
+    # no group at all can give 3 negatives: a config mistake, said before anything trains
+    path.write_text(json.dumps(small) + "\n")
+    with pytest.raises(ConfigError, match=r"num_negatives=3, but no query of .*r.jsonl has more than 1 negatives"):
+        RankingDataModule(train=str(path), val=str(path), num_negatives=3).setup("fit")
 
 
 def test_decoder_format_ends_with_eos() -> None:

@@ -1,4 +1,4 @@
-"""Held-out evaluation of rankers (kdlab.evaluation): hand-computed metrics for the lexical row,
+"""Held-out evaluation of rankers (kdlab.evaluation): hand-computed metrics for the pre-ranker row,
 the random row's averaging, file errors, and an exported ranker's scores and latencies."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from kdlab.data import sample_path
 from kdlab.data.collators import RankingCollator
 from kdlab.data.readers import DataFormatError, read_ranking_jsonl
 from kdlab.defaults import PAIR_MAX_LENGTH, RANDOM_ORDER_DRAWS
-from kdlab.evaluation import LEXICAL, RANDOM, evaluate_models, score_per_query
+from kdlab.evaluation import PRE_RANKER, RANDOM, evaluate_models, score_per_query
 from kdlab.models.backbones import count_parameters, load_tokenizer
 from kdlab.models.export import load_rank_teacher
 from kdlab.stages.teacher_rank_sft import TeacherRankSFT
@@ -27,10 +27,10 @@ def _write(path: Path, groups: list[dict[str, Any]]) -> Path:
     return path
 
 
-def _doc(doc_id: str, label: float, bm25: float | None = None) -> dict[str, Any]:
+def _doc(doc_id: str, label: float, first_stage: float | None = None) -> dict[str, Any]:
     doc: dict[str, Any] = {"id": doc_id, "title": f"title {doc_id}", "summary": f"summary {doc_id}", "label": label}
-    if bm25 is not None:
-        doc["bm25"] = bm25
+    if first_stage is not None:
+        doc["first_stage_score"] = first_stage
     return doc
 
 
@@ -43,7 +43,7 @@ def _ndcg(scores: list[float], labels: list[float], k: int = 10) -> float:
 
 
 # ------------------------------------------------------------------------------------- lexical row
-def test_lexical_row_equals_hand_computed_metrics(tmp_path: Path) -> None:
+def test_pre_ranker_row_equals_hand_computed_metrics(tmp_path: Path) -> None:
     path = _write(tmp_path / "test.jsonl", [
         {"query_id": "q1", "query": "first", "docs": [_doc("a", 2, 1.0), _doc("b", 0, 3.0), _doc("c", 1, 2.0)]},
         {"query_id": "q2", "query": "second", "docs": [_doc("x", 1, 5.0), _doc("y", 0, 1.0)]},
@@ -54,7 +54,7 @@ def test_lexical_row_equals_hand_computed_metrics(tmp_path: Path) -> None:
     #     pairs with y_i > y_j: (a,b) 1<3, (a,c) 1<2, (c,b) 2<3: all three discordant
     # q2: x (1) before y (0): NDCG 1, RR 1, one concordant pair
     # mean NDCG = (0.6199062 + 1) / 2 = 0.8099531; MRR = 0.75; PNR = 1 concordant / 3 discordant
-    (row,) = evaluate_models({"bm25": LEXICAL}, str(path))
+    (row,) = evaluate_models({"bm25": PRE_RANKER}, str(path))
     assert row["model"] == "bm25" and row["queries"] == 2
     assert row["ndcg@10"] == pytest.approx(0.8099531, abs=1e-6)
     assert row["mrr@10"] == pytest.approx(0.75, abs=1e-6)
@@ -62,26 +62,35 @@ def test_lexical_row_equals_hand_computed_metrics(tmp_path: Path) -> None:
     assert row["parameters"] is None and row["ms_per_query"] is None
 
 
-def test_lexical_row_of_a_perfect_ordering_is_one(tmp_path: Path) -> None:
+def test_pre_ranker_row_of_a_perfect_ordering_is_one(tmp_path: Path) -> None:
     path = _write(tmp_path / "test.jsonl", [
         {"query": "q", "docs": [_doc("a", 0, 0.1), _doc("b", 3, 9.0), _doc("c", 1, 2.0), _doc("d", 2, 4.5)]},
         {"query": "r", "docs": [_doc("a", 1, 1.0), _doc("b", 0, -1.0)]},
     ])
-    (row,) = evaluate_models({"bm25": LEXICAL}, str(path))
+    (row,) = evaluate_models({"bm25": PRE_RANKER}, str(path))
     assert row["ndcg@10"] == pytest.approx(1.0) and row["mrr@10"] == pytest.approx(1.0)
     # every one of the 6 + 1 preference pairs is concordant, none discordant: PNR = 7 / max(0, 1)
     assert row["pnr"] == pytest.approx(7.0)
 
 
-def test_lexical_row_needs_bm25_and_names_file_and_line(tmp_path: Path) -> None:
-    path = _write(tmp_path / "no_bm25.jsonl", [
-        {"query": "q", "docs": [_doc("a", 1, 1.0), _doc("b", 0, 0.5)]},
-        {"query": "r", "docs": [_doc("a", 1, 1.0), _doc("b", 0)]},
+def test_pre_ranker_row_needs_first_stage_scores_and_names_the_document(tmp_path: Path) -> None:
+    path = _write(tmp_path / "no_scores.jsonl", [
+        {"query_id": "q", "query": "q", "docs": [_doc("a", 1, 1.0), _doc("b", 0, 0.5)]},
+        {"query_id": "r", "query": "r", "docs": [_doc("a", 1, 1.0), _doc("b", 0)]},
     ])
     with pytest.raises(DataFormatError) as info:
-        evaluate_models({"bm25": LEXICAL}, str(path))
-    assert str(info.value).startswith(f"{path}:2: field 'docs[].bm25':")
-    assert info.value.line == 2 and "\n" not in str(info.value)
+        evaluate_models({"bm25": PRE_RANKER}, str(path))
+    assert str(info.value) == (f"{path}: field 'docs[].first_stage_score': query 'r', document 'b' has no "
+                               "first-stage score (needed for the pre-ranker row)")
+
+
+def test_pre_ranker_ties_are_broken_by_the_first_stages_own_order(tmp_path: Path) -> None:
+    # Equal scores: the first stage ranked a before b (their order in the group), so the relevant b
+    # is second: NDCG = 1/log2 3 = 0.6309298, RR 1/2, and the pair (b, a) is discordant (PNR 0).
+    path = _write(tmp_path / "tied.jsonl", [{"query": "q", "docs": [_doc("a", 0, 2.0), _doc("b", 1, 2.0)]}])
+    (row,) = evaluate_models({"bm25": PRE_RANKER}, str(path))
+    assert row["ndcg@10"] == pytest.approx(0.6309298, abs=1e-6) and row["mrr@10"] == pytest.approx(0.5)
+    assert row["pnr"] == 0.0
 
 
 # -------------------------------------------------------------------------------------- random row
@@ -101,7 +110,7 @@ def test_random_row_averages_seeded_draws_and_is_reproducible(tmp_path: Path) ->
     assert row["mrr@10"] == pytest.approx(0.5 + m / (2 * n), abs=1e-6)
     assert row["parameters"] is None and row["ms_per_query"] is None
     # the same numbers on every call, whatever else is evaluated beside it
-    again = evaluate_models({"bm25": LEXICAL, "chance": RANDOM}, str(path))
+    again = evaluate_models({"bm25": PRE_RANKER, "chance": RANDOM}, str(path))
     assert again[1] == row and again[0]["model"] == "bm25"
 
 

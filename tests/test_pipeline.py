@@ -1,4 +1,5 @@
-"""The DisRanker pipeline end to end on a tiny config (every step, the labels, the report)."""
+"""The DisRanker pipeline end to end on a tiny config (every step, the labels, the report), on a BEIR
+directory and TREC runs with no kdlab-specific field, as a user brings them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 from conftest import REPO, subprocess_env
 
 import kdlab.pipeline as pipeline
-from kdlab.evaluation import LEXICAL, RANDOM, evaluate_models
+from kdlab.data.fixtures import write_fixtures
+from kdlab.evaluation import PRE_RANKER, RANDOM, evaluate_models
 from kdlab.pipeline import PipelineConfig, run_pipeline
 
 QUICK = REPO / "experiments" / "quickstart" / "disranker"
@@ -21,7 +23,14 @@ def test_tiny_pipeline_writes_complete_report_and_resumes(tmp_path: Path, monkey
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     for key, value in subprocess_env().items():
         monkeypatch.setenv(key, value)
+    write_fixtures(tmp_path / "fixtures")
+    beir = tmp_path / "fixtures" / "beir"
+    assert not any(key in path.read_text() for path in beir.rglob("*") if path.is_file()
+                   for key in ("first_stage_score", "teacher_score", '"label"', '"docs"'))
+    sources = {split: {"format": "beir", "path": str(beir), "run": str(beir / f"run.{qrels}.trec"), "qrels_split": qrels}
+               for split, qrels in (("train", "train"), ("val", "dev"), ("test", "test"))}
     config = PipelineConfig(
+        train=sources["train"], val=sources["val"], test=sources["test"],
         name="tiny", root=str(tmp_path), pipeline_dir=str(tmp_path / "p"),
         cpt_config=str(QUICK / "cpt.yaml"), rank_sft_config=str(QUICK / "rank_sft.yaml"),
         distill_config=str(QUICK / "distill.yaml"),
@@ -38,11 +47,12 @@ def test_tiny_pipeline_writes_complete_report_and_resumes(tmp_path: Path, monkey
     assert "| train | 16 |" in text and "| test | 6 |" in text
     rows = json.loads((p / "report.json").read_text())["rows"]
     by_model = {row["model"]: row for row in rows}
-    assert list(by_model) == ["random ordering (mean of 20)", "lexical pre-ranker (BM25)", "teacher, no CPT",
+    pre_ranker = "first-stage run (run.test.trec)"
+    assert list(by_model) == ["random ordering (mean of 20)", pre_ranker, "teacher, no CPT",
                               "teacher, CPT", "student, hybrid+TCL"]
 
     # The report's numbers are an evaluation of exactly these models on exactly this test split.
-    models = {"random ordering (mean of 20)": RANDOM, "lexical pre-ranker (BM25)": LEXICAL,
+    models = {"random ordering (mean of 20)": RANDOM, pre_ranker: PRE_RANKER,
               "teacher, no CPT": p / "rank_sft_no_cpt" / "model", "teacher, CPT": p / "rank_sft_cpt" / "model",
               "student, hybrid+TCL": p / "student_hybrid_TCL" / "model"}  # kdlab.runs.slug("hybrid+TCL")
     again = {row["model"]: row for row in evaluate_models(models, str(p / "data" / "ranking_test.jsonl"))}
@@ -60,7 +70,7 @@ def test_tiny_pipeline_writes_complete_report_and_resumes(tmp_path: Path, monkey
     verdict = "better than" if teacher["ndcg@10"] > no_cpt["ndcg@10"] else "NOT better than"
     assert (f"The CPT teacher ranks {verdict} the teacher without CPT "
             f"(NDCG@10 {teacher['ndcg@10']:.4f} vs {no_cpt['ndcg@10']:.4f})") in text
-    for baseline in ("random ordering (mean of 20)", "lexical pre-ranker (BM25)"):
+    for baseline in ("random ordering (mean of 20)", pre_ranker):
         beats = "beats" if teacher["ndcg@10"] > by_model[baseline]["ndcg@10"] else "does NOT beat"
         assert f"The CPT teacher {beats} {baseline} (NDCG@10" in text, baseline
     ratio_line = next(line for line in text.splitlines() if line.startswith("- student, hybrid+TCL: "))
@@ -70,6 +80,18 @@ def test_tiny_pipeline_writes_complete_report_and_resumes(tmp_path: Path, monkey
     target = f"the {config.min_student_ratio:.0%} target"
     assert (f"(meets {target})" if ratio >= config.min_student_ratio else f"(does NOT meet {target})") in ratio_line
     assert (p / "report.png").stat().st_size > 5000
+
+    # trec_eval (ir_measures), from the TREC run files kdlab wrote, agrees with every scored row.
+    review = json.loads((p / "report.json").read_text())
+    assert set(review["trec_eval"]) == set(by_model) - {"random ordering (mean of 20)"}
+    for name, check in review["trec_eval"].items():
+        assert check["queries_with_tied_scores"] == 0 and check["agrees"], (name, check)
+        assert check["ndcg@10"]["abs_diff"] <= 1e-6 and check["mrr@10"]["abs_diff"] <= 1e-6
+        assert (p / "trec" / Path(check["run_file"]).parent.name / "run.trec").exists()
+    assert "## trec_eval cross-check" in text
+    for name in ("teacher, no CPT", "student, hybrid+TCL"):  # paired tests against teacher and pre-ranker
+        assert 0 < by_model[name]["p_vs_teacher"] <= 1 and 0 < by_model[name]["p_vs_pre_ranker"] <= 1
+    assert json.loads((p / "data" / "first_stage.json").read_text())["test"]["kind"] == "run"
 
     labels = [json.loads(line) for line in (p / "labels" / "train.jsonl").read_text().splitlines()]
     assert len(labels) == 16 and all("teacher_score" in d for g in labels for d in g["docs"])
