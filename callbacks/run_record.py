@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from kdlab.protocols import ExportsPretrained
+from kdlab.protocols import DescribesData, ExportsPretrained
 from kdlab.runs import atomic_dir, git_state, now_iso, package_versions, write_json_atomic, write_text_atomic
 
 __all__ = ["RunRecord", "scalar_metrics"]
@@ -100,6 +100,9 @@ class RunRecord(L.Callback):
             status="running",
             stage=type(pl_module).__qualname__,
         )
+        datamodule = getattr(trainer, "datamodule", None)
+        if isinstance(datamodule, DescribesData):  # which files, which first stage (e.g. BM25's parameters)
+            self._write_manifest(data=datamodule.data_record())
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:

@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from kdlab.ablations import AblationError
-from kdlab.callbacks import GradVariance, RunRecord, TeacherLoader
+from kdlab.callbacks import GradVariance, RankingPredictionWriter, RunRecord, TeacherLoader
 from kdlab.data.readers import DataFormatError
 from kdlab.data.sources import RankingSource
 from kdlab.defaults import LABEL_BATCH_SIZE, PAIR_MAX_LENGTH
@@ -135,6 +135,8 @@ class KdlabCLI(LightningCLI):
                     callback.dirpath = str(self.run_dir / "checkpoints")
                 if callback.save_last is None:
                     callback.save_last = True
+        if self.subcommand == "predict":  # a ranker's scores as a TREC run + JSONL in the run directory
+            trainer.callbacks.append(RankingPredictionWriter(self.run_dir))
         trainer.callbacks.append(RunRecord(
             self.run_dir, self._config_yaml, seed=cfg.get("seed_everything"),
             command=self.subcommand, export_model=cfg.run.export_model,

@@ -87,6 +87,15 @@ class ChecksData(Protocol):
         arguments) cannot train on ``datamodule``'s data."""
 
 
+@runtime_checkable
+class DescribesData(Protocol):
+    """A data module that can say what it read, for the run's ``manifest.json`` (the run record)."""
+
+    def data_record(self) -> dict[str, Any]:
+        """JSON-serialisable: each split's source (format, files) and how its candidates were chosen
+        (a run file, or BM25 with its parameters), with query and document counts."""
+
+
 def attach_unregistered(owner: nn.Module, name: str, module: nn.Module | None) -> None:
     """Store ``module`` on ``owner`` without making it a submodule.
 

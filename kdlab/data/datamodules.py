@@ -10,6 +10,7 @@ gets its own shard and batches stay deterministic from (seed, epoch).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Sequence
@@ -203,6 +204,12 @@ class RankingDataModule(L.LightningDataModule):
         self.tokenizer: Any = None
         self.groups: dict[str, list[RankingGroup]] = {}
         self.first_stage: dict[str, dict[str, Any]] = {}
+
+    def data_record(self) -> dict[str, Any]:
+        """Each split read so far: its source, its first stage and its size (for the run record)."""
+        return {split: {"source": dataclasses.asdict(self.sources[split]), "first_stage": self.first_stage.get(split, {}),
+                        "queries": len(groups), "pairs": sum(len(g.docs) for g in groups)}
+                for split, groups in self.groups.items()}
 
     def source_label(self, split: str) -> str:
         """The user's main file of ``split``, for messages."""
