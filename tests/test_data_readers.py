@@ -12,11 +12,9 @@ from kdlab.data.readers import (
     DataFormatError,
     RunEntry,
     assemble_ranking_groups,
-    read_beir,
-    read_beir_groups,
+    read_beir_qrels,
     read_clicks_jsonl,
     read_msmarco_collection,
-    read_msmarco_groups,
     read_msmarco_queries,
     read_ranking_jsonl,
     read_seq2seq_jsonl,
@@ -24,6 +22,7 @@ from kdlab.data.readers import (
     read_trec_run,
     write_ranking_jsonl,
 )
+from kdlab.data.sources import RankingSource, read_source
 from kdlab.runs import write_jsonl_atomic
 
 GOOD_GROUP = {"query_id": "q1", "query": "open a file",
@@ -125,18 +124,22 @@ def msmarco(tmp_path: Path) -> dict[str, Path]:
     }
 
 
+def _msmarco_groups(files: dict[str, Path], **options: object) -> list:
+    source = RankingSource(format="msmarco", **{k: str(v) for k, v in files.items()}, **options)  # type: ignore[arg-type]
+    return read_source(source, "test", cache=False).groups
+
+
 def test_msmarco_and_trec_good(msmarco: dict[str, Path]) -> None:
     assert read_msmarco_collection(msmarco["collection"])["p2"] == "second passage"
     assert read_msmarco_queries(msmarco["queries"])["q2"] == "second?"
     assert read_trec_qrels(msmarco["qrels"]) == {"q1": {"p1": 1}, "q2": {"p3": 2}}
     run = read_trec_run(msmarco["run"])
     assert [e.doc_id for e in run["q1"]] == ["p2", "p1", "p3"]
-    groups = read_msmarco_groups(msmarco["collection"], msmarco["queries"], msmarco["qrels"], msmarco["run"], top_k=2)
+    groups = _msmarco_groups(msmarco, top_k=2)
     assert [g.query_id for g in groups] == ["q1", "q2"]
     assert [(d.id, d.label) for d in groups[0].docs] == [("p2", 0.0), ("p1", 1.0)]
     assert [(d.id, d.label) for d in groups[1].docs] == [("p1", 0.0)]
-    with_pos = read_msmarco_groups(msmarco["collection"], msmarco["queries"], msmarco["qrels"], msmarco["run"],
-                                   top_k=1, add_missing_positives=True)
+    with_pos = _msmarco_groups(msmarco, top_k=1, add_missing_positives=True)
     assert [d.id for d in with_pos[0].docs] == ["p2", "p1"] and [d.id for d in with_pos[1].docs] == ["p1", "p3"]
 
 
@@ -156,7 +159,7 @@ def test_msmarco_and_trec_errors(tmp_path: Path, msmarco: dict[str, Path]) -> No
             1, "qid", "unknown query id 'q7'")
     bad_run = _write(tmp_path / "run_bad.trec", "q1 Q0 p1 1 2 t\nq1 Q0 zzz 2 1 t\n")
     with pytest.raises(DataFormatError, match=r"run_bad\.trec:2: field 'pid': unknown document id 'zzz'"):
-        read_msmarco_groups(msmarco["collection"], msmarco["queries"], msmarco["qrels"], bad_run)
+        _msmarco_groups({**msmarco, "run": bad_run})
 
 
 def test_assemble_checks_ids() -> None:
@@ -175,23 +178,28 @@ def _beir(root: Path, qrels: str) -> Path:
     return root
 
 
+def _beir_groups(root: Path, run: Path | None = None) -> list:
+    source = RankingSource(format="beir", path=str(root), run=str(run) if run else None)
+    return read_source(source, "test", cache=False).groups
+
+
 def test_beir(tmp_path: Path) -> None:
     root = _beir(tmp_path / "beir", "query-id\tcorpus-id\tscore\nq1\td1\t1\n")
-    data = read_beir(root)
-    assert data.corpus["d1"] == ("T1", "one") and data.qrels == {"q1": {"d1": 1}}
+    assert read_beir_qrels(root / "qrels" / "test.tsv") == {"q1": {"d1": 1}}
     run = _write(tmp_path / "run.trec", "q1 Q0 d2 1 5 x\nq1 Q0 d1 2 4 x\n")
-    groups = read_beir_groups(root, run)
-    assert [(d.id, d.title, d.label) for d in groups[0].docs] == [("d2", "", 0.0), ("d1", "T1", 1.0)]
+    groups = _beir_groups(root, run)
+    assert [(d.id, d.title, d.label, d.first_stage_score) for d in groups[0].docs] == [
+        ("d2", "", 0.0, 5.0), ("d1", "T1", 1.0, 4.0)]
 
     bad = _beir(tmp_path / "b2", "query-id\tcorpus-id\tscore\nq1\tdX\t1\n")
-    _expect(read_beir, bad, 2, "corpus-id", "unknown document id 'dX'", bad / "qrels" / "test.tsv")
+    _expect(_beir_groups, bad, 2, "corpus-id", "unknown document id 'dX'", bad / "qrels" / "test.tsv")
     no_header = _beir(tmp_path / "b3", "q1\td1\t1\n")
-    _expect(read_beir, no_header, 1, None, "header", no_header / "qrels" / "test.tsv")
+    _expect(_beir_groups, no_header, 1, None, "header", no_header / "qrels" / "test.tsv")
     dup = tmp_path / "b4"
     _beir(dup, "query-id\tcorpus-id\tscore\n")
     _jsonl(dup / "corpus.jsonl", [{"_id": "d1", "text": "a"}, {"_id": "d1", "text": "b"}])
     with pytest.raises(DataFormatError, match=r"corpus\.jsonl:2: field '_id': duplicate id 'd1'"):
-        read_beir(dup)
+        _beir_groups(dup)
 
 
 def test_write_jsonl_atomic(tmp_path: Path) -> None:

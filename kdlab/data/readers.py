@@ -9,9 +9,11 @@ Readers validate everything up front (they are called from ``DataModule.setup``)
 fails before any training step rather than in the middle of an epoch.
 
 Formats: JSONL ranking groups, click logs and seq2seq pairs; MS MARCO TSV collection/queries;
-TREC qrels and run files; BEIR directories. :func:`assemble_ranking_groups` turns a collection +
-queries + qrels + run into the same ranking groups the JSONL reader yields, so every format feeds
-one data module (write them with :func:`write_ranking_jsonl`).
+TREC qrels and run files; BEIR queries and qrels; FlagEmbedding JSONL. :func:`assemble_ranking_groups`
+turns a collection + queries + qrels + run into the same ranking groups the JSONL reader yields;
+:mod:`kdlab.data.sources` puts the pieces together for each format (collections through the
+offset-indexed :class:`~kdlab.data.collection.TextCollection`), so every format feeds one data
+module (write groups with :func:`write_ranking_jsonl`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import math
 import os
 from collections.abc import Container, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,15 +99,6 @@ class RunEntry:
     doc_id: str
     rank: int
     score: float
-
-
-@dataclass
-class BeirDataset:
-    """A BEIR directory: corpus id → (title, text), query id → text, qrels query → doc → relevance."""
-
-    corpus: dict[str, tuple[str, str]]
-    queries: dict[str, str]
-    qrels: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,19 +471,6 @@ def read_beir_qrels(path: PathLike, doc_ids: Container[str] | Iterable[str] | No
     return qrels
 
 
-def read_beir(directory: PathLike, split: str = "test") -> BeirDataset:
-    """Read a BEIR dataset directory: ``corpus.jsonl`` (``_id``, ``title``, ``text``),
-    ``queries.jsonl`` (``_id``, ``text``) and ``qrels/<split>.tsv`` (header
-    ``query-id corpus-id score``, tab-separated). Qrels ids must exist in corpus and queries."""
-    root = Path(directory)
-    if not root.is_dir():
-        raise DataFormatError(root, None, None, "not a directory (expected a BEIR dataset directory)")
-    corpus = _read_beir_jsonl(root / "corpus.jsonl", with_title=True)
-    queries = read_beir_queries(root / "queries.jsonl")
-    qrels = read_beir_qrels(root / "qrels" / f"{split}.tsv", doc_ids=corpus.keys(), query_ids=queries.keys())
-    return BeirDataset(corpus=corpus, queries=queries, qrels=qrels)
-
-
 # --------------------------------------------------------------------------------------------------
 # Assembling ranking groups from collection + queries + qrels + run
 
@@ -538,26 +518,6 @@ def assemble_ranking_groups(
                                    first_stage_score=first_stage.get(pid)))
         groups.append(RankingGroup(qid, queries[qid], tuple(docs)))
     return groups
-
-
-def read_msmarco_groups(collection: PathLike, queries: PathLike, qrels: PathLike, run: PathLike,
-                        top_k: int = 20, *, add_missing_positives: bool = False) -> list[RankingGroup]:
-    """MS MARCO files → ranking groups, with qrels/run ids checked against collection and queries."""
-    corpus = read_msmarco_collection(collection)
-    query_texts = read_msmarco_queries(queries)
-    judgements = read_trec_qrels(qrels, doc_ids=corpus.keys(), query_ids=query_texts.keys())
-    entries = read_trec_run(run, doc_ids=corpus.keys(), query_ids=query_texts.keys())
-    return assemble_ranking_groups(query_texts, corpus, judgements, entries, top_k,
-                                   add_missing_positives=add_missing_positives)
-
-
-def read_beir_groups(directory: PathLike, run: PathLike, split: str = "test", top_k: int = 20, *,
-                     add_missing_positives: bool = False) -> list[RankingGroup]:
-    """BEIR directory + a TREC run over its corpus → ranking groups."""
-    data = read_beir(directory, split)
-    entries = read_trec_run(run, doc_ids=data.corpus.keys(), query_ids=data.queries.keys())
-    return assemble_ranking_groups(data.queries, data.corpus, data.qrels, entries, top_k,
-                                   add_missing_positives=add_missing_positives)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -652,10 +612,9 @@ def write_ranking_jsonl(path: PathLike, groups: Iterable[RankingGroup]) -> None:
 
 
 __all__ = [
-    "BeirDataset", "ClickRecord", "DataFormatError", "RankingDoc", "RankingGroup", "RunEntry",
-    "Seq2SeqPair", "assemble_ranking_groups", "iter_jsonl", "iter_lines", "ranking_group_to_json",
-    "flagembedding_record", "read_beir", "read_beir_groups", "read_beir_qrels", "read_beir_queries",
-    "read_flagembedding_jsonl", "read_run", "write_flagembedding_jsonl", "read_clicks_jsonl", "read_msmarco_collection",
-    "read_msmarco_groups", "read_msmarco_queries", "read_ranking_jsonl", "read_seq2seq_jsonl",
-    "read_trec_qrels", "read_trec_run", "read_tsv_texts", "write_ranking_jsonl",
+    "ClickRecord", "DataFormatError", "RankingDoc", "RankingGroup", "RunEntry", "Seq2SeqPair",
+    "assemble_ranking_groups", "flagembedding_record", "iter_jsonl", "iter_lines", "ranking_group_to_json",
+    "read_beir_qrels", "read_beir_queries", "read_clicks_jsonl", "read_flagembedding_jsonl",
+    "read_msmarco_collection", "read_msmarco_queries", "read_ranking_jsonl", "read_run", "read_seq2seq_jsonl",
+    "read_trec_qrels", "read_trec_run", "read_tsv_texts", "write_flagembedding_jsonl", "write_ranking_jsonl",
 ]
