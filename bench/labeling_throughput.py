@@ -58,7 +58,7 @@ def naive_score_file(teacher_dir: str, input_path: str, output_path: str, batch_
     """File order, fixed-size batches, every row padded to ``max_length``; returns the pair count."""
     import torch
 
-    from kdlab.data.readers import ranking_group_to_json, read_ranking_jsonl
+    from kdlab.data.readers import ranking_group_to_json, read_ranking_jsonl, with_scores
     from kdlab.models.backbones import load_tokenizer, pad_token_id
     from kdlab.models.export import load_rank_teacher
 
@@ -93,7 +93,7 @@ def naive_score_file(teacher_dir: str, input_path: str, output_path: str, batch_
 
     with open(output_path, "w", encoding="utf-8") as f:
         for g, sc in zip(groups, scores):
-            docs = tuple(replace(d, teacher_score=s) for d, s in zip(g.docs, sc))
+            docs = tuple(with_scores(d, teacher_score=s) for d, s in zip(g.docs, sc))
             f.write(json.dumps(ranking_group_to_json(replace(g, docs=docs)), ensure_ascii=False) + "\n")
     return len(pairs)
 

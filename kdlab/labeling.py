@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from kdlab.data.collators import RankingCollator
-from kdlab.data.readers import RankingDoc, RankingGroup, ranking_group_to_json
+from kdlab.data.readers import Doc, RankingDoc, RankingGroup, ranking_group_to_json, with_scores
 from kdlab.data.sources import RankingSource, as_source, read_source
 from kdlab.defaults import LABEL_BATCH_SIZE, LABEL_CHUNK_GROUPS, PAIR_MAX_LENGTH
 from kdlab.models.backbones import load_tokenizer, pad_token_id
@@ -165,7 +165,7 @@ def score_file(
                 chunk = todo[start:start + chunk_groups]
                 scores = score_candidates(model, encoder, chunk, batch_size, dev, progress=bar)
                 for group, group_scores in zip(chunk, scores):
-                    docs = tuple(replace(d, teacher_score=s) for d, s in zip(group.docs, group_scores))
+                    docs = tuple(with_scores(d, teacher_score=s) for d, s in zip(group.docs, group_scores))
                     row = ranking_group_to_json(replace(group, docs=docs))
                     f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
                 f.flush()
@@ -292,7 +292,7 @@ def rradistill_labels(
     return rows
 
 
-def _doc_row(doc: RankingDoc, label: float, llm_rank: int | None = None, hard_negative: bool = False) -> dict[str, Any]:
+def _doc_row(doc: Doc, label: float, llm_rank: int | None = None, hard_negative: bool = False) -> dict[str, Any]:
     row: dict[str, Any] = {"id": doc.id, "title": doc.title, "summary": doc.body, "label": label,
                            "hard_negative": hard_negative}
     if llm_rank is not None:

@@ -156,7 +156,7 @@ def read_ranking_data(config: PipelineConfig) -> PreparedData:
     """Read and validate every split from the user's files (errors name their file and line), cut
     the splits to ``max_*_queries`` and give every test candidate a first-stage score (BM25 over the
     candidates when the data has none). Writes nothing."""
-    from kdlab.data.readers import RankingDoc, RankingGroup
+    from kdlab.data.readers import RankingGroup, with_scores
     from kdlab.data.sources import as_source, read_source
     from kdlab.errors import ConfigError
 
@@ -178,9 +178,9 @@ def read_ranking_data(config: PipelineConfig) -> PreparedData:
 
             options = BM25Options(k1=source.bm25_k1, b=source.bm25_b)
             scores = bm25_candidate_scores(groups, options)
-            groups = [RankingGroup(g.query_id, g.query, tuple(
-                RankingDoc(d.id, d.title, d.body, d.label, d.teacher_score, s) for d, s in zip(g.docs, row)))
-                for g, row in zip(groups, scores)]
+            groups = [RankingGroup(g.query_id, g.query, tuple(with_scores(d, first_stage_score=s)
+                                                              for d, s in zip(g.docs, row)))
+                      for g, row in zip(groups, scores)]
             info = {"kind": "bm25-candidates", **describe(options)}
         first_stage[split] = info
         prepared[split] = groups

@@ -126,7 +126,7 @@ def msmarco(tmp_path: Path) -> dict[str, Path]:
 
 def _msmarco_groups(files: dict[str, Path], **options: object) -> list:
     source = RankingSource(format="msmarco", **{k: str(v) for k, v in files.items()}, **options)  # type: ignore[arg-type]
-    return read_source(source, "test", cache=False).groups
+    return read_source(source, "train", cache=False).groups
 
 
 def test_msmarco_and_trec_good(msmarco: dict[str, Path]) -> None:

@@ -122,6 +122,14 @@ def test_source_mistakes_are_config_errors(source: dict, message: str) -> None:
         read_source(as_source(source, "data.train"), "data.train")
 
 
+def test_missing_positives_are_refused_on_evaluation_splits(fixtures: Path) -> None:
+    source = RankingSource(format="beir", path=str(fixtures / "beir"), run=str(fixtures / "beir" / "run.test.trec"),
+                           qrels_split="test", add_missing_positives=True)
+    with pytest.raises(ConfigError, match=r"^data\.test\.add_missing_positives: only for training splits"):
+        read_source(source, "data.test")
+    assert read_source(source, "data.train", cache=False).groups
+
+
 def _one_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -194,3 +202,18 @@ def test_every_data_yaml_reads(fixtures: Path) -> None:
             text = json.dumps(value).replace("experiments/data/fixtures", str(fixtures))
             data = read_source(as_source(json.loads(text), path.stem), "train", cache=False)
             assert data.groups, path
+
+
+def test_collection_backed_groups_hold_no_texts_and_survive_pickling(fixtures: Path) -> None:
+    import pickle
+
+    from kdlab.data.readers import CollectionDoc
+
+    groups = read_source(RankingSource(format="beir", path=str(fixtures / "beir"),
+                                       run=str(fixtures / "beir" / "run.test.trec")), "test", cache=False).groups
+    doc = groups[0].docs[0]
+    assert isinstance(doc, CollectionDoc) and not hasattr(doc, "__dict__")  # id, label, scores, a reference
+    again = pickle.loads(pickle.dumps(groups[0]))  # what a DataLoader worker receives
+    assert [(d.id, d.title, d.body, d.label, d.first_stage_score) for d in again.docs] == \
+           [(d.id, d.title, d.body, d.label, d.first_stage_score) for d in groups[0].docs]
+    assert doc.materialize().text == doc.text and doc == doc.materialize()

@@ -66,13 +66,73 @@ class RankingDoc:
         return f"{self.title} {self.body}".strip()
 
 
+class CollectionDoc:
+    """A candidate whose title and text stay in its collection and are read when asked for.
+
+    Groups assembled from a large collection hold these instead of :class:`RankingDoc`: RAM then
+    holds ids, labels and scores, not texts (``bench/collection_scale.py``). Same attributes as
+    :class:`RankingDoc`; ``with_scores`` / ``materialize`` give a :class:`RankingDoc`.
+    """
+
+    __slots__ = ("id", "label", "teacher_score", "first_stage_score", "_store")
+
+    def __init__(self, id: str, store: Mapping[str, tuple[str, str]], label: float | None = None,
+                 teacher_score: float | None = None, first_stage_score: float | None = None) -> None:
+        self.id = id
+        self._store = store
+        self.label = label
+        self.teacher_score = teacher_score
+        self.first_stage_score = first_stage_score
+
+    @property
+    def title(self) -> str:
+        return self._store[self.id][0]
+
+    @property
+    def body(self) -> str:
+        return self._store[self.id][1]
+
+    @property
+    def text(self) -> str:
+        title, body = self._store[self.id]
+        return f"{title} {body}".strip()
+
+    def materialize(self) -> RankingDoc:
+        """The same document with its texts read, as a :class:`RankingDoc`."""
+        title, body = self._store[self.id]
+        return RankingDoc(self.id, title, body, self.label, self.teacher_score, self.first_stage_score)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (RankingDoc, CollectionDoc)):
+            return self.materialize() == (other.materialize() if isinstance(other, CollectionDoc) else other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  (mutable-looking, compared by value like RankingDoc)
+
+    def __repr__(self) -> str:
+        return (f"CollectionDoc(id={self.id!r}, label={self.label!r}, teacher_score={self.teacher_score!r}, "
+                f"first_stage_score={self.first_stage_score!r})")
+
+
+Doc = RankingDoc | CollectionDoc
+"""A candidate document: its texts in memory (:class:`RankingDoc`) or in a collection (:class:`CollectionDoc`)."""
+
+
+def with_scores(doc: Doc, *, teacher_score: float | None = None, first_stage_score: float | None = None) -> RankingDoc:
+    """``doc`` with its texts and the given scores (the others kept), as a :class:`RankingDoc`."""
+    base = doc.materialize() if isinstance(doc, CollectionDoc) else doc
+    return RankingDoc(base.id, base.title, base.body, base.label,
+                      base.teacher_score if teacher_score is None else teacher_score,
+                      base.first_stage_score if first_stage_score is None else first_stage_score)
+
+
 @dataclass(frozen=True, slots=True)
 class RankingGroup:
     """A query and its candidate documents (in file order)."""
 
     query_id: str
     query: str
-    docs: tuple[RankingDoc, ...]
+    docs: tuple[Doc, ...]
 
 
 @dataclass(frozen=True)
@@ -484,6 +544,7 @@ def assemble_ranking_groups(
     *,
     add_missing_positives: bool = False,
     only_judged_queries: bool = True,
+    lazy_texts: bool = False,
 ) -> list[RankingGroup]:
     """Ranking groups from a run's top-k candidates per query, labelled from qrels (unjudged → 0),
     each candidate keeping the run's score as its ``first_stage_score`` (added positives have none).
@@ -493,11 +554,14 @@ def assemble_ranking_groups(
     judged-relevant documents the run missed (useful for training sets; leave off for evaluation,
     where it would inflate metrics). ``only_judged_queries`` drops run queries without qrels, which
     carry no label signal. Unknown query/document ids raise ``KeyError`` naming the id — read the
-    run with ``doc_ids``/``query_ids`` to get file:line errors instead.
+    run with ``doc_ids``/``query_ids`` to get file:line errors instead. ``lazy_texts``: documents
+    are :class:`CollectionDoc`s that read their texts from ``corpus`` when asked (``corpus`` must
+    map an id to ``(title, text)``, as a :class:`~kdlab.data.collection.TextCollection` does).
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     groups: list[RankingGroup] = []
+    labels: dict[int, float] = {}
     for qid in sorted(run):
         judged = qrels.get(qid, {})
         if only_judged_queries and not judged:
@@ -512,10 +576,13 @@ def assemble_ranking_groups(
         for pid in doc_ids:
             if pid not in corpus:
                 raise KeyError(f"document id {pid!r} of the run is not in the collection")
+            label = labels.setdefault(judged.get(pid, 0), float(judged.get(pid, 0)))  # one float per grade
+            if lazy_texts:
+                docs.append(CollectionDoc(pid, corpus, label, first_stage_score=first_stage.get(pid)))  # type: ignore[arg-type]
+                continue
             entry = corpus[pid]
             title, body = entry if isinstance(entry, tuple) else ("", entry)
-            docs.append(RankingDoc(id=pid, title=title, body=body, label=float(judged.get(pid, 0)),
-                                   first_stage_score=first_stage.get(pid)))
+            docs.append(RankingDoc(id=pid, title=title, body=body, label=label, first_stage_score=first_stage.get(pid)))
         groups.append(RankingGroup(qid, queries[qid], tuple(docs)))
     return groups
 
@@ -612,9 +679,9 @@ def write_ranking_jsonl(path: PathLike, groups: Iterable[RankingGroup]) -> None:
 
 
 __all__ = [
-    "ClickRecord", "DataFormatError", "RankingDoc", "RankingGroup", "RunEntry", "Seq2SeqPair",
+    "ClickRecord", "CollectionDoc", "DataFormatError", "Doc", "RankingDoc", "RankingGroup", "RunEntry", "Seq2SeqPair",
     "assemble_ranking_groups", "flagembedding_record", "iter_jsonl", "iter_lines", "ranking_group_to_json",
     "read_beir_qrels", "read_beir_queries", "read_clicks_jsonl", "read_flagembedding_jsonl",
     "read_msmarco_collection", "read_msmarco_queries", "read_ranking_jsonl", "read_run", "read_seq2seq_jsonl",
-    "read_trec_qrels", "read_trec_run", "read_tsv_texts", "write_flagembedding_jsonl", "write_ranking_jsonl",
+    "read_trec_qrels", "read_trec_run", "read_tsv_texts", "with_scores", "write_flagembedding_jsonl", "write_ranking_jsonl",
 ]

@@ -164,6 +164,9 @@ def check_source(source: RankingSource, role: str) -> None:
         if getattr(source, name):
             raise ConfigError(f"{role}: format '{source.format}' does not read '{name}' ({getattr(source, name)}); "
                               f"remove it or pick the format it belongs to")
+    if source.add_missing_positives and role.rsplit(".", 1)[-1] in ("val", "test", "predict"):
+        raise ConfigError(f"{role}.add_missing_positives: only for training splits (adding the positives a run "
+                          "missed to an evaluation split would inflate its metrics)")
     if source.top_k < 1:
         raise ConfigError(f"{role}.top_k: expected an integer >= 1, got {source.top_k}")
     if source.bm25_k1 < 0 or not 0 <= source.bm25_b <= 1:
@@ -253,7 +256,8 @@ def _read_source(source: RankingSource, role: str) -> SplitData:
         allow_tsv = fmt == "msmarco"
     run, first_stage = _first_stage(source, collection, queries, qrels, allow_tsv)
     groups = assemble_ranking_groups(queries, collection, qrels, run, source.top_k,
-                                     add_missing_positives=source.add_missing_positives)
+                                     add_missing_positives=source.add_missing_positives, lazy_texts=True)
+    del run  # the groups hold what they need of it (peak memory at MS MARCO scale)
     if not groups:
         raise DataFormatError(source.run or source.qrels or source.path, None, None,
                               "no query has both candidates and relevance judgements")
