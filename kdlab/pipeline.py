@@ -368,7 +368,8 @@ def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str
              f"(sum of the steps' recorded wall times), this invocation {total_seconds / 60:.1f} min, on "
              f"{os.cpu_count()} CPU cores.", "",
              f"Held-out test split. NDCG@10 with {config.gain} gain "
-             f"({'rel, as trec_eval' if config.gain == 'linear' else '2^rel − 1'}), score ties averaged; "
+             f"({'rel, as trec_eval' if config.gain == 'linear' else '2^rel − 1'}), a model's score ties averaged "
+             "(the pre-ranker's ranking is strict: its score, then its own order); "
              "PNR = concordant / discordant pairs of one query with different labels (score ties count neither way). "
              f"p = per-query paired {'randomisation test (10 000 sign flips)' if config.significance == 'randomization' else 't-test'} "
              "on NDCG@10, two-sided.",
