@@ -1,6 +1,9 @@
 """``python -m kdlab pipeline``: the DisRanker recipe end to end, with an honest report.
 
-Steps (each a ``python -m kdlab fit`` subprocess with its own run directory inside the pipeline
+Before anything trains, every split is read from the user's files in any format
+(:mod:`kdlab.data.sources`; errors name their file and line) and every step's command line is
+parsed and checked (options, click logs); a mistake leaves no pipeline directory. Then the steps
+(each a ``python -m kdlab fit`` subprocess with its own run directory inside the pipeline
 directory, so every step leaves the same record as a hand-run one and DDP launchers re-run the
 right command):
 
@@ -11,7 +14,9 @@ right command):
                         test split is scored by evaluation, never by labels the students could read);
 5. ``student_<variant>`` distillation runs (hybrid, point-only, margin-only, TCL, ...);
 6. evaluation of every model on the held-out test split in this process (same machine, same
-   batching), written to ``report.md``, ``report.json`` and ``report.png``.
+   batching), with the first stage (run file or BM25) as the pre-ranker row, per-query paired
+   significance tests and a trec_eval (ir_measures) recomputation from TREC runs under ``trec/``,
+   written to ``report.md``, ``report.json`` and ``report.png``.
 
 A step whose run directory already holds ``metrics.json`` (and its exported model) is skipped,
 so ``--pipeline_dir`` of an interrupted pipeline resumes it.
@@ -361,7 +366,7 @@ def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str
     teacher = next((r for r in rows if r["model"] == "teacher, CPT"), None)
     no_cpt = next((r for r in rows if r["model"] == "teacher, no CPT"), None)
     evidence = evidence or {}
-    lexical = next((r for r in rows if r["model"] == evidence.get("pre_ranker")), None)
+    pre_ranker = next((r for r in rows if r["model"] == evidence.get("pre_ranker")), None)
     chance = next((r for r in rows if r["model"].startswith("random")), None)
     lines = [f"# {config.name}: DisRanker pipeline report", "",
              f"Pipeline directory: `{pipeline_dir}`; steps {sum(s.seconds for s in steps.values()) / 60:.1f} min "
@@ -387,7 +392,7 @@ def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str
         lines.append(f"- The CPT teacher ranks {verdict} the teacher without CPT "
                      f"(NDCG@10 {teacher['ndcg@10']:.4f} vs {no_cpt['ndcg@10']:.4f}).")
     if teacher:
-        for baseline in (chance, lexical):
+        for baseline in (chance, pre_ranker):
             if baseline:
                 verdict = "beats" if teacher["ndcg@10"] > baseline["ndcg@10"] else "does NOT beat"
                 lines.append(f"- The CPT teacher {verdict} {baseline['model']} "
