@@ -134,7 +134,7 @@ def test_atomic_write_leaves_old_file_when_interrupted(tmp_path: Path) -> None:
 
 def test_instantiation_errors_are_one_line(tmp_path: Path, repo_root: Path) -> None:
     """A missing backbone path raised inside jsonargparse's instantiation still reads as one line."""
-    proc = _kdlab(tmp_path, "fit", "--config", str(repo_root / "experiments/quickstart/disranker/distill.yaml"),
+    proc = _kdlab(tmp_path, "fit", "--config", str(repo_root / "experiments/quickstart/disranker/rank_sft.yaml"),
                   "--model.init_args.backbone=./no-such-model", "--trainer.logger=false")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: model path './no-such-model' does not exist"
@@ -265,7 +265,7 @@ def test_live_student_without_a_teacher_stops_with_one_line(tmp_path: Path, caps
 def test_label_command_runs_through_the_tool_table(tmp_path: Path, ranker_export: Path) -> None:
     from kdlab.data import sample_path
 
-    assert set(TOOL_COMMANDS) == {"pipeline", "label", "sweep", "ablate", "models"}
+    assert set(TOOL_COMMANDS) == {"pipeline", "label", "data", "sweep", "ablate", "models"}
     label = tool_parser("label").parse_args(["--teacher=T", "--input=I", "--output=O"])
     assert (label.batch_size, label.max_length, label.resume) == (LABEL_BATCH_SIZE, PAIR_MAX_LENGTH, True)
 

@@ -226,6 +226,7 @@ def test_ddp_causal_lm_stages_same_trajectory_as_one_rank(stage: str, tmp_path: 
 
 
 # ---------------------------------------------------------------------------- retrieval metric sync
+@pytest.mark.slow  # 45 s; the DDP stage trajectory test keeps 2-vs-1 processes in the default suite
 def test_retrieval_metrics_on_two_ranks_equal_one_rank(tmp_path: Path) -> None:
     """Fixed scores (no training), 40 queries of 3..14 documents (so ranks hold different numbers of
     documents), batches of 3 groups with padding: `validate` on 1 and 2 ranks, vs a direct compute."""

@@ -89,6 +89,7 @@ def test_ablation_is_byte_identical_across_reruns(toy_env: Path) -> None:
     assert (first.parent / "ablation.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # 50 s; the byte-identical rerun above keeps an ablation in the default suite
 def test_ablation_setup_commands_reference_rows_and_ratios(toy_env: Path) -> None:
     ablation = toy_env / "abl.yaml"
     ablation.write_text(yaml.safe_dump({
