@@ -32,7 +32,7 @@ from kdlab.ablations import AblationError
 from kdlab.callbacks import GradVariance, RankingPredictionWriter, RunRecord, TeacherLoader
 from kdlab.data.readers import DataFormatError
 from kdlab.data.sources import RankingSource
-from kdlab.defaults import LABEL_BATCH_SIZE, PAIR_MAX_LENGTH
+from kdlab.defaults import LABEL_BATCH_TOKENS, PAIR_MAX_LENGTH
 from kdlab.errors import ConfigError
 from kdlab.models.backbones import BackboneError
 from kdlab.models.export import TeacherConfigError
@@ -292,23 +292,32 @@ def pipeline_command(config: PipelineConfig) -> list[Path]:
     return [report]
 
 
-def label_command(teacher: str, input: RankingSource | str, output: str, batch_size: int = LABEL_BATCH_SIZE,
-                  max_length: int = PAIR_MAX_LENGTH, resume: bool = True) -> list[Path]:
+def label_command(teacher: str, input: RankingSource | str, output: str, max_tokens: int = LABEL_BATCH_TOKENS,
+                  max_length: int = PAIR_MAX_LENGTH, resume: bool = True, accelerator: str = "auto",
+                  devices: int | str = 1, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+                  quantization: Literal["8bit", "4bit"] | None = None) -> list[Path]:
     """Score (query, doc) candidates with a teacher and write a teacher-score file.
 
     Args:
         teacher: a ranker export directory (TeacherRankSFT, or a one-label cross-encoder).
         input: ranking groups: a kdlab JSONL path, or a source in any format
             (--input.format=beir --input.path=DIR --input.run=RUN, ...).
-        output: where to write the groups with a teacher_score on every document.
-        batch_size: (query, doc) pairs per forward pass.
+        output: where to write the groups with a teacher_score on every document (kdlab JSONL).
+        max_tokens: padded tokens per forward pass (pairs are sorted by length and packed).
         max_length: tokens per (query, doc) text.
-        resume: continue from <output>.partial after an interruption.
+        resume: continue from <output>.partial/ after an interruption.
+        accelerator: cpu, gpu/cuda, mps or auto (Lightning's names).
+        devices: how many devices (or which, e.g. "0,1"); several run data parallel, and give the
+            same file as one.
+        dtype: the teacher's compute dtype.
+        quantization: load the teacher in 8-bit or 4-bit (bitsandbytes).
     """
     from kdlab.labeling import score_file
 
-    count = score_file(teacher, input, output, batch_size=batch_size, max_length=max_length, resume=resume)
-    print(f"wrote {count} scored groups to {output}")
+    count = score_file(teacher, input, output, max_tokens=max_tokens, max_length=max_length, resume=resume,
+                       accelerator=accelerator, devices=devices, dtype=dtype, quantization=quantization)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"wrote {count} scored groups to {output}")
     return [Path(output)]
 
 

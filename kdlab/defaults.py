@@ -13,11 +13,12 @@ PAIR_MAX_LENGTH: int = 192
 """Tokens per (query, document) text when a teacher labels candidates and when exported rankers
 are evaluated (``kdlab label``, ``kdlab pipeline``, :mod:`kdlab.evaluation`)."""
 
-LABEL_BATCH_SIZE: int = 32
-"""(query, document) pairs per teacher forward pass when labeling."""
+LABEL_BATCH_TOKENS: int = 6144
+"""Padded tokens per teacher forward pass when labeling (length-sorted pairs packed up to this
+budget: 32 pairs of ``PAIR_MAX_LENGTH`` tokens, many more short ones)."""
 
 LABEL_CHUNK_GROUPS: int = 64
-"""Query groups scored and durably appended to the partial output per labeling chunk."""
+"""Query groups labelled and durably appended to the partial output per chunk (listwise labels)."""
 
 EVAL_K: int = 10
 """The cut-off of NDCG@k / MRR@k in logged metrics and reports."""
@@ -29,6 +30,6 @@ RANDOM_ORDER_DRAWS: int = 20
 """Seeded shuffles averaged for the "random ordering" row of a ranking report."""
 
 __all__ = [
-    "EVAL_K", "EVAL_WARMUP_QUERIES", "IGNORE_INDEX", "LABEL_BATCH_SIZE", "LABEL_CHUNK_GROUPS",
+    "EVAL_K", "EVAL_WARMUP_QUERIES", "IGNORE_INDEX", "LABEL_BATCH_TOKENS", "LABEL_CHUNK_GROUPS",
     "PAIR_MAX_LENGTH", "RANDOM_ORDER_DRAWS",
 ]

@@ -4,8 +4,8 @@ Used by the pipeline report: every model (teacher exports, student exports, and 
 pre-ranker whose scores every test candidate carries as ``first_stage_score``: the run file's,
 or BM25's) is scored on the same test groups, with the same metrics
 (:class:`kdlab.metrics.RankingMetrics`) and the same timing rule: one forward pass
-per query over all its candidates, after ``warmup`` untimed queries, fp32 on this machine's CPU
-(or the given device), median and mean milliseconds per query.
+per query over all its candidates, after ``warmup`` untimed queries, on the given device and dtype
+(fp32 on the CPU by default), median and mean milliseconds per query.
 """
 
 from __future__ import annotations
@@ -77,10 +77,13 @@ def _groups(test: str | Sequence[RankingGroup]) -> tuple[list[RankingGroup], str
 
 @torch.no_grad()
 def score_per_query(model_dir: str | Path, test: str | Sequence[RankingGroup], max_length: int = PAIR_MAX_LENGTH,
-                    warmup: int = EVAL_WARMUP_QUERIES,
-                    device: str | torch.device = "cpu") -> tuple[list[list[float]], list[float], int]:
-    """Scores of every test document, per-query latencies (ms) and the served parameter count."""
-    model = load_rank_teacher(str(model_dir), device=device)
+                    warmup: int = EVAL_WARMUP_QUERIES, device: str | torch.device = "cpu",
+                    dtype: str = "float32") -> tuple[list[list[float]], list[float], int]:
+    """Scores of every test document, per-query latencies (ms) and the served parameter count.
+
+    On a CUDA device the clock is read after ``torch.cuda.synchronize`` (kernels run asynchronously)."""
+    model = load_rank_teacher(str(model_dir), device=device, dtype=dtype)
+    cuda = torch.device(device).type == "cuda"
     encoder = RankingCollator(load_tokenizer(str(model_dir)), text_format=model.text_format, max_length=max_length)
     groups, _ = _groups(test)
     scores: list[list[float]] = []
@@ -89,7 +92,9 @@ def score_per_query(model_dir: str | Path, test: str | Sequence[RankingGroup], m
         start = time.perf_counter()
         batch = encoder.pad([encoder.encode(group.query, doc.text) for doc in group.docs])
         inputs = {key: value.to(device) for key, value in batch.items()}
-        scores.append(model(**inputs).float().cpu().tolist())
+        scores.append(model(**inputs).float().cpu().tolist())  # .cpu() waits for the device
+        if cuda:
+            torch.cuda.synchronize()
         if index >= warmup:
             latencies.append((time.perf_counter() - start) * 1000.0)
     return scores, latencies, count_parameters(model)
@@ -97,7 +102,8 @@ def score_per_query(model_dir: str | Path, test: str | Sequence[RankingGroup], m
 
 def evaluate_models(models: Mapping[str, str | Path], test: str | Sequence[RankingGroup],
                     max_length: int = PAIR_MAX_LENGTH, k: int = EVAL_K, gain: Gain = "linear",
-                    scores_out: dict[str, list[list[float]]] | None = None) -> list[dict[str, Any]]:
+                    scores_out: dict[str, list[list[float]]] | None = None, device: str | torch.device = "cpu",
+                    dtype: str = "float32") -> list[dict[str, Any]]:
     """One row per model: ``ndcg@k``, ``mrr@k``, ``pnr``, ``parameters``, ``ms_per_query`` (median).
 
     ``test`` is a kdlab JSONL path or the groups themselves. ``scores_out``, when given, receives
@@ -120,7 +126,8 @@ def evaluate_models(models: Mapping[str, str | Path], test: str | Sequence[Ranki
             row = _metrics_row(name, list(zip(scores, labels)), k, gain)
             row.update(parameters=None, ms_per_query=None)
         else:
-            scores, latencies, parameters = score_per_query(spec, groups, max_length=max_length)
+            scores, latencies, parameters = score_per_query(spec, groups, max_length=max_length, device=device,
+                                                            dtype=dtype)
             row = _metrics_row(name, list(zip(scores, labels)), k, gain)
             row.update(parameters=parameters, ms_per_query=statistics.median(latencies) if latencies else None,
                        ms_per_query_mean=statistics.fmean(latencies) if latencies else None)

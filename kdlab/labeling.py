@@ -1,12 +1,11 @@
 """Teacher labeling: score every (query, document) candidate once, and RRADistill listwise labels.
 
-* :func:`score_file` — a ranker (a :class:`~kdlab.stages.TeacherRankSFT` export directory or a
-  ranker module) scores a ranking JSONL file and writes the same groups with a
-  ``teacher_score`` per document. No grad, length-bucketed batches (documents of a chunk sorted by
-  token length, so padding is small), a tqdm progress bar, and **resumable**: completed groups are
-  appended to ``<output>.partial`` in chunks (flush + fsync after each), a restart skips the
-  query ids already there, and only a complete run writes ``output`` (atomically, in input
-  order), so ``output`` is never half-written.
+* :func:`score_file` — a ranker (a :class:`~kdlab.stages.TeacherRankSFT` export directory, a
+  cross-encoder, or a ranker module) scores ranking data in any format and writes kdlab JSONL with a
+  ``teacher_score`` per document: token-budget batches of length-sorted pairs, Lightning ``predict``
+  on any accelerator and several devices (the same file from 1 or N processes), fp32 / bf16 / fp16
+  or 8-bit / 4-bit through the teacher loader, a progress bar, and **resumable** after a kill
+  (scored batches are appended to per-rank shards; ``output`` is written once, atomically).
 * :func:`rradistill_labels` — RRADistill label generation: a pre-ranker's top-k and bottom-k go to an
   LLM in one listwise prompt (:func:`build_listwise_prompt`); its answer is parsed with
   :func:`parse_permutation`; omitted documents become hard negatives.
@@ -15,8 +14,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import shutil
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -25,17 +27,23 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
+
 from kdlab.data.collators import RankingCollator
 from kdlab.data.readers import Doc, RankingDoc, RankingGroup, ranking_group_to_json, with_scores
 from kdlab.data.sources import RankingSource, as_source, read_source
-from kdlab.defaults import LABEL_BATCH_SIZE, LABEL_CHUNK_GROUPS, PAIR_MAX_LENGTH
-from kdlab.models.backbones import load_tokenizer, pad_token_id
-from kdlab.models.export import load_rank_teacher
+from kdlab.defaults import LABEL_BATCH_TOKENS, PAIR_MAX_LENGTH
+from kdlab.errors import ConfigError
+from kdlab.models.backbones import Quantization, load_tokenizer, pad_token_id
+from kdlab.models.export import SCORE_HEAD_META, check_teacher_options, load_teacher
+from kdlab.protocols import attach_unregistered
 from kdlab.runs import atomic_path
 
 __all__ = [
     "score_file",
-    "score_candidates",
+    "token_budget_batches",
     "build_listwise_prompt",
     "parse_permutation",
     "position_label",
@@ -46,49 +54,7 @@ __all__ = [
 TextFormat = Literal["cross-encoder", "decoder"]
 
 
-# ------------------------------------------------------------------------------------------ loading
-def _ranker_and_tokenizer(teacher: str | os.PathLike[str] | nn.Module, tokenizer: str | None) -> tuple[nn.Module, Any]:
-    """An exported ranker directory (its own tokenizer), or a ranker module with ``tokenizer`` named."""
-    if isinstance(teacher, (str, os.PathLike)):
-        return load_rank_teacher(str(teacher)), load_tokenizer(str(tokenizer or teacher))
-    if not hasattr(teacher, "text_format") or tokenizer is None:
-        raise TypeError("score_file takes a ranker export directory, or a ranker module "
-                        "(kdlab.models.heads.DecoderRanker / SequenceClassificationRanker) and tokenizer=NAME")
-    return teacher, load_tokenizer(tokenizer)
-
-
 # ------------------------------------------------------------------------------------------ scoring
-@torch.no_grad()
-def score_candidates(
-    model: nn.Module,
-    encoder: RankingCollator,
-    groups: Sequence[RankingGroup],
-    batch_size: int,
-    device: torch.device,
-    progress: Any = None,
-) -> list[list[float]]:
-    """Scores of every document of ``groups`` (``[len(groups)][len(docs)]``).
-
-    Length bucketing: all (group, doc) pairs are encoded, sorted by token length (stable), cut
-    into batches of ``batch_size`` and right-padded to each batch's longest row.
-    """
-    items: list[tuple[int, int, dict[str, list[int]]]] = []
-    for g, group in enumerate(groups):
-        for j, doc in enumerate(group.docs):
-            items.append((g, j, encoder.encode(group.query, doc.text)))
-    order = sorted(range(len(items)), key=lambda i: len(items[i][2]["input_ids"]))
-    out: list[list[float]] = [[0.0] * len(group.docs) for group in groups]
-    for start in range(0, len(order), batch_size):
-        chunk = [items[i] for i in order[start:start + batch_size]]
-        inputs = {key: value.to(device) for key, value in encoder.pad([c[2] for c in chunk]).items()}
-        scores = model(**inputs).float().cpu().tolist()
-        for (g, j, _), s in zip(chunk, scores):
-            out[g][j] = float(s)
-        if progress is not None:
-            progress.update(len(chunk))
-    return out
-
-
 def _done_query_ids(partial: Path) -> set[str]:
     """Query ids of complete lines in ``partial``; a trailing incomplete line (a write cut short) is
     truncated away so appending continues from a clean line boundary."""
@@ -106,89 +72,259 @@ def _done_query_ids(partial: Path) -> set[str]:
     return done
 
 
+# ------------------------------------------------------------------------------------------ batches
+def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_rows: int | None = None) -> list[list[int]]:
+    """Indices of ``lengths`` cut into batches of at most ``max_tokens`` padded tokens.
+
+    Items are sorted by length (stable, so equal lengths keep input order) and packed greedily: a
+    batch of ``r`` rows padded to its longest row ``L`` costs ``r · L`` tokens. A row longer than
+    the budget gets a batch of its own. The batches depend only on the lengths and the budget —
+    not on the number of processes — which is what makes 1 and N processes score identically.
+    """
+    if max_tokens < 1:
+        raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        widest = max(lengths[i], 1)  # sorted ascending: the new row is the widest so far
+        full = (len(current) + 1) * widest > max_tokens or (max_rows is not None and len(current) >= max_rows)
+        if current and full:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class _ScoringModule(L.LightningModule):
+    """Lightning wrapper that scores prebuilt batches with a frozen ranker (never a submodule: an
+    8-bit model refuses ``.to()``; it is loaded on the rank's own device in ``setup``)."""
+
+    def __init__(self, teacher: str | nn.Module, tokenizer: Any, text_format: str | None, max_length: int,
+                 batches: list[list[tuple[int, int, dict[str, list[int]]]]], pending: list[int],
+                 dtype: str, quantization: Quantization | None) -> None:
+        super().__init__()
+        self.source = teacher
+        self.tokenizer = tokenizer
+        self.text_format = text_format
+        self.max_length = max_length
+        self.batches = batches
+        self.pending = pending
+        self.dtype_name = dtype
+        self.quantization = quantization
+        attach_unregistered(self, "ranker", teacher if isinstance(teacher, nn.Module) else None)
+        self.encoder: RankingCollator | None = None
+
+    def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device
+        if self.ranker is None:
+            attach_unregistered(self, "ranker", load_teacher(str(self.source), "ranker", dtype=self.dtype_name,
+                                                             quantization=self.quantization, device=device))
+        self.encoder = RankingCollator(self.tokenizer, text_format=self.text_format or self.ranker.text_format,
+                                       max_length=self.max_length)
+
+    def predict_dataloader(self) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        mine = self.pending[rank::world]  # whole batches per rank: the same batches whatever the world size
+        return DataLoader(mine, batch_size=None, shuffle=False, collate_fn=self._collate)
+
+    def _collate(self, index: int) -> dict[str, Any]:
+        rows = self.batches[index]
+        assert self.encoder is not None
+        return {"batch_index": index, "keys": [(g, j) for g, j, _ in rows],
+                "inputs": self.encoder.pad([enc for _, _, enc in rows])}
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        device = next(iter(self.ranker.parameters())).device
+        inputs = {key: value.to(device) for key, value in batch["inputs"].items()}
+        with torch.no_grad():
+            scores = self.ranker(**inputs).float().cpu().tolist()
+        return {"batch_index": batch["batch_index"], "scores": [[g, j, float(s)] for (g, j), s in zip(batch["keys"], scores)]}
+
+
+class _ShardWriter(BasePredictionWriter):
+    """Appends each scored batch to this rank's shard ``<output>.partial/rank<r>.jsonl``: one line
+    ``{"batch": i, "scores": [[group, doc, score], ...]}`` per batch, flushed at once and fsynced
+    every ``sync_every`` batches and at the end, so a killed run loses at most the batches in flight."""
+
+    def __init__(self, shard_dir: Path, progress: Any, on_batch: Callable[[int], None] | None, sync_every: int = 16) -> None:
+        super().__init__(write_interval="batch")
+        self.shard_dir = shard_dir
+        self.progress = progress
+        self.on_batch = on_batch
+        self.sync_every = sync_every
+        self._file: Any = None
+        self._written = 0
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
+                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._file is None:
+            self._file = open(self.shard_dir / f"rank{trainer.global_rank}.jsonl", "a", encoding="utf-8", newline="\n")
+        self._file.write(json.dumps({"batch": prediction["batch_index"], "scores": prediction["scores"]}) + "\n")
+        self._file.flush()
+        self._written += 1
+        if self._written % self.sync_every == 0:
+            os.fsync(self._file.fileno())
+        if self.progress is not None:
+            self.progress.update(len(prediction["scores"]))
+        if self.on_batch is not None:
+            self.on_batch(self._written)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.close()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.close()
+
+
+def _read_shards(shard_dir: Path) -> dict[int, list[list[float]]]:
+    """Scored batches found in the shards, by batch index; a trailing line cut short by a kill is
+    truncated away so appending continues from a clean line boundary."""
+    done: dict[int, list[list[float]]] = {}
+    for shard in sorted(shard_dir.glob("rank*.jsonl")):
+        data = shard.read_bytes()
+        cut = data.rfind(b"\n") + 1
+        if cut != len(data):
+            with open(shard, "r+b") as f:
+                f.truncate(cut)
+        for line in data[:cut].decode("utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[int(row["batch"])] = row["scores"]
+    return done
+
+
 def score_file(
     teacher: str | os.PathLike[str] | nn.Module,
     input_path: RankingSource | str,
     output_path: str,
-    batch_size: int = LABEL_BATCH_SIZE,
+    max_tokens: int = LABEL_BATCH_TOKENS,
     max_length: int = PAIR_MAX_LENGTH,
     resume: bool = True,
     *,
     tokenizer: str | None = None,
     text_format: TextFormat | None = None,
-    chunk_groups: int = LABEL_CHUNK_GROUPS,
-    device: str | torch.device | None = None,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    dtype: str = "float32",
+    quantization: Quantization | None = None,
     progress: bool = True,
-    on_chunk: Callable[[int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> int:
     """Write ``input_path``'s groups to ``output_path`` with a ``teacher_score`` on every document.
 
     ``input_path`` is a kdlab JSONL path or any :class:`~kdlab.data.sources.RankingSource`
-    (MS MARCO / BEIR / TREC / FlagEmbedding files); the output is kdlab JSONL.
+    (MS MARCO / BEIR / TREC / FlagEmbedding files); the output is kdlab JSONL, in input order.
+
+    How: every (query, document) pair is tokenized once, the pairs are sorted by length and packed
+    into batches of at most ``max_tokens`` padded tokens (:func:`token_budget_batches`), and a
+    Lightning ``predict`` scores them on ``accelerator`` × ``devices`` — with several devices each
+    process scores whole batches ``rank::world`` of the same list, so the file is the same, byte
+    for byte, whatever the number of processes (several processes need the command line:
+    ``python -m kdlab label --devices N``, which Lightning relaunches once per rank).
+
+    Resumable: each scored batch is appended to ``<output>.partial/rank<r>.jsonl`` at once; a
+    restart (``resume``) scores only the batches not found there — the same batches as before, so
+    a resumed file equals an uninterrupted one byte for byte — and only a complete run writes
+    ``output`` (atomically), so ``output`` is never half-written.
 
     Args:
-        teacher: a ranker export directory (:func:`kdlab.models.export.load_rank_teacher`), or a
-            ranker module (``DecoderRanker`` / ``SequenceClassificationRanker``) with ``tokenizer``.
-        tokenizer: the tokenizer's backbone name (default: the export directory's own).
-        batch_size: documents per forward pass; max_length: tokens per (query, doc) text.
-        resume: continue from ``<output>.partial`` (False: start over).
+        teacher: a ranker export directory (:func:`kdlab.models.export.load_rank_teacher`, loaded
+            on each process's device with ``dtype`` / ``quantization`` through the teacher loader),
+            or a ranker module (``DecoderRanker`` / ``SequenceClassificationRanker``) with ``tokenizer``.
+        max_tokens: padded tokens per forward pass; max_length: tokens per (query, doc) text.
         text_format: override the teacher's input format (``decoder``: ``query: … document: …`` +
             EOS; ``cross-encoder``: tokenizer pair) — the same encoding as the ranking collator.
-        chunk_groups: groups scored and durably appended (flush + fsync) per chunk.
-        on_chunk: called with the number of groups done after each durable chunk (tests use it to
+        on_batch: called with the number of batches this process has written (tests use it to
             simulate an interruption).
 
-    Returns the number of groups in the output. Output order = input order.
+    Returns the number of groups in the output.
     """
     from tqdm.auto import tqdm
 
     groups = read_source(as_source(input_path, "input"), "input").groups  # validated before the model loads
-    model, tok = _ranker_and_tokenizer(teacher, tokenizer)
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    encoder = RankingCollator(tok, text_format=text_format or model.text_format, max_length=max_length)
+    if isinstance(teacher, nn.Module) and (not hasattr(teacher, "text_format") or tokenizer is None):
+        raise TypeError("score_file takes a ranker export directory, or a ranker module "
+                        "(kdlab.models.heads.DecoderRanker / SequenceClassificationRanker) and tokenizer=NAME")
+    check_teacher_options("ranker", quantization)
+    tok = load_tokenizer(str(tokenizer or teacher))
+    fmt = text_format or (teacher.text_format if isinstance(teacher, nn.Module) else _export_text_format(str(teacher)))
+    encoder = RankingCollator(tok, text_format=fmt, max_length=max_length)
+    rows = [(g, j, encoder.encode(group.query, doc.text)) for g, group in enumerate(groups)
+            for j, doc in enumerate(group.docs)]
+    order = token_budget_batches([len(r[2]["input_ids"]) for r in rows], max_tokens)
+    batches = [[rows[i] for i in batch] for batch in order]
+
     out = Path(output_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    if not resume and partial.exists():
-        partial.unlink()
-    done = _done_query_ids(partial)
-    todo = [g for g in groups if g.query_id not in done]
-    total_docs = sum(len(g.docs) for g in groups)
-    bar = tqdm(total=total_docs, initial=total_docs - sum(len(g.docs) for g in todo),
-               desc="labeling", unit="doc", disable=not progress)
-    n_done = len(groups) - len(todo)
+    shard_dir = out.with_name(out.name + ".partial")
+    if not resume and shard_dir.exists():
+        shutil.rmtree(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    done = _read_shards(shard_dir)
+    pending = [i for i in range(len(batches)) if i not in done]
+    writer = _ShardWriter(shard_dir, None, on_batch)
+    module = _ScoringModule(teacher, tok, fmt, max_length, batches, pending, dtype, quantization)
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy="ddp" if _several(devices) else "auto",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, callbacks=[writer])
+    # The bar counts this process's own pairs (rank 0 shows its share when several run).
+    mine = pending[trainer.global_rank::trainer.world_size]
+    bar = tqdm(total=sum(len(batches[i]) for i in mine), desc="labeling", unit="doc",
+               disable=not progress or trainer.global_rank != 0)
+    writer.progress = bar
+    was_training = teacher.training if isinstance(teacher, nn.Module) else None
     try:
-        with open(partial, "a", encoding="utf-8", newline="\n") as f:
-            for start in range(0, len(todo), chunk_groups):
-                chunk = todo[start:start + chunk_groups]
-                scores = score_candidates(model, encoder, chunk, batch_size, dev, progress=bar)
-                for group, group_scores in zip(chunk, scores):
-                    docs = tuple(with_scores(d, teacher_score=s) for d, s in zip(group.docs, group_scores))
-                    row = ranking_group_to_json(replace(group, docs=docs))
-                    f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                n_done += len(chunk)
-                if on_chunk is not None:
-                    on_chunk(n_done)
+        if pending:
+            with warnings.catch_warnings():  # batches are prebuilt: there are no sampler indices to infer
+                warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+                trainer.predict(module, return_predictions=False)
     finally:
+        writer.close()
         bar.close()
-        model.train(was_training)
-    # reorder to input order (a resumed run may have groups from an older partial in another order)
-    rows = {}
-    for line in partial.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[str(row["query_id"])] = line
-    missing = [g.query_id for g in groups if g.query_id not in rows]
+        if was_training is not None:
+            teacher.train(was_training)  # type: ignore[union-attr]
+    if trainer.world_size > 1:
+        trainer.strategy.barrier("kdlab-label-merge")
+        if trainer.global_rank != 0:
+            return len(groups)
+    scores = _read_shards(shard_dir)
+    missing = [i for i in range(len(batches)) if i not in scores]
     if missing:
-        raise RuntimeError(f"{partial}: {len(missing)} groups missing after labeling (first: {missing[0]!r})")
+        raise RuntimeError(f"{shard_dir}: {len(missing)} batches missing after labeling (first: {missing[0]})")
+    table: list[list[float]] = [[math.nan] * len(group.docs) for group in groups]
+    for batch_scores in scores.values():
+        for g, j, s in batch_scores:
+            table[int(g)][int(j)] = float(s)
+    lines = []
+    for group, row in zip(groups, table):
+        docs = tuple(with_scores(d, teacher_score=s) for d, s in zip(group.docs, row))
+        lines.append(json.dumps(ranking_group_to_json(replace(group, docs=docs)), ensure_ascii=False, allow_nan=False))
     with atomic_path(out) as tmp:
-        tmp.write_text("".join(rows[g.query_id] + "\n" for g in groups), encoding="utf-8")
-    partial.unlink()
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    shutil.rmtree(shard_dir)
     return len(groups)
+
+
+def _several(devices: int | str) -> bool:
+    if isinstance(devices, int):
+        return devices > 1 or devices == -1
+    text = str(devices).strip()
+    return text == "-1" or (text.isdigit() and int(text) > 1) or "," in text.strip(",")
+
+
+def _export_text_format(model_dir: str) -> str:
+    """An export directory's ranker text format, without loading its weights: a score-head export
+    is a decoder ranker, anything else a cross-encoder (as :func:`load_rank_teacher` decides)."""
+    return "decoder" if (Path(model_dir) / SCORE_HEAD_META).is_file() else "cross-encoder"
 
 
 # ------------------------------------------------------------------------------------------ RRADistill

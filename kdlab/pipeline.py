@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kdlab.data.sources import RankingSource
-from kdlab.defaults import LABEL_BATCH_SIZE, PAIR_MAX_LENGTH
-from kdlab.runs import atomic_path, launch_run, new_run_dir, slug, write_json_atomic, write_text_atomic
+from kdlab.defaults import LABEL_BATCH_TOKENS, PAIR_MAX_LENGTH
+from kdlab.runs import RunFailed, atomic_path, launch_run, new_run_dir, slug, write_json_atomic, write_text_atomic
 
 DEFAULT_VARIANTS: dict[str, list[str]] = {
     "hybrid": [],
@@ -71,7 +71,12 @@ class PipelineConfig:
         test_query_offset: skip this many queries of the test file before taking
             ``max_eval_queries`` (e.g. a fresh held-out slice for a confirmation run after an
             earlier run's test queries were looked at).
-        label_batch_size / label_max_length: teacher scoring.
+        label_max_tokens / label_max_length: teacher scoring (padded tokens per forward pass,
+            tokens per pair).
+        label_accelerator / label_devices / label_dtype / label_quantization: where and how the
+            teacher labels the candidates (several devices run data parallel through
+            ``python -m kdlab label``; the file is the same as one device's).
+        eval_device / eval_dtype: where the held-out evaluation scores every model.
         eval_max_length: tokens per (query, doc) when evaluating.
         min_student_ratio: the report checks student NDCG@10 ≥ this × teacher NDCG@10.
         run_no_cpt_baseline: also train the teacher without CPT (the report's first row).
@@ -96,9 +101,15 @@ class PipelineConfig:
     max_train_queries: int | None = None
     max_eval_queries: int | None = None
     test_query_offset: int = 0
-    label_batch_size: int = LABEL_BATCH_SIZE
+    label_max_tokens: int = LABEL_BATCH_TOKENS
     label_max_length: int = PAIR_MAX_LENGTH
     eval_max_length: int = PAIR_MAX_LENGTH
+    label_accelerator: str = "auto"
+    label_devices: int | str = 1
+    label_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    label_quantization: Literal["8bit", "4bit"] | None = None
+    eval_device: str = "cpu"
+    eval_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     min_student_ratio: float = 0.9
     run_no_cpt_baseline: bool = True
     pre_ranker_name: str | None = None
@@ -223,13 +234,25 @@ def check_steps(config: PipelineConfig, step_args: dict[str, list[str]]) -> None
 
 
 def label_split(teacher_dir: Path, source: str, output: Path, config: PipelineConfig) -> Path:
-    """Teacher scores for one split, written once and reused (resumable, atomic)."""
+    """Teacher scores for one split, written once and reused (resumable, atomic). Several devices
+    label through ``python -m kdlab label`` (Lightning relaunches that command once per rank)."""
     from kdlab.labeling import score_file
 
     if output.exists():
         return output
-    score_file(str(teacher_dir), source, str(output), batch_size=config.label_batch_size,
-               max_length=config.label_max_length, resume=True)
+    options = {"max_tokens": config.label_max_tokens, "max_length": config.label_max_length,
+               "accelerator": config.label_accelerator, "devices": config.label_devices,
+               "dtype": config.label_dtype, "quantization": config.label_quantization}
+    if str(config.label_devices) in ("1", "auto") or config.label_devices == 1:
+        score_file(str(teacher_dir), source, str(output), resume=True, **options)
+        return output
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "kdlab", "label", f"--teacher={teacher_dir}", f"--input={source}",
+            f"--output={output}", *(f"--{key}={value}" for key, value in options.items() if value is not None)]
+    if subprocess.run(args).returncode != 0:
+        raise RunFailed(f"labeling {source} failed: {' '.join(args)}")
     return output
 
 
@@ -299,7 +322,7 @@ def run_pipeline(config: PipelineConfig) -> Path:
         models[f"student, {variant}"] = pipeline_dir / f"student_{slug(variant)}" / "model"
     scores: dict[str, list[list[float]]] = {}
     rows = evaluate_models(models, splits["test"], max_length=config.eval_max_length, gain=config.gain,
-                           scores_out=scores)
+                           scores_out=scores, device=config.eval_device, dtype=config.eval_dtype)
     evidence = review_figures(rows, scores, splits["test"], pipeline_dir, config, prepared.pre_ranker_name)
     total = time.perf_counter() - started
     return write_report(pipeline_dir, config, rows, steps, total, data_sizes(splits), evidence)

@@ -17,8 +17,8 @@ from kdlab.labeling import (
     build_listwise_prompt,
     parse_permutation,
     rradistill_labels,
-    score_candidates,
     score_file,
+    token_budget_batches,
 )
 from kdlab.models.backbones import load_tokenizer
 from kdlab.models.export import load_rank_teacher
@@ -44,34 +44,33 @@ def small_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_resumed_labeling_equals_uninterrupted(tmp_path: Path, teacher_dir: Path, small_input: Path) -> None:
     full = tmp_path / "full.jsonl"
-    n = score_file(str(teacher_dir), str(small_input), str(full), batch_size=16, max_length=48,
-                   chunk_groups=6, progress=False)
+    n = score_file(str(teacher_dir), str(small_input), str(full), max_tokens=512, max_length=48, progress=False)
     assert n == 20
 
     out = tmp_path / "resumed.jsonl"
-    partial = tmp_path / "resumed.jsonl.partial"
+    shards = tmp_path / "resumed.jsonl.partial"
     calls: list[int] = []
 
     def crash(done: int) -> None:
         calls.append(done)
-        if done >= 12:
+        if done >= 3:
             raise Interrupted("simulated kill")
 
     with pytest.raises(Interrupted):
-        score_file(str(teacher_dir), str(small_input), str(out), batch_size=16, max_length=48,
-                   chunk_groups=6, progress=False, on_chunk=crash)
-    assert calls == [6, 12]
+        score_file(str(teacher_dir), str(small_input), str(out), max_tokens=512, max_length=48, progress=False,
+                   on_batch=crash)
+    assert calls == [1, 2, 3]
     assert not out.exists()  # never a half-written output
-    assert len(partial.read_text().splitlines()) == 12
+    assert len((shards / "rank0.jsonl").read_text().splitlines()) == 3
     # a write cut short mid-line is tolerated (truncated away) on restart
-    with open(partial, "a") as f:
-        f.write('{"query_id": "val:trunc')
+    with open(shards / "rank0.jsonl", "a") as f:
+        f.write('{"batch": 7, "sco')
     seen: list[int] = []
-    score_file(str(teacher_dir), str(small_input), str(out), batch_size=16, max_length=48,
-               chunk_groups=6, progress=False, on_chunk=seen.append)
-    assert seen == [18, 20]  # only the 8 missing groups were scored
-    assert not partial.exists()
-    assert out.read_bytes() == full.read_bytes()
+    score_file(str(teacher_dir), str(small_input), str(out), max_tokens=512, max_length=48, progress=False,
+               on_batch=seen.append)
+    assert seen and seen[-1] == len(seen)  # only the missing batches were scored, once each
+    assert not shards.exists()
+    assert out.read_bytes() == full.read_bytes()  # the same batches, so the same bytes
 
     groups = read_ranking_jsonl(str(out))
     src = read_ranking_jsonl(str(small_input))
@@ -80,10 +79,42 @@ def test_resumed_labeling_equals_uninterrupted(tmp_path: Path, teacher_dir: Path
     assert [d.label for d in groups[0].docs] == [d.label for d in src[0].docs]
 
 
+def test_two_processes_label_the_same_file_as_one(tmp_path: Path, teacher_dir: Path, small_input: Path) -> None:
+    """`kdlab label --devices 2` on CPU (DDP over gloo): each process scores whole batches of the same
+    token-budget list, so the file is byte for byte the one process's."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    one = tmp_path / "one.jsonl"
+    score_file(str(teacher_dir), str(small_input), str(one), max_tokens=512, max_length=48, progress=False)
+    two = tmp_path / "two.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "kdlab", "label", f"--teacher={teacher_dir}", f"--input={small_input}",
+                           f"--output={two}", "--max_tokens=512", "--max_length=48", "--accelerator=cpu", "--devices=2"],
+                          capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert two.read_bytes() == one.read_bytes()
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_token_budget_batches_pack_sorted_lengths_within_the_budget() -> None:
+    lengths = [5, 3, 9, 3, 4, 20, 1]
+    batches = token_budget_batches(lengths, max_tokens=12)
+    # sorted: 1 (i6), 3 (i1), 3 (i3), 4 (i4), 5 (i0), 9 (i2), 20 (i5)
+    # [i6, i1, i3] costs 3·3 = 9; + i4 → 4·4 = 16 > 12: new batch [i4, i0] 2·5 = 10; + i2 → 3·9 > 12;
+    # [i2] 9; + i5 → 2·20 > 12; [i5] alone (longer than the budget: a batch of its own)
+    assert batches == [[6, 1, 3], [4, 0], [2], [5]]
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert token_budget_batches([2] * 10, max_tokens=8, max_rows=3) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        token_budget_batches(lengths, max_tokens=0)
+
+
 def test_scores_match_the_teacher_and_ignore_bucketing(tmp_path: Path, teacher_dir: Path, small_input: Path) -> None:
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    score_file(str(teacher_dir), str(small_input), str(a), batch_size=3, max_length=48, progress=False)
-    score_file(str(teacher_dir), str(small_input), str(b), batch_size=64, max_length=48, progress=False,
+    score_file(str(teacher_dir), str(small_input), str(a), max_tokens=48, max_length=48, progress=False)
+    score_file(str(teacher_dir), str(small_input), str(b), max_tokens=4096, max_length=48, progress=False,
                resume=False)
     sa = [d.teacher_score for g in read_ranking_jsonl(str(a)) for d in g.docs]
     sb = [d.teacher_score for g in read_ranking_jsonl(str(b)) for d in g.docs]
@@ -106,14 +137,6 @@ def test_a_ranker_module_with_its_tokenizer_scores_like_its_export(tmp_path: Pat
     assert ranker.text_format == "decoder"  # the class says how its inputs are built
     score_file(ranker, str(small_input), str(from_module), max_length=48, progress=False, tokenizer="tiny-llama")
     assert from_module.read_bytes() == from_dir.read_bytes()
-    # score_candidates: the scores of every document of the groups, in file order
-    groups = read_ranking_jsonl(str(small_input))[:3]
-    encoder = RankingCollator(load_tokenizer("tiny-llama"), ranker.text_format, max_length=48)
-    scores = score_candidates(ranker, encoder, groups, batch_size=5, device=torch.device("cpu"))
-    written = read_ranking_jsonl(str(from_dir))[:3]
-    assert [len(s) for s in scores] == [len(g.docs) for g in groups]
-    assert [x for s in scores for x in s] == pytest.approx([d.teacher_score for g in written for d in g.docs],
-                                                          abs=1e-4)
 
 
 def test_score_file_refuses_a_stage_or_a_module_without_tokenizer(tmp_path: Path, teacher_dir: Path,

@@ -121,7 +121,7 @@ def labeled_train(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subset = base / "train_subset.jsonl"
     subset.write_text("".join(Path(sample_path("ranking_train.jsonl")).read_text().splitlines(True)[:48]))
     out = base / "train_labeled.jsonl"
-    score_file(str(base / "teacher"), str(subset), str(out), batch_size=64, max_length=64, progress=False)
+    score_file(str(base / "teacher"), str(subset), str(out), max_tokens=4096, max_length=64, progress=False)
     return out
 
 
