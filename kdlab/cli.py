@@ -58,6 +58,8 @@ MOVED_KEYS = {
     "student_config": "use 'backbone_config'",
     "student_keep_layers": "use 'backbone_keep_layers'",
     "warmup_steps_ce": "use 'ce_warmup_steps' (the cross-entropy objective schedule)",
+    "label_batch_size": "use 'label_max_tokens' (labeling batches by a token budget)",
+    "batch_size": "labeling batches by a token budget: use 'max_tokens'",
     **{f"{split}_path": f"ranking data is '{split}': a kdlab JSONL path or a source {{format: ..., ...}}"
        for split in ("train", "val", "test", "predict")},
 }
@@ -292,32 +294,52 @@ def pipeline_command(config: PipelineConfig) -> list[Path]:
     return [report]
 
 
-def label_command(teacher: str, input: RankingSource | str, output: str, max_tokens: int = LABEL_BATCH_TOKENS,
+def label_command(teacher: str, input: RankingSource | str, output: str,
+                  mode: Literal["pointwise", "listwise"] = "pointwise", max_tokens: int = LABEL_BATCH_TOKENS,
                   max_length: int = PAIR_MAX_LENGTH, resume: bool = True, accelerator: str = "auto",
                   devices: int | str = 1, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-                  quantization: Literal["8bit", "4bit"] | None = None) -> list[Path]:
-    """Score (query, doc) candidates with a teacher and write a teacher-score file.
+                  quantization: Literal["8bit", "4bit"] | None = None, top_k: int = 10, bottom_k: int = 10,
+                  queries_per_batch: int = 8, max_new_tokens: int = 64) -> list[Path]:
+    """Label ranking candidates with a teacher: pointwise scores, or RRADistill listwise labels.
 
     Args:
-        teacher: a ranker export directory (TeacherRankSFT, or a one-label cross-encoder).
+        teacher: pointwise: a ranker export directory (TeacherRankSFT, or a one-label cross-encoder);
+            listwise: a causal LLM (alias, local directory or hub name).
         input: ranking groups: a kdlab JSONL path, or a source in any format
             (--input.format=beir --input.path=DIR --input.run=RUN, ...).
-        output: where to write the groups with a teacher_score on every document (kdlab JSONL).
-        max_tokens: padded tokens per forward pass (pairs are sorted by length and packed).
-        max_length: tokens per (query, doc) text.
-        resume: continue from <output>.partial/ after an interruption.
+        output: where to write the labelled groups (kdlab JSONL).
+        mode: pointwise (a teacher_score on every document) or listwise (the pre-ranker's top_k and
+            bottom_k per query in one prompt; graded labels from the LLM's order, the documents it
+            leaves out as hard negatives).
+        max_tokens: pointwise: padded tokens per forward pass (pairs sorted by length and packed).
+        max_length: pointwise: tokens per (query, doc) text.
+        resume: continue from <output>.partial after an interruption.
         accelerator: cpu, gpu/cuda, mps or auto (Lightning's names).
-        devices: how many devices (or which, e.g. "0,1"); several run data parallel, and give the
-            same file as one.
+        devices: how many devices (or which, e.g. "0,1"); pointwise runs data parallel on several
+            and writes the same file as one.
         dtype: the teacher's compute dtype.
-        quantization: load the teacher in 8-bit or 4-bit (bitsandbytes).
+        quantization: pointwise: load the teacher in 8-bit or 4-bit (bitsandbytes).
+        top_k, bottom_k: listwise: the pre-ranker's best and worst documents shown to the LLM.
+        queries_per_batch: listwise: prompts generated together.
+        max_new_tokens: listwise: the length of the LLM's answer.
     """
-    from kdlab.labeling import score_file
+    if mode == "listwise":
+        from kdlab.listwise import listwise_label_file
 
-    count = score_file(teacher, input, output, max_tokens=max_tokens, max_length=max_length, resume=resume,
-                       accelerator=accelerator, devices=devices, dtype=dtype, quantization=quantization)
+        if str(devices) not in ("1", "auto") or quantization is not None:
+            raise ConfigError("listwise labeling runs on one device in full precision or --dtype; "
+                              "drop --devices/--quantization (several devices: label shards of the input)")
+        device = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "mps": "mps"}.get(accelerator)
+        count = listwise_label_file(teacher, input, output, top_k=top_k, bottom_k=bottom_k,
+                                    batch_size=queries_per_batch, max_new_tokens=max_new_tokens, device=device,
+                                    dtype=dtype, resume=resume)
+    else:
+        from kdlab.labeling import score_file
+
+        count = score_file(teacher, input, output, max_tokens=max_tokens, max_length=max_length, resume=resume,
+                           accelerator=accelerator, devices=devices, dtype=dtype, quantization=quantization)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        print(f"wrote {count} scored groups to {output}")
+        print(f"wrote {count} {mode}-labelled groups to {output}")
     return [Path(output)]
 
 
@@ -531,6 +553,8 @@ def condense_parse_error(message: str) -> str:
         section, _, leaf = unknown.group(1).split("=")[0].rpartition(".")
         if section in GROUP_CLASSES:
             return f"unknown option '{section}.{leaf}'{_closest(leaf, _init_params(GROUP_CLASSES[section]))}"
+        if leaf in MOVED_KEYS:
+            return f"unknown option '--{unknown.group(1)}' ({MOVED_KEYS[leaf]})"
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     detail = next((line for line in lines[1:] if not line.startswith(
         ("Subtypes", "Errors", "Given value", "- Expected a <class 'NoneType'>"))), "")

@@ -6,9 +6,8 @@
   on any accelerator and several devices (the same file from 1 or N processes), fp32 / bf16 / fp16
   or 8-bit / 4-bit through the teacher loader, a progress bar, and **resumable** after a kill
   (scored batches are appended to per-rank shards; ``output`` is written once, atomically).
-* :func:`rradistill_labels` — RRADistill label generation: a pre-ranker's top-k and bottom-k go to an
-  LLM in one listwise prompt (:func:`build_listwise_prompt`); its answer is parsed with
-  :func:`parse_permutation`; omitted documents become hard negatives.
+RRADistill's listwise labels (an LLM orders the pre-ranker's top-k and bottom-k; omitted documents
+become hard negatives) are :mod:`kdlab.listwise`.
 """
 
 from __future__ import annotations
@@ -16,62 +15,35 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-from torch import nn
-
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import nn
 from torch.utils.data import DataLoader
 
 from kdlab.data.collators import RankingCollator
-from kdlab.data.readers import Doc, RankingDoc, RankingGroup, ranking_group_to_json, with_scores
+from kdlab.data.readers import ranking_group_to_json, with_scores
 from kdlab.data.sources import RankingSource, as_source, read_source
 from kdlab.defaults import LABEL_BATCH_TOKENS, PAIR_MAX_LENGTH
 from kdlab.errors import ConfigError
-from kdlab.models.backbones import Quantization, load_tokenizer, pad_token_id
+from kdlab.models.backbones import Quantization, load_tokenizer
 from kdlab.models.export import SCORE_HEAD_META, check_teacher_options, load_teacher
 from kdlab.protocols import attach_unregistered
 from kdlab.runs import atomic_path
 
-__all__ = [
-    "score_file",
-    "token_budget_batches",
-    "build_listwise_prompt",
-    "parse_permutation",
-    "position_label",
-    "rradistill_labels",
-    "hf_llm_rank_fn",
-]
+__all__ = ["score_file", "token_budget_batches"]
 
 TextFormat = Literal["cross-encoder", "decoder"]
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def _done_query_ids(partial: Path) -> set[str]:
-    """Query ids of complete lines in ``partial``; a trailing incomplete line (a write cut short) is
-    truncated away so appending continues from a clean line boundary."""
-    if not partial.exists():
-        return set()
-    data = partial.read_bytes()
-    cut = data.rfind(b"\n") + 1
-    if cut != len(data):
-        with open(partial, "r+b") as f:
-            f.truncate(cut)
-    done: set[str] = set()
-    for line in data[:cut].decode("utf-8").splitlines():
-        if line.strip():
-            done.add(str(json.loads(line)["query_id"]))
-    return done
-
-
 # ------------------------------------------------------------------------------------------ batches
 def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_rows: int | None = None) -> list[list[int]]:
     """Indices of ``lengths`` cut into batches of at most ``max_tokens`` padded tokens.
@@ -325,137 +297,3 @@ def _export_text_format(model_dir: str) -> str:
     """An export directory's ranker text format, without loading its weights: a score-head export
     is a decoder ranker, anything else a cross-encoder (as :func:`load_rank_teacher` decides)."""
     return "decoder" if (Path(model_dir) / SCORE_HEAD_META).is_file() else "cross-encoder"
-
-
-# ------------------------------------------------------------------------------------------ RRADistill
-def build_listwise_prompt(query: str, docs: Sequence[str], max_doc_chars: int = 300) -> str:
-    """One listwise ranking prompt (RankGPT style): the documents numbered ``[1] … [n]`` and an
-    instruction to answer with identifiers only, most relevant first, e.g. ``[2] > [1] > [3]``."""
-    lines = [
-        f"I will give you {len(docs)} passages, each with an identifier [1] to [{len(docs)}].",
-        f"Rank them by relevance to the search query: {query}",
-        "",
-    ]
-    for i, doc in enumerate(docs, start=1):
-        text = " ".join(doc.split())[:max_doc_chars]
-        lines.append(f"[{i}] {text}")
-    lines += [
-        "",
-        f"Search query: {query}",
-        "Answer with the identifiers only, most relevant first, separated by ' > ' "
-        "(for example [2] > [1] > [3]). Leave out passages that are not relevant.",
-        "Answer:",
-    ]
-    return "\n".join(lines)
-
-
-_BRACKETED = re.compile(r"\[\s*(\d+)\s*\]")
-_BARE = re.compile(r"(?<![\d.])(\d+)(?![\d.])")
-
-
-def parse_permutation(text: str, n: int) -> list[int]:
-    """The document identifiers (1-based, as written ``[k]``) in the order the LLM wrote them.
-
-    Robust to malformed output: bracketed ids ``[k]`` are used when there are any, otherwise bare
-    integers; ids outside ``1..n`` are ignored; duplicates are dropped (the first occurrence
-    counts); any other text is ignored. Garbage gives ``[]``. Never raises.
-    """
-    if not isinstance(text, str) or n <= 0:
-        return []
-    found = _BRACKETED.findall(text) or _BARE.findall(text)
-    seen: set[int] = set()
-    out: list[int] = []
-    for token in found:
-        k = int(token)
-        if 1 <= k <= n and k not in seen:
-            seen.add(k)
-            out.append(k)
-    return out
-
-
-def position_label(position: int, n_ranked: int) -> float:
-    """Graded pseudo-label of the document the LLM put at 0-based ``position`` among ``n_ranked``
-    ranked documents: ``n_ranked − position`` (top = ``n_ranked``, last ranked = 1); omitted
-    documents get 0 (hard negatives)."""
-    return float(n_ranked - position)
-
-
-def rradistill_labels(
-    groups: Sequence[RankingGroup],
-    prescores: Mapping[str, Sequence[float]] | Sequence[Sequence[float]],
-    llm_rank_fn: Callable[[str], str],
-    top_k: int = 10,
-    bottom_k: int = 10,
-    max_doc_chars: int = 300,
-) -> list[dict[str, Any]]:
-    """RRADistill listwise labels (paper: pre-ranker top-10 + bottom-10, one LLM pass, omitted →
-    hard negatives).
-
-    For each group: order documents by the pre-ranker's ``prescores`` (per query id, or a list
-    parallel to ``groups``; one score per document), keep the ``top_k`` highest and the
-    ``bottom_k`` lowest (all documents when there are at most ``top_k + bottom_k``), show them in
-    that order to ``llm_rank_fn(build_listwise_prompt(...))`` and parse its answer with
-    :func:`parse_permutation`. Ranked documents get ``label = position_label(pos, m)`` and
-    ``llm_rank`` (1-based); the documents it omitted get ``label = 0`` and
-    ``"hard_negative": true``. Documents outside the top/bottom-k are dropped. Output rows are
-    ranking JSONL groups (ranked documents first, in the LLM's order), ready for
-    :func:`kdlab.data.readers.read_ranking_jsonl`.
-    """
-    rows: list[dict[str, Any]] = []
-    for gi, group in enumerate(groups):
-        scores = prescores[group.query_id] if isinstance(prescores, Mapping) else prescores[gi]
-        if len(scores) != len(group.docs):
-            raise ValueError(
-                f"query {group.query_id!r}: {len(scores)} pre-ranker scores for {len(group.docs)} documents"
-            )
-        by_score = sorted(range(len(group.docs)), key=lambda j: -float(scores[j]))
-        if len(by_score) <= top_k + bottom_k:
-            shown = by_score
-        else:
-            shown = by_score[:top_k] + (by_score[-bottom_k:] if bottom_k > 0 else [])
-        docs = [group.docs[j] for j in shown]
-        prompt = build_listwise_prompt(group.query, [d.text for d in docs], max_doc_chars=max_doc_chars)
-        ranking = parse_permutation(llm_rank_fn(prompt), len(docs))
-        out_docs: list[dict[str, Any]] = []
-        for pos, ident in enumerate(ranking):
-            d = docs[ident - 1]
-            out_docs.append(_doc_row(d, position_label(pos, len(ranking)), llm_rank=pos + 1))
-        ranked = set(ranking)
-        for i, d in enumerate(docs, start=1):
-            if i not in ranked:
-                out_docs.append(_doc_row(d, 0.0, hard_negative=True))
-        rows.append({"query_id": group.query_id, "query": group.query, "docs": out_docs})
-    return rows
-
-
-def _doc_row(doc: Doc, label: float, llm_rank: int | None = None, hard_negative: bool = False) -> dict[str, Any]:
-    row: dict[str, Any] = {"id": doc.id, "title": doc.title, "summary": doc.body, "label": label,
-                           "hard_negative": hard_negative}
-    if llm_rank is not None:
-        row["llm_rank"] = llm_rank
-    return row
-
-
-def hf_llm_rank_fn(
-    model: nn.Module, tokenizer: Any, max_new_tokens: int = 96, use_chat_template: bool = True
-) -> Callable[[str], str]:
-    """An ``llm_rank_fn`` backed by a Hugging Face causal LM: greedy ``generate`` on the prompt
-    (wrapped in the tokenizer's chat template when it has one and ``use_chat_template``), returning
-    only the newly generated text."""
-
-    def rank(prompt: str) -> str:
-        text = prompt
-        if use_chat_template and getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-        enc = tokenizer(text, return_tensors="pt")
-        device = next(model.parameters()).device
-        enc = {k: v.to(device) for k, v in enc.items()}
-        pad = pad_token_id(tokenizer)
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)  # type: ignore[operator]
-        return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
-    return rank
-

@@ -84,7 +84,7 @@ def build_listwise_prompt(query: str, docs: Sequence[str], max_doc_chars: int = 
     instruction to answer with identifiers only, most relevant first, e.g. ``[2] > [1] > [3]``.
 
     Each document's whitespace is collapsed and it is cut to ``max_doc_chars`` characters.
-    (The same text as :func:`kdlab.labeling.build_listwise_prompt`.)"""
+    (The same text as :func:`build_listwise_prompt`.)"""
     lines = [
         f"I will give you {len(docs)} passages, each with an identifier [1] to [{len(docs)}].",
         f"Rank them by relevance to the search query: {query}",
@@ -147,7 +147,7 @@ def position_label(position: int, n_ranked: int) -> float:
     hard negatives; [reading] the graded values (the paper's label scale is not confirmed): linear
     in the position, so pairwise / listwise losses see exactly the LLM's order. The scale depends
     on ``n_ranked`` per query — use ranking losses, not point-wise ones, on these labels.
-    (The same formula as :func:`kdlab.labeling.position_label`.)"""
+    """
     return float(n_ranked - position)
 
 
@@ -262,7 +262,7 @@ def rradistill_labels(
     bottom_k: int = 10,
     max_doc_chars: int = 300,
 ) -> list[dict[str, Any]]:
-    """:func:`kdlab.labeling.rradistill_labels` (one prompt at a time, ``llm_rank_fn(prompt)``),
+    """RRADistill labels for groups in memory, one prompt at a time (``llm_rank_fn(prompt)``),
     on this module's rules; ``prescores=None`` uses the documents' ``first_stage_score``."""
     rows: list[dict[str, Any]] = []
     for batch in iter_listwise_labels(groups, lambda prompts: [llm_rank_fn(p) for p in prompts], top_k=top_k,
@@ -338,7 +338,7 @@ def hf_generate_fn(model: nn.Module, tokenizer: Any, *, max_new_tokens: int = 64
 
 def hf_llm_rank_fn(model: nn.Module, tokenizer: Any, max_new_tokens: int = 96,
                    use_chat_template: bool = True) -> Callable[[str], str]:
-    """:func:`kdlab.labeling.hf_llm_rank_fn`: one prompt → the new text (:func:`hf_generate_fn` on a batch of one)."""
+    """One prompt → the new text (:func:`hf_generate_fn` on a batch of one)."""
     generate = hf_generate_fn(model, tokenizer, max_new_tokens=max_new_tokens, use_chat_template=use_chat_template)
     return lambda prompt: generate([prompt])[0]
 
@@ -372,6 +372,23 @@ def _write_output(partial: Path, out: Path, groups: Sequence[RankingGroup]) -> N
     with atomic_path(out) as tmp:
         tmp.write_text("".join(rows[g.query_id] + "\n" for g in groups), encoding="utf-8")
     partial.unlink()
+
+
+def _done_query_ids(partial: Path) -> set[str]:
+    """Query ids of complete lines in ``partial``; a trailing incomplete line (a write cut short) is
+    truncated away so appending continues from a clean line boundary."""
+    if not partial.exists():
+        return set()
+    data = partial.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    if cut != len(data):
+        with open(partial, "r+b") as f:
+            f.truncate(cut)
+    done: set[str] = set()
+    for line in data[:cut].decode("utf-8").splitlines():
+        if line.strip():
+            done.add(str(json.loads(line)["query_id"]))
+    return done
 
 
 def listwise_label_file(
@@ -420,7 +437,6 @@ def listwise_label_file(
     """
     from tqdm.auto import tqdm
 
-    from kdlab.labeling import _done_query_ids  # lazy: kdlab.labeling may come to import this module
 
     _check_counts(top_k, bottom_k, batch_size=batch_size, max_new_tokens=max_new_tokens, max_doc_chars=max_doc_chars)
     if not isinstance(llm, nn.Module):

@@ -15,7 +15,7 @@ from conftest import subprocess_env
 
 from kdlab.callbacks.run_record import scalar_metrics
 from kdlab.cli import TOOL_COMMANDS, condense_parse_error, main, parse_lightning, run_lightning, run_tool, tool_parser
-from kdlab.defaults import LABEL_BATCH_SIZE, PAIR_MAX_LENGTH
+from kdlab.defaults import LABEL_BATCH_TOKENS, PAIR_MAX_LENGTH
 from kdlab.models.export import load_rank_teacher
 from kdlab.runs import atomic_dir, atomic_path, slug, write_json_atomic
 
@@ -267,7 +267,7 @@ def test_label_command_runs_through_the_tool_table(tmp_path: Path, ranker_export
 
     assert set(TOOL_COMMANDS) == {"pipeline", "label", "data", "sweep", "ablate", "models"}
     label = tool_parser("label").parse_args(["--teacher=T", "--input=I", "--output=O"])
-    assert (label.batch_size, label.max_length, label.resume) == (LABEL_BATCH_SIZE, PAIR_MAX_LENGTH, True)
+    assert (label.max_tokens, label.max_length, label.resume) == (LABEL_BATCH_TOKENS, PAIR_MAX_LENGTH, True)
 
     source = tmp_path / "groups.jsonl"
     source.write_text("".join(Path(sample_path("ranking_val.jsonl")).read_text().splitlines(True)[:3]))
@@ -286,3 +286,11 @@ def test_tool_commands_with_positional_arguments(capsys: pytest.CaptureFixture[s
     assert tool_parser("models").parse_args(["list"]).alias == "all"  # the optional positional's default
     assert run_tool("models", ["list"]) == []
     assert "minilm-l6" in capsys.readouterr().out
+
+
+def test_listwise_label_mode_is_one_device_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    label = tool_parser("label").parse_args(["--teacher=tiny-llama", "--input=I", "--output=O", "--mode=listwise"])
+    assert (label.mode, label.top_k, label.bottom_k) == ("listwise", 10, 10)
+    assert main(["label", "--teacher=tiny-llama", "--input=I", "--output=O", "--mode=listwise", "--devices=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: listwise labeling runs on one device") and len(err.splitlines()) == 1

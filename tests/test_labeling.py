@@ -13,13 +13,8 @@ import torch
 from kdlab.data import sample_path
 from kdlab.data.readers import RankingDoc, RankingGroup, read_ranking_jsonl
 from kdlab.data.collators import RankingCollator
-from kdlab.labeling import (
-    build_listwise_prompt,
-    parse_permutation,
-    rradistill_labels,
-    score_file,
-    token_budget_batches,
-)
+from kdlab.labeling import score_file, token_budget_batches
+from kdlab.listwise import build_listwise_prompt, parse_permutation, rradistill_labels
 from kdlab.models.backbones import load_tokenizer
 from kdlab.models.export import load_rank_teacher
 from kdlab.stages.teacher_rank_sft import TeacherRankSFT
@@ -157,7 +152,7 @@ def test_score_file_refuses_a_stage_or_a_module_without_tokenizer(tmp_path: Path
     ("[4] > [9] > [0] > [1]", 4, [4, 1]),  # out of range ignored
     ("Sure! The ranking is: [ 3 ] > [1]. Passage [5] is irrelevant.", 4, [3, 1]),
     ("3 > 1 > 2", 3, [3, 1, 2]),  # bare numbers when no brackets
-    ("2, 2, 7, 1.5, 1", 3, [2, 1]),
+    ("2, 2, 7, 1.5, 1", 3, []),  # free-text numbers are never taken as identifiers
     ("I cannot rank these passages.", 5, []),
     ("", 5, []),
     ("[1] > [2]", 0, []),
