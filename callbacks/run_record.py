@@ -53,12 +53,13 @@ class RunRecord(L.Callback):
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], config_yaml: str, seed: int | None,
-                 command: str, export_model: bool = True) -> None:
+                 command: str, export_model: bool = True, export_weights: str = "best") -> None:
         self.run_dir = Path(run_dir)
         self.config_yaml = config_yaml
         self.seed = seed
         self.command = command
         self.export_model = export_model
+        self.export_weights = export_weights
         self.manifest: dict[str, Any] = {}
 
     # -- helpers
@@ -109,9 +110,24 @@ class RunRecord(L.Callback):
             self._merge_metrics(trainer)
         if self.export_model and isinstance(pl_module, ExportsPretrained) and not trainer.sanity_checking:
             if trainer.is_global_zero:
+                self._write_manifest(exported_weights=self._load_best(trainer, pl_module))
                 with atomic_dir(self.run_dir / "model", prefix=".model.") as build:
                     pl_module.export_pretrained(str(build))
             trainer.strategy.barrier("kdlab-export")
+
+    def _load_best(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Put the best checkpoint's weights into the module before export (unless ``last`` was
+        asked for, or no checkpoint was chosen by a monitored metric); says which weights these are."""
+        checkpoint = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
+        best = str(getattr(checkpoint, "best_model_path", "") or "")
+        monitor = getattr(checkpoint, "monitor", None)
+        if self.export_weights != "best" or not monitor or not best or not Path(best).is_file():
+            return {"weights": "last", "global_step": trainer.global_step}
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        pl_module.load_state_dict(state)
+        score = getattr(checkpoint, "best_model_score", None)
+        return {"weights": "best", "checkpoint": best, "monitor": monitor,
+                "score": float(score) if score is not None else None}
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and not trainer.sanity_checking:

@@ -5,7 +5,7 @@ a LightningCLI that gives every run its own run directory (:mod:`kdlab.runs`), a
 logger and a fixed seed by default, and two callbacks as config groups of their own: ``teacher:``
 (:class:`~kdlab.callbacks.TeacherLoader`) and ``grad_variance:``
 (:class:`~kdlab.callbacks.GradVariance`), so no option depends on the order of ``trainer.callbacks``.
-The model-free commands (``pipeline``, ``label``, ``data``, ``sweep``, ``ablate``, ``models``) are typed
+The model-free commands (``pipeline``, ``label``, ``data``, ``export``, ``sweep``, ``ablate``, ``models``) are typed
 functions in :data:`TOOL_COMMANDS`; their parsers are built from the signatures.
 """
 
@@ -35,9 +35,10 @@ from kdlab.data.sources import RankingSource
 from kdlab.defaults import LABEL_BATCH_TOKENS, PAIR_MAX_LENGTH
 from kdlab.errors import ConfigError
 from kdlab.models.backbones import BackboneError
-from kdlab.models.export import TeacherConfigError
+from kdlab.models.export import ExportError, TeacherConfigError
 from kdlab.models.prepare import PrepareError
 from kdlab.pipeline import PipelineConfig
+from kdlab.protocols import HasMainMetric
 from kdlab.runs import RUN_DIR_ENV, RunFailed, resolve_run_dir
 from kdlab.sweeps import SweepError
 
@@ -95,6 +96,9 @@ class KdlabCLI(LightningCLI):
                             help="Use exactly this run directory (e.g. to resume into it).")
         parser.add_argument("--run.export_model", type=bool, default=True,
                             help="Save the served model (save_pretrained) to <run dir>/model after fit.")
+        parser.add_argument("--run.export_weights", type=Literal["best", "last"], default="best",
+                            help="model/ holds the best checkpoint's weights (by the stage's main validation "
+                                 "metric) or the last step's.")
         parser.add_lightning_class_args(TeacherLoader, "teacher")
         parser.add_lightning_class_args(GradVariance, "grad_variance")
 
@@ -131,6 +135,7 @@ class KdlabCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any):  # type: ignore[no-untyped-def]
         trainer = super().instantiate_trainer(**kwargs)
         cfg = self.config[self.subcommand]
+        _monitor_main_metric(trainer, self.model, cfg, self.run_dir)
         for callback in trainer.callbacks:
             if isinstance(callback, ModelCheckpoint):
                 if callback.dirpath is None:
@@ -141,7 +146,7 @@ class KdlabCLI(LightningCLI):
             trainer.callbacks.append(RankingPredictionWriter(self.run_dir))
         trainer.callbacks.append(RunRecord(
             self.run_dir, self._config_yaml, seed=cfg.get("seed_everything"),
-            command=self.subcommand, export_model=cfg.run.export_model,
+            command=self.subcommand, export_model=cfg.run.export_model, export_weights=cfg.run.export_weights,
         ))
         return trainer
 
@@ -176,6 +181,22 @@ def _cli_kwargs(args: Sequence[str]) -> dict[str, Any]:
         # No prefix matching: `--teacher.backbon=x` must be an error, not a silent `backbone`.
         "parser_kwargs": {"parser_mode": "omegaconf", "exit_on_error": False, "allow_abbrev": False},
     }
+
+
+def _monitor_main_metric(trainer: Any, model: Any, cfg: Any, run_dir: Path) -> None:
+    """Beside Lightning's default checkpoint (no ``monitor``: it keeps the latest, and ``last.ckpt``
+    to resume from), a second one keeps the best checkpoint by the stage's main validation metric
+    (``best-*.ckpt``), which ``model/`` is exported from. Lightning 2.6 rewrites ``last.ckpt`` of a
+    monitored checkpoint only when the metric improves, hence two callbacks. A config that names
+    its own ModelCheckpoint is left as it is."""
+    configured = any(str(getattr(c, "class_path", "")).endswith("ModelCheckpoint") for c in cfg.trainer.callbacks or [])
+    has_default = any(isinstance(c, ModelCheckpoint) for c in trainer.callbacks)
+    if configured or not has_default or not isinstance(model, HasMainMetric):
+        return
+    name, mode = model.main_metric
+    trainer.callbacks.append(ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"), monitor=name, mode=mode, save_top_k=1, save_last=False,
+        filename="best-epoch{epoch}-step{step}", auto_insert_metric_name=False))
 
 
 def _refuse_grouped_callbacks(callbacks: Any) -> None:
@@ -383,6 +404,25 @@ def data_command(action: Literal["convert", "fixtures"], output: str, input: Ran
     return [Path(output)]
 
 
+def export_command(run_dir: str, format: Literal["cross-encoder", "onnx", "hf"], output: str | None = None,
+                   max_length: int = 512) -> list[Path]:
+    """Export a trained ranker for serving: a sentence-transformers CrossEncoder, ONNX, or an HF classifier.
+
+    Args:
+        run_dir: a run directory (with model/, config.yaml, metrics.json) or a model directory.
+        format: cross-encoder (sentence_transformers.CrossEncoder loads it), onnx (onnxruntime; dynamic
+            batch and sequence axes) or hf (a standard *ForSequenceClassification directory; decoder
+            rankers become a Llama-style classifier scoring the last non-padding token).
+        output: where to write it (default: <run dir>/export/<format>).
+        max_length: tokens per (query, document) the exported model is set up for.
+    """
+    from kdlab.models.export import export_model
+
+    path = export_model(run_dir, format, output, max_length=max_length)
+    print(f"exported ({format}) with a model card: {path}")
+    return [path]
+
+
 def sweep_command(sweep_file: str, jobs: int = 1, root: str = "runs/sweeps", dry_run: bool = False) -> list[Path]:
     """Expand a W&B sweep YAML locally and run it (resumable), writing sweep.csv.
 
@@ -454,6 +494,7 @@ TOOL_COMMANDS: dict[str, ToolCommand] = {
     "pipeline": ToolCommand(pipeline_command, options=PipelineConfig),
     "label": ToolCommand(label_command),
     "data": ToolCommand(data_command, positional=("action",)),
+    "export": ToolCommand(export_command, positional=("run_dir",)),
     "sweep": ToolCommand(sweep_command, positional=("sweep_file",)),
     "ablate": ToolCommand(ablate_command),
     "models": ToolCommand(models_command, positional=("action", "alias")),
@@ -564,7 +605,7 @@ def condense_parse_error(message: str) -> str:
 #: Exceptions that are a user's mistake, shown as one line instead of a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, TeacherConfigError, FileNotFoundError, SweepError, AblationError, RunFailed, PrepareError,
-    DataFormatError, BackboneError,
+    DataFormatError, BackboneError, ExportError,
 )
 
 

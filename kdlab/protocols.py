@@ -88,6 +88,14 @@ class ChecksData(Protocol):
 
 
 @runtime_checkable
+class HasMainMetric(Protocol):
+    """A stage that names the validation metric its best checkpoint is chosen by:
+    ``main_metric = ("val/ndcg@10", "max")`` (the name it logs, and ``max`` or ``min``)."""
+
+    main_metric: tuple[str, str]
+
+
+@runtime_checkable
 class DescribesData(Protocol):
     """A data module that can say what it read, for the run's ``manifest.json`` (the run record)."""
 

@@ -265,7 +265,7 @@ def test_live_student_without_a_teacher_stops_with_one_line(tmp_path: Path, caps
 def test_label_command_runs_through_the_tool_table(tmp_path: Path, ranker_export: Path) -> None:
     from kdlab.data import sample_path
 
-    assert set(TOOL_COMMANDS) == {"pipeline", "label", "data", "sweep", "ablate", "models"}
+    assert set(TOOL_COMMANDS) == {"pipeline", "label", "data", "export", "sweep", "ablate", "models"}
     label = tool_parser("label").parse_args(["--teacher=T", "--input=I", "--output=O"])
     assert (label.max_tokens, label.max_length, label.resume) == (LABEL_BATCH_TOKENS, PAIR_MAX_LENGTH, True)
 

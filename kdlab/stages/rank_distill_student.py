@@ -149,6 +149,7 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
         self.needs_teacher: bool = teacher_source == "live"
         attach_unregistered(self, "teacher", None)
         self.val_metrics = RankingMetrics(k=eval_k)
+        self.main_metric: tuple[str, str] = (f"val/ndcg@{eval_k}", "max")  # the best checkpoint's
         self.test_metrics = RankingMetrics(k=eval_k)
 
     @classmethod

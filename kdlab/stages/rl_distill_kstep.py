@@ -267,6 +267,7 @@ class RLDistillKStep(L.LightningModule):
         self._eos_ids: list[int] = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [int(eos)])
         self._pad_id: int = pad_token_id(self.tokenizer)
         self.val_metrics = GenerationMetrics()
+        self.main_metric: tuple[str, str] = ("val/rougeL", "max")  # the best checkpoint's
         self.test_metrics = GenerationMetrics()
 
     # ------------------------------------------------------------------ teacher protocol

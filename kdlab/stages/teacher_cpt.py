@@ -39,6 +39,8 @@ class TeacherCPT(L.LightningModule):
         dtype, quantization: forwarded to ``load_backbone``.
     """
 
+    main_metric: tuple[str, str] = ("val/loss", "min")  # the best checkpoint's
+
     def __init__(
         self,
         backbone: str = "tiny-llama",

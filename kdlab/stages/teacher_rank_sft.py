@@ -68,6 +68,7 @@ class TeacherRankSFT(RankingEvalMixin, L.LightningModule):
         base = apply_lora(base, lora_rank, lora_alpha, lora_dropout, lora_target_modules, "FEATURE_EXTRACTION")
         self.ranker = DecoderRanker(base, hidden)
         self.val_metrics = RankingMetrics(k=eval_k)
+        self.main_metric: tuple[str, str] = (f"val/ndcg@{eval_k}", "max")  # the best checkpoint's
         self.test_metrics = RankingMetrics(k=eval_k)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
