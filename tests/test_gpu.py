@@ -83,3 +83,25 @@ def test_greedy_sampling_loop_equals_generate_on_cuda() -> None:
     assert torch.equal(ours, theirs)
     # The sampled path's distribution on CUDA: tests/test_sampling.py runs its frequency test on
     # every available device, CUDA included.
+
+
+def test_labeling_on_cuda_in_bf16_and_8bit_agrees_with_fp32(tmp_path: Path) -> None:
+    """`kdlab label` on cuda:0: bf16 and 8-bit teachers score like the fp32 one (same ranking, close scores)."""
+    import json
+
+    from kdlab.data import sample_path
+    from kdlab.labeling import score_file
+    from kdlab.stages.teacher_rank_sft import TeacherRankSFT
+
+    L.seed_everything(0)
+    TeacherRankSFT(backbone="tiny-llama", backbone_config=TEACHER_OVERRIDES).export_pretrained(str(tmp_path / "t"))
+    data = tmp_path / "groups.jsonl"
+    data.write_text("".join(Path(sample_path("ranking_val.jsonl")).read_text().splitlines(True)[:8]))
+    scores = {}
+    for name, options in {"fp32": {}, "bf16": {"dtype": "bfloat16"}, "8bit": {"quantization": "8bit"}}.items():
+        out = tmp_path / f"{name}.jsonl"
+        score_file(str(tmp_path / "t"), str(data), str(out), accelerator="gpu", devices=[0], progress=False, **options)
+        scores[name] = torch.tensor([d["teacher_score"] for line in out.read_text().splitlines()
+                                     for d in json.loads(line)["docs"]])
+    for name in ("bf16", "8bit"):
+        assert torch.corrcoef(torch.stack([scores["fp32"], scores[name]]))[0, 1] >= 0.99, name

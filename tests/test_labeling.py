@@ -93,6 +93,18 @@ def test_two_processes_label_the_same_file_as_one(tmp_path: Path, teacher_dir: P
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_8bit_teacher_labels_through_the_same_loader(tmp_path: Path, teacher_dir: Path, small_input: Path) -> None:
+    """bitsandbytes runs 8-bit layers on the CPU too: the same command, the same ranking, close scores."""
+    full, int8 = tmp_path / "fp32.jsonl", tmp_path / "int8.jsonl"
+    score_file(str(teacher_dir), str(small_input), str(full), max_tokens=2048, max_length=48, progress=False)
+    score_file(str(teacher_dir), str(small_input), str(int8), max_tokens=2048, max_length=48, progress=False,
+               quantization="8bit")
+    a = torch.tensor([d.teacher_score for g in read_ranking_jsonl(str(full)) for d in g.docs])
+    b = torch.tensor([d.teacher_score for g in read_ranking_jsonl(str(int8)) for d in g.docs])
+    assert not torch.equal(a, b)  # really the quantized model
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] >= 0.99
+
+
 def test_token_budget_batches_pack_sorted_lengths_within_the_budget() -> None:
     lengths = [5, 3, 9, 3, 4, 20, 1]
     batches = token_budget_batches(lengths, max_tokens=12)

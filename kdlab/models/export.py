@@ -47,10 +47,8 @@ class TeacherConfigError(ValueError):
 
 
 def check_teacher_options(task: TeacherTask, quantization: Quantization | None) -> None:
-    """Refuse option combinations no teacher can be loaded with."""
-    if task == "ranker" and quantization is not None:
-        raise TeacherConfigError("teacher task 'ranker' loads a full-precision export: set quantization to null "
-                                 "(or quantize a causal-lm/encoder teacher)")
+    """Refuse option combinations no teacher can be loaded with (none today: every task, rankers
+    included, loads in full precision or 8-bit / 4-bit; kept as the one place such rules go)."""
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -110,7 +108,8 @@ def save_served_model(model: nn.Module, tokenizer: str, directory: str | Path, *
 
 
 def load_rank_teacher(
-    directory: str, *, dtype: str = "float32", device: str | torch.device | None = None
+    directory: str, *, dtype: str = "float32", device: str | torch.device | None = None,
+    quantization: Quantization | None = None,
 ) -> DecoderRanker | SequenceClassificationRanker:
     """Load an exported ranker for scoring, frozen.
 
@@ -122,13 +121,18 @@ def load_rank_teacher(
     """
     d = Path(directory)
     ranker: DecoderRanker | SequenceClassificationRanker
+    # A quantized (bitsandbytes) model is loaded straight onto its device and never moved after.
+    placed = {"quantization": quantization, "device": device} if quantization else {}
     if (d / SCORE_HEAD_META).is_file():
         meta = json.loads((d / SCORE_HEAD_META).read_text())
-        ranker = DecoderRanker(load_backbone(str(d), task="encoder", dtype=dtype), int(meta["hidden_size"]))
+        ranker = DecoderRanker(load_backbone(str(d), task="encoder", dtype=dtype, **placed), int(meta["hidden_size"]))
         load_score_head(ranker.head, d)
+        if quantization:  # the score head stays full precision, beside the quantized base
+            ranker.head.to(next(ranker.backbone.parameters()).device)
     else:
-        ranker = SequenceClassificationRanker(load_backbone(str(d), task="seq-cls", dtype=dtype, num_labels=1))
-    if device is not None:
+        ranker = SequenceClassificationRanker(load_backbone(str(d), task="seq-cls", dtype=dtype, num_labels=1,
+                                                            **placed))
+    if device is not None and not quantization:
         ranker = ranker.to(device)
     return freeze(ranker)
 
@@ -146,10 +150,10 @@ def load_teacher(
 ) -> nn.Module:
     """A frozen teacher on ``device``: a backbone for ``task`` (:func:`load_backbone`, 8-bit / 4-bit
     through bitsandbytes where asked), or for ``task="ranker"`` an exported ranker directory
-    (:func:`load_rank_teacher`, full precision only)."""
+    (:func:`load_rank_teacher`, also 8-bit / 4-bit)."""
     check_teacher_options(task, quantization)
     if task == "ranker":
-        return load_rank_teacher(name, dtype=dtype, device=device)
+        return load_rank_teacher(name, dtype=dtype, device=device, quantization=quantization)
     model = load_backbone(name, task, config=config, dtype=dtype, quantization=quantization, device=device,
                           trust_remote_code=trust_remote_code, num_labels=num_labels)
     return freeze(model)
