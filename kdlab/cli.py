@@ -284,6 +284,7 @@ def _subcommand_config(dumped: str, subcommand: str) -> str:
 def parse_lightning(args: Sequence[str]) -> Any:
     """Parse (and type-check) Lightning subcommand arguments without building anything."""
     _register_components()
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # args are given on purpose
     return _ParseOnlyCLI(**{**_cli_kwargs(args), "run": True}).config
 
 
