@@ -1,24 +1,41 @@
-"""Labeling throughput: ``kdlab.labeling.score_file`` vs a naive padded Hugging Face loop.
+"""Labeling throughput: ``kdlab.labeling.score_file`` vs the tools a user would otherwise reach for.
 
-Both sides score every (query, document) pair of the same ranking JSONL file with the same teacher
-(loaded by :func:`kdlab.models.export.load_rank_teacher` from the same export directory), the same batch
-size and the same ``max_length``, in fp32 under ``torch.no_grad``, and write the same output (the
-groups with a ``teacher_score`` per document):
+Two comparisons on the same (query, document) pairs (the embedded sample's val + test groups, the
+first ``--pairs``), the same machine, fp32, the same threads:
 
-* kdlab: ``score_file(teacher_dir, input, output, batch_size, max_length, resume=False)`` — chunks of
-  64 groups, pairs sorted by token length, each batch padded to its longest row, durable appends;
-* naive: pairs in file order, cut into batches of ``batch_size``, the tokenizer called per batch with
-  ``padding="max_length"`` (every row padded to ``max_length``), one forward per batch, the output
-  written at the end.
+1. **Cross-encoder teacher vs sentence-transformers.** A one-label ``*ForSequenceClassification``
+   (``--model``: ``minilm-l6`` after ``python -m kdlab models prepare minilm-l6``, or ``tiny-bert``)
+   exported once as a kdlab seq-cls directory (seeded head) that both sides load.
 
-Timed end to end (load teacher + tokenizer, read, tokenize, score, write), each side in a fresh
-subprocess with ``torch.set_num_threads(--threads)`` after an untimed warm-up on the first groups;
-runs alternate ``--repeats`` times and the medians are compared. The scores of the two outputs
-are compared too (they must agree up to float noise: padding is masked out).
+   * ``kdlab``: ``score_file(dir, input, output, max_tokens=B · max_length, max_length)`` — the token
+     budget equivalent of B rows padded to ``max_length``; with the defaults (B = 32, ST's own
+     default, max_length 192) that is kdlab's default budget (6144); with another B,
+     ``kdlab-default`` (the default budget) runs as well;
+   * ``st``: ``CrossEncoder(dir, max_length=max_length, activation_fn=Identity()).predict(pairs,
+     batch_size=B)`` (ST sorts the pairs by character length, tokenizes each batch, pads it to its
+     longest row); raw logits, so the scores compare with kdlab's.
 
-    python bench/labeling_throughput.py                                  # MiniLM-L6 cross-encoder teacher
-    python bench/labeling_throughput.py --make-teacher tiny-llama        # TeacherRankSFT export (decoder text)
-    python bench/labeling_throughput.py --teacher runs/rank_sft/export --input my_groups.jsonl
+2. **Decoder teacher vs a padded Hugging Face loop.** A :class:`~kdlab.stages.TeacherRankSFT`
+   export (``--decoder``: ``tiny-llama-h256`` by default, ``smollm2-135m`` when prepared):
+   ``kdlab-dec`` = ``score_file`` with the budget ``B · max_length``; ``hf-dec`` = what one writes by
+   hand: pairs in file order, batches of B, each tokenized and right-padded to its own longest row
+   (no sorting), one forward of the exported ranker (``load_rank_teacher``) per batch.
+
+Every side is timed end to end: load the model, read the JSONL, tokenize, score, write the JSONL
+with a ``teacher_score`` per document (the non-kdlab sides use kdlab's reader and writer, so only
+the scoring differs). Each side lives in its own process (started together, imports and an
+untimed warm-up run on 4 groups, then idle until asked), so no side warms another and the ~15 s of
+imports are paid once; repeat r runs the sides back to back (order flipped every other repeat).
+Reported: wall-clock pairs/s (median), the ratio of the medians, the median of the per-repeat
+ratios ("paired": on a machine shared with other jobs, load hits both sides of a repeat alike)
+and the ratio per CPU-second. The outputs are compared score by score: ``max |diff|`` must be
+< 1e-4, else the sides did not do the same work.
+
+    python bench/labeling_throughput.py                                   # minilm-l6 + tiny-llama-h256, 1600 pairs
+    python bench/labeling_throughput.py --model tiny-bert --decoder tiny-llama-h32 --pairs 200   # quick
+    python bench/labeling_throughput.py --pairs 0 --batch-size 64         # all 3151 pairs, B = 64
+    python bench/labeling_throughput.py --decoder smollm2-135m --only decoder --pairs 400
+    python bench/labeling_throughput.py --profile kdlab --pairs 300       # cProfile one kdlab run
 """
 
 from __future__ import annotations
@@ -33,178 +50,445 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import _common  # noqa: E402  (puts the repo root on sys.path)
 
 SCRIPT = Path(__file__).resolve()
+SEQ_SIDES = ("kdlab", "kdlab-default", "st")
+DEC_SIDES = ("kdlab-dec", "hf-dec")
+LABELS = {
+    "kdlab": "kdlab score_file (max_tokens = B*max_length)",
+    "kdlab-default": "kdlab score_file (default max_tokens)",
+    "st": "sentence-transformers CrossEncoder.predict",
+    "kdlab-dec": "kdlab score_file (max_tokens = B*max_length)",
+    "hf-dec": "HF loop, batches of B padded to longest",
+}
+TARGET = 1.3
+
 
 # ------------------------------------------------------------------------------------------ teachers
-def make_teacher(kind: str, directory: Path, seed: int) -> str:
-    """A teacher export: ``minilm-l6`` (one-label seq-cls cross-encoder, seeded head) or
-    ``tiny-llama`` (a :class:`TeacherRankSFT` on ``tiny-llama-h256``, 256-wide, 4 layers, decoder text)."""
-    if kind == "tiny-llama":
-        import lightning as L
-
-        from kdlab.stages.teacher_rank_sft import TeacherRankSFT
-
-        L.seed_everything(seed, verbose=False)
-        TeacherRankSFT(backbone="tiny-llama-h256").export_pretrained(str(directory))
-        return str(directory)
-    return _common.export_student_init(kind, directory, seed=seed)
+def make_seq_cls(model: str, directory: Path, seed: int) -> str:
+    return _common.export_student_init(model, directory, seed=seed)
 
 
-# ------------------------------------------------------------------------------------------ naive loop
-def naive_score_file(teacher_dir: str, input_path: str, output_path: str, batch_size: int, max_length: int) -> int:
-    """File order, fixed-size batches, every row padded to ``max_length``; returns the pair count."""
-    import torch
+def make_decoder(backbone: str, directory: Path, seed: int) -> str:
+    import lightning as L
 
-    from kdlab.data.readers import ranking_group_to_json, read_ranking_jsonl, with_scores
-    from kdlab.models.backbones import load_tokenizer, pad_token_id
-    from kdlab.models.export import load_rank_teacher
+    from kdlab.stages.teacher_rank_sft import TeacherRankSFT
 
-    model = load_rank_teacher(teacher_dir)
-    tok = load_tokenizer(teacher_dir)
-    fmt = model.text_format
-    groups = read_ranking_jsonl(input_path)
-    pairs = [(gi, j, g.query, d.text) for gi, g in enumerate(groups) for j, d in enumerate(g.docs)]
-    scores: list[list[float]] = [[0.0] * len(g.docs) for g in groups]
-    pad_id = pad_token_id(tok)
-    with torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start:start + batch_size]
-            if fmt == "cross-encoder":
-                enc = tok([c[2] for c in chunk], [c[3] for c in chunk], padding="max_length", truncation=True,
-                          max_length=max_length, return_tensors="pt")
-                kwargs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
-            else:  # decoder text: "query: q document: d" + EOS, right padding to max_length
-                texts = [f"query: {c[2]} document: {c[3]}".rstrip() for c in chunk]
-                ids = tok(texts, add_special_tokens=False, truncation=True, max_length=max_length - 1)["input_ids"]
-                input_ids = torch.full((len(ids), max_length), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(ids), max_length), dtype=torch.long)
-                for r, row in enumerate(ids):
-                    row = list(row) + [tok.eos_token_id]
-                    input_ids[r, :len(row)] = torch.tensor(row)
-                    mask[r, :len(row)] = 1
-                kwargs = {"input_ids": input_ids, "attention_mask": mask}
-            out = model(**kwargs).float().tolist()
-            for (gi, j, _, _), s in zip(chunk, out):
-                scores[gi][j] = float(s)
+    L.seed_everything(seed, verbose=False)
+    TeacherRankSFT(backbone=backbone).export_pretrained(str(directory))
+    return str(directory)
+
+
+# ------------------------------------------------------------------------------------------ sides
+def _write_scored(groups: list[Any], scores: list[list[float]], output_path: str) -> None:
     from dataclasses import replace
+
+    from kdlab.data.readers import ranking_group_to_json, with_scores
 
     with open(output_path, "w", encoding="utf-8") as f:
         for g, sc in zip(groups, scores):
             docs = tuple(with_scores(d, teacher_score=s) for d, s in zip(g.docs, sc))
             f.write(json.dumps(ranking_group_to_json(replace(g, docs=docs)), ensure_ascii=False) + "\n")
-    return len(pairs)
 
 
-def kdlab_score_file(teacher_dir: str, input_path: str, output_path: str, batch_size: int, max_length: int) -> int:
+def run_kdlab(teacher: str, input_path: str, output_path: str, args: argparse.Namespace, default: bool) -> dict[str, Any]:
     from kdlab.labeling import score_file
 
-    score_file(teacher_dir, input_path, output_path, batch_size=batch_size, max_length=max_length,
-               resume=False, progress=False)
-    return sum(len(json.loads(line)["docs"]) for line in Path(input_path).read_text().splitlines() if line.strip())
+    kwargs = {} if default else {"max_tokens": args.batch_size * args.max_length}
+    score_file(teacher, input_path, output_path, max_length=args.max_length, resume=False, progress=False, **kwargs)
+    return {}
 
 
-# ------------------------------------------------------------------------------------------ children
-def child(args: argparse.Namespace) -> dict[str, Any]:
-    fn = kdlab_score_file if args.child == "kdlab" else naive_score_file
-    fn(args.teacher, args.warmup_input, args.output + ".warmup", args.batch_size, args.max_length)  # untimed
-    t0 = time.perf_counter()
-    n = fn(args.teacher, args.input, args.output, args.batch_size, args.max_length)
-    seconds = time.perf_counter() - t0
-    return {"side": args.child, "pairs": n, "seconds": seconds, "pairs_per_s": n / seconds}
+def run_st(teacher: str, input_path: str, output_path: str, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import transformers
+    from sentence_transformers import CrossEncoder
 
-
-def padded_tokens(teacher_dir: str, input_path: str, batch_size: int, max_length: int) -> dict[str, float]:
-    """Mean tokens per pair that each side feeds the model (real, kdlab bucketed, naive)."""
-    from kdlab.data.collators import RankingCollator
     from kdlab.data.readers import read_ranking_jsonl
-    from kdlab.defaults import LABEL_CHUNK_GROUPS
-    from kdlab.models.backbones import load_tokenizer
-    from kdlab.models.export import SCORE_HEAD_META
 
-    fmt = "decoder" if (Path(teacher_dir) / SCORE_HEAD_META).is_file() else "cross-encoder"
-    enc = RankingCollator(load_tokenizer(teacher_dir), text_format=fmt, max_length=max_length)
+    transformers.logging.set_verbosity_error()
+    t0 = time.perf_counter()
+    model = CrossEncoder(teacher, num_labels=1, max_length=args.max_length, device="cpu",
+                         activation_fn=torch.nn.Identity())
+    t1 = time.perf_counter()
     groups = read_ranking_jsonl(input_path)
-    real_total, bucketed = 0, 0
-    for start in range(0, len(groups), LABEL_CHUNK_GROUPS):
-        chunk = groups[start:start + LABEL_CHUNK_GROUPS]
-        lens = sorted(len(enc.encode(g.query, d.text)["input_ids"]) for g in chunk for d in g.docs)
-        real_total += sum(lens)
-        bucketed += sum(max(lens[i:i + batch_size]) * len(lens[i:i + batch_size]) for i in range(0, len(lens), batch_size))
-    n = sum(len(g.docs) for g in groups)
-    return {"real": real_total / n, "kdlab": bucketed / n, "naive": float(max_length)}
+    pairs = [(g.query, d.text) for g in groups for d in g.docs]
+    t2 = time.perf_counter()
+    flat = model.predict(pairs, batch_size=args.batch_size, show_progress_bar=False, convert_to_numpy=True).tolist()
+    t3 = time.perf_counter()
+    scores, k = [], 0
+    for g in groups:
+        scores.append([float(s) for s in flat[k:k + len(g.docs)]])
+        k += len(g.docs)
+    _write_scored(groups, scores, output_path)
+    return {"load_s": t1 - t0, "predict_s": t3 - t2}
+
+
+def run_hf_padded(teacher: str, input_path: str, output_path: str, args: argparse.Namespace) -> dict[str, Any]:
+    """File order, batches of ``batch_size`` pairs, each right-padded to its longest row."""
+    import torch
+
+    from kdlab.data.readers import read_ranking_jsonl
+    from kdlab.models.backbones import load_tokenizer, pad_token_id
+    from kdlab.models.export import load_rank_teacher
+
+    t0 = time.perf_counter()
+    model = load_rank_teacher(teacher)
+    tok = load_tokenizer(teacher)
+    t1 = time.perf_counter()
+    groups = read_ranking_jsonl(input_path)
+    pairs = [(gi, j, g.query, d.text) for gi, g in enumerate(groups) for j, d in enumerate(g.docs)]
+    scores: list[list[float]] = [[0.0] * len(g.docs) for g in groups]
+    pad_id, eos = pad_token_id(tok), tok.eos_token_id
+    t2 = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(pairs), args.batch_size):
+            chunk = pairs[start:start + args.batch_size]
+            if model.text_format == "cross-encoder":
+                enc = tok([c[2] for c in chunk], [c[3] for c in chunk], padding=True, truncation=True,
+                          max_length=args.max_length, return_tensors="pt")
+                inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+            else:  # decoder text: "query: q document: d" + EOS, right-padded to the batch's longest row
+                texts = [f"query: {c[2]} document: {c[3]}".rstrip() for c in chunk]
+                ids = [row + [eos] for row in tok(texts, add_special_tokens=False, truncation=True,
+                                                  max_length=args.max_length - 1)["input_ids"]]
+                width = max(len(r) for r in ids)
+                inputs = {"input_ids": torch.tensor([r + [pad_id] * (width - len(r)) for r in ids]),
+                          "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])}
+            for (gi, j, _, _), s in zip(chunk, model(**inputs).float().tolist()):
+                scores[gi][j] = float(s)
+    t3 = time.perf_counter()
+    _write_scored(groups, scores, output_path)
+    return {"load_s": t1 - t0, "predict_s": t3 - t2}
+
+
+def run_side(side: str, teacher: str, input_path: str, output_path: str, args: argparse.Namespace) -> dict[str, Any]:
+    if side in ("kdlab", "kdlab-dec"):
+        return run_kdlab(teacher, input_path, output_path, args, default=False)
+    if side == "kdlab-default":
+        return run_kdlab(teacher, input_path, output_path, args, default=True)
+    if side == "st":
+        return run_st(teacher, input_path, output_path, args)
+    return run_hf_padded(teacher, input_path, output_path, args)
+
+
+def count_pairs(path: str | Path) -> int:
+    return sum(len(json.loads(line)["docs"]) for line in Path(path).read_text(encoding="utf-8").splitlines()
+               if line.strip())
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads) so far."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def timed_run(args: argparse.Namespace, output: str, profile_out: str | None = None) -> dict[str, Any]:
+    """One timed end-to-end run of this child's side on ``args.input`` (wall and CPU time)."""
+    c0 = cpu_seconds()
+    if profile_out:
+        import cProfile
+
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.runcall(run_side, args.child, args.teacher, args.input, output, args)
+        seconds = time.perf_counter() - t0
+        prof.dump_stats(profile_out)
+        extra: dict[str, Any] = {}
+    else:
+        t0 = time.perf_counter()
+        extra = run_side(args.child, args.teacher, args.input, output, args)
+        seconds = time.perf_counter() - t0
+    cpu = cpu_seconds() - c0
+    n = count_pairs(args.input)
+    return {"side": args.child, "pairs": n, "seconds": seconds, "pairs_per_s": n / seconds, "cpu_s": cpu,
+            "pairs_per_cpu_s": n / cpu, **extra}
+
+
+def serve(args: argparse.Namespace) -> None:
+    """A side's process: imports and an untimed warm-up run, then one timed run per ``run OUTPUT
+    [PROFILE]`` line on stdin (result line per run), until ``quit``. One process per side, kept for
+    all its repeats, so the imports (~15 s here) are paid once and no side warms another."""
+    import sys
+
+    run_side(args.child, args.teacher, args.warmup_input, str(Path(args.input).with_suffix(f".{args.child}.warmup.jsonl")), args)
+    _common.emit({"ready": args.child})
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            break
+        _common.emit(timed_run(args, cmd[1], cmd[2] if len(cmd) > 2 else None))
+
+
+class Side:
+    """A running :func:`serve` child."""
+
+    def __init__(self, side: str, argv: list[str], log: Path) -> None:
+        import subprocess
+        import sys
+
+        self.side = side
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, str(SCRIPT), *argv], cwd=_common.ROOT, text=True, bufsize=1,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "w"))
+
+    def result(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(_common.RESULT_PREFIX):
+                return json.loads(line[len(_common.RESULT_PREFIX):])
+        raise SystemExit(f"side {self.side} died (rc={self.proc.wait()}); its log:\n{self.log.read_text()[-4000:]}")
+
+    def run(self, output: Path, profile_out: Path | None = None) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"run {output}" + (f" {profile_out}" if profile_out else "") + "\n")
+        self.proc.stdin.flush()
+        return self.result()
+
+    def close(self) -> None:
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 # ------------------------------------------------------------------------------------------ parent
+def token_stats(teacher: str, input_path: str, batch_size: int, max_length: int) -> dict[str, float]:
+    """Mean tokens per pair fed to the model: real, kdlab's budget batches (B·max_length and default),
+    ST's batches (B pairs sorted by characters, longest first, each padded to its longest row),
+    B rows in file order padded to their longest (the HF loop)."""
+    from kdlab.data.collators import RankingCollator
+    from kdlab.data.readers import read_ranking_jsonl
+    from kdlab.defaults import LABEL_BATCH_TOKENS
+    from kdlab.labeling import token_budget_batches
+    from kdlab.models.backbones import load_tokenizer
+    from kdlab.models.export import SCORE_HEAD_META
+
+    fmt = "decoder" if (Path(teacher) / SCORE_HEAD_META).is_file() else "cross-encoder"
+    enc = RankingCollator(load_tokenizer(teacher), text_format=fmt, max_length=max_length)
+    pairs = [(g.query, d.text) for g in read_ranking_jsonl(input_path) for d in g.docs]
+    lens = [len(enc.encode(q, t)["input_ids"]) for q, t in pairs]
+    n = len(lens)
+    by_chars = sorted(range(n), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    st = sum(max(lens[i] for i in by_chars[k:k + batch_size]) * len(by_chars[k:k + batch_size])
+             for k in range(0, n, batch_size)) / n
+
+    def budget(tokens: int) -> tuple[float, float]:
+        bs = token_budget_batches(lens, tokens)
+        return sum(max(lens[i] for i in b) * len(b) for b in bs) / n, n / len(bs)
+
+    file_order = sum(max(lens[i:i + batch_size]) * len(lens[i:i + batch_size]) for i in range(0, n, batch_size)) / n
+    (eq, eq_rows), (de, de_rows) = budget(batch_size * max_length), budget(LABEL_BATCH_TOKENS)
+    return {"real": sum(lens) / n, "budget": eq, "budget_rows": eq_rows, "default": de, "default_rows": de_rows,
+            "file_order": file_order, "st": st}
+
+
+def read_scores(path: Path) -> list[float]:
+    return [d["teacher_score"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+            for d in json.loads(line)["docs"]]
+
+
+def write_input(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
+    """The timed input (val + test groups, or --input; capped at --pairs) and the warm-up file."""
+    from kdlab.data import sample_path
+
+    sources = [Path(args.input)] if args.input else [Path(sample_path("ranking_val.jsonl")),
+                                                     Path(sample_path("ranking_test.jsonl"))]
+    rows, total = [], 0
+    for src in sources:
+        for line in src.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if args.pairs and total + len(row["docs"]) > args.pairs:
+                row["docs"] = row["docs"][:args.pairs - total]
+            if row["docs"]:
+                rows.append(row)
+                total += len(row["docs"])
+            if args.pairs and total >= args.pairs:
+                break
+        if args.pairs and total >= args.pairs:
+            break
+    data, warm = work / "input.jsonl", work / "warmup.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    warm.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:4]), encoding="utf-8")
+    return data, warm, " + ".join(str(s) for s in sources) + f" ({len(rows)} groups, {total} pairs)"
+
+
+def child_args(side: str, teacher: str, data: Path, warm: Path, args: argparse.Namespace) -> list[str]:
+    return ["--child", side, "--teacher", teacher, "--input", str(data), "--warmup-input", str(warm),
+            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--threads", str(args.threads)]
+
+
+def start(sides: tuple[str, ...], teacher: str, data: Path, warm: Path, work: Path,
+          args: argparse.Namespace) -> dict[str, Side]:
+    """Start one process per side and wait until each has imported and run its warm-up."""
+    procs = {s: Side(s, child_args(s, teacher, data, warm, args), work / f"{s}.log") for s in sides}
+    for proc in procs.values():
+        proc.result()
+    return procs
+
+
+def compare(title: str, sides: tuple[str, ...], teacher: str, data: Path, warm: Path, work: Path,
+            args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """Every side's runs: repeat r runs the sides back to back (order flipped every other repeat)."""
+    print(f"\n{title}", flush=True)
+    procs = start(sides, teacher, data, warm, work, args)
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
+    try:
+        for r in range(args.repeats):
+            for side in (sides if r % 2 == 0 else tuple(reversed(sides))):
+                res = procs[side].run(work / f"{side}.jsonl")
+                runs[side].append(res)
+                split = (f"  (load {res['load_s']:.2f} s, scoring {res['predict_s']:.2f} s)" if "load_s" in res else "")
+                print(f"  run {r + 1} {side:>13}: {res['pairs']} pairs in {res['seconds']:6.2f} s = "
+                      f"{res['pairs_per_s']:7.1f} pairs/s  (CPU {res['cpu_s']:6.1f} s = {res['pairs_per_cpu_s']:6.1f} "
+                      f"pairs/CPU-s){split}", flush=True)
+    finally:
+        for proc in procs.values():
+            proc.close()
+    return runs
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], a: str, b: str) -> dict[str, float]:
+    """Medians of ``a`` and ``b`` (pairs/s, pairs per CPU-second) and the ratio a/b: of the medians,
+    and the median of the per-repeat ratios (the two sides ran back to back, so load that other
+    jobs put on a shared machine hits both alike)."""
+    med = {s: statistics.median(x["pairs_per_s"] for x in runs[s]) for s in runs}
+    paired = statistics.median(x["pairs_per_s"] / y["pairs_per_s"] for x, y in zip(runs[a], runs[b]))
+    cpu = statistics.median(x["pairs_per_cpu_s"] / y["pairs_per_cpu_s"] for x, y in zip(runs[a], runs[b]))
+    return {**med, "ratio": med[a] / med[b], "paired": paired, "cpu": cpu}
+
+
+def profile(args: argparse.Namespace, teacher: str, data: Path, warm: Path, work: Path) -> None:
+    import pstats
+
+    out = work / "profile.pstats"
+    side = args.profile
+    proc = start((side,), teacher, data, warm, work, args)[side]
+    try:
+        res = proc.run(work / f"{side}.jsonl", out)
+    finally:
+        proc.close()
+    print(f"\nprofile of one {side} run (after warm-up, under cProfile): {res['pairs']} pairs in {res['seconds']:.2f} s")
+    stats = pstats.Stats(str(out))
+    stats.sort_stats("cumulative").print_stats(args.profile_lines)
+    stats.sort_stats("tottime").print_stats(args.profile_lines // 2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", default=None, help="teacher export dir (TeacherRankSFT export or seq-cls)")
-    p.add_argument("--make-teacher", default="minilm-l6", choices=["minilm-l6", "tiny-llama", "tiny-bert"],
-                   help="teacher to build when --teacher is not given")
-    p.add_argument("--input", default=None, help="ranking JSONL (default: embedded ranking_train.jsonl)")
-    p.add_argument("--max-groups", type=int, default=0, help="use only the first N groups (0 = all)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--model", default="minilm-l6", help="seq-cls teacher backbone (minilm-l6 alias, tiny-bert, dir)")
+    p.add_argument("--decoder", default="tiny-llama-h256",
+                   help="TeacherRankSFT backbone of the decoder teacher (tiny-llama-h256, smollm2-135m; 'none' skips)")
+    p.add_argument("--input", default=None, help="ranking JSONL (default: the embedded sample's val + test groups)")
+    p.add_argument("--pairs", type=int, default=1600, help="use at most N pairs (0 = all 3151)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="B: ST / HF-loop batch (ST's default 32); kdlab budget = B * max_length (32*192 = its default)")
+    p.add_argument("--max-length", type=int, default=192)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--child", choices=["kdlab", "naive"], help=argparse.SUPPRESS)
-    p.add_argument("--output", help=argparse.SUPPRESS)
+    p.add_argument("--only", choices=["seq-cls", "decoder"], default=None, help="run one comparison only")
+    p.add_argument("--profile", choices=[*SEQ_SIDES, *DEC_SIDES], default=None,
+                   help="instead of the comparison: cProfile one run of this side and print the top entries")
+    p.add_argument("--profile-lines", type=int, default=40)
+    p.add_argument("--child", choices=[*SEQ_SIDES, *DEC_SIDES], help=argparse.SUPPRESS)
+    p.add_argument("--teacher", help=argparse.SUPPRESS)
     p.add_argument("--warmup-input", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.child:
         _common.set_threads(args.threads)
-        _common.emit(child(args))
+        serve(args)
+        return
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be >= 1")
+
+    from kdlab.defaults import LABEL_BATCH_TOKENS
+
+    t_start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="kdlab-bench-label-"))
+    data, warm, described = write_input(args, work)
+    do_seq = args.only in (None, "seq-cls") and (args.profile is None or args.profile in SEQ_SIDES)
+    do_dec = (args.decoder != "none" and args.only in (None, "decoder")
+              and (args.profile is None or args.profile in DEC_SIDES))
+    seq_dir = make_seq_cls(args.model, work / "seq_cls", args.seed) if do_seq else ""
+    dec_dir = make_decoder(args.decoder, work / "decoder", args.seed) if do_dec else ""
+    print("settings:")
+    print(f"  input={described}")
+    print(f"  B={args.batch_size}  max_length={args.max_length}  kdlab budget=B*max_length={args.batch_size * args.max_length}"
+          f" tokens (default {LABEL_BATCH_TOKENS})  fp32  threads={args.threads}  repeats={args.repeats} (+1 warm-up each)")
+    if do_seq:
+        print(f"  seq-cls teacher: {args.model} exported to {seq_dir}")
+    if do_dec:
+        print(f"  decoder teacher: TeacherRankSFT({args.decoder}) exported to {dec_dir}")
+    print(f"  machine: {_common.machine()}")
+    if args.profile:
+        profile(args, seq_dir if args.profile in SEQ_SIDES else dec_dir, data, warm, work)
         return
 
-    from kdlab.data import sample_path
-
-    work = Path(tempfile.mkdtemp(prefix="kdlab-bench-label-"))
-    src = Path(args.input or sample_path("ranking_train.jsonl"))
-    lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if args.max_groups:
-        lines = lines[:args.max_groups]
-    data = work / "input.jsonl"
-    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    warm = work / "warmup.jsonl"
-    warm.write_text("\n".join(lines[:4]) + "\n", encoding="utf-8")
-    teacher = args.teacher or make_teacher(args.make_teacher, work / "teacher", args.seed)
-    n_pairs = sum(len(json.loads(line)["docs"]) for line in lines)
-    toks = padded_tokens(teacher, str(data), args.batch_size, args.max_length)
-    print("settings:")
-    print(f"  teacher={args.teacher or args.make_teacher + ' (built: ' + teacher + ')'}")
-    print(f"  input={src} ({len(lines)} groups, {n_pairs} pairs)  batch={args.batch_size} pairs  "
-          f"max_length={args.max_length}  fp32  no_grad  threads={args.threads}  repeats={args.repeats}")
-    print(f"  tokens/pair fed to the model: real {toks['real']:.1f}, kdlab bucketed {toks['kdlab']:.1f}, "
-          f"naive {toks['naive']:.0f}")
-    print(f"  machine: {_common.machine()}")
-    runs: dict[str, list[dict[str, Any]]] = {"kdlab": [], "naive": []}
-    for r in range(args.repeats):
-        for side in (("kdlab", "naive") if r % 2 == 0 else ("naive", "kdlab")):
-            res = _common.run_child(SCRIPT, ["--child", side, "--teacher", teacher, "--input", str(data),
-                                             "--warmup-input", str(warm), "--output", str(work / f"{side}.jsonl"),
-                                             "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-                                             "--threads", str(args.threads)])
-            runs[side].append(res)
-            print(f"  run {r + 1} {side:>5}: {res['pairs']} pairs in {res['seconds']:.2f} s = "
-                  f"{res['pairs_per_s']:.1f} pairs/s", flush=True)
-    a = [d["teacher_score"] for line in (work / "kdlab.jsonl").read_text().splitlines() for d in json.loads(line)["docs"]]
-    b = [d["teacher_score"] for line in (work / "naive.jsonl").read_text().splitlines() for d in json.loads(line)["docs"]]
-    diff = max(abs(x - y) for x, y in zip(a, b))
-    kd = statistics.median(x["pairs_per_s"] for x in runs["kdlab"])
-    nv = statistics.median(x["pairs_per_s"] for x in runs["naive"])
-    print("result (median of runs, end-to-end pairs per second):")
-    print(f"  kdlab score_file (length-bucketed): {kd:8.1f} pairs/s")
-    print(f"  naive padded HF loop:               {nv:8.1f} pairs/s")
-    ratio = kd / nv
-    print(f"  ratio kdlab/naive = {ratio:.2f}x  (target >= 2x: {'met' if ratio >= 2 else 'MISSED'})")
-    print(f"  max |score difference| between the two outputs: {diff:.2e} over {len(a)} pairs")
-    print(f"  machine load after: {_common.machine().split('load average ')[1]}")
-    print(json.dumps({"kdlab_pairs_per_s": round(kd, 2), "naive_pairs_per_s": round(nv, 2), "ratio": round(ratio, 3),
-                      "max_abs_diff": diff}))
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": _common.machine(), "pairs": count_pairs(data),
+                              "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads,
+                              "repeats": args.repeats}
+    lines: list[str] = []
+    if do_seq:
+        same_budget = args.batch_size * args.max_length == LABEL_BATCH_TOKENS
+        sides = ("kdlab", "st") if same_budget else SEQ_SIDES
+        t = token_stats(seq_dir, str(data), args.batch_size, args.max_length)
+        print(f"  {args.model} tokens/pair fed: real {t['real']:.1f}, kdlab budget {t['budget']:.1f} "
+              f"({t['budget_rows']:.0f} rows/batch)"
+              + ("" if same_budget else f", kdlab default {t['default']:.1f} ({t['default_rows']:.0f} rows/batch)")
+              + f", ST {t['st']:.1f} ({args.batch_size} rows/batch)")
+        runs = compare(f"cross-encoder teacher ({args.model}): kdlab vs sentence-transformers", sides,
+                       seq_dir, data, warm, work, args)
+        st = read_scores(work / "st.jsonl")
+        kd_sides = [s for s in sides if s != "st"]
+        diff = max(max(abs(a - b) for a, b in zip(read_scores(work / f"{s}.jsonl"), st)) for s in kd_sides)
+        best = 0.0
+        for s in kd_sides:
+            r = summarize(runs, s, "st")
+            label = LABELS[s] + (" = default" if same_budget else "")
+            lines.append(f"  {label:<56} {r[s]:8.1f} pairs/s")
+            lines.append(f"  {'  ratio to ST: of medians':<56} {r['ratio']:8.2f}x   paired {r['paired']:.2f}x   "
+                         f"per CPU-second {r['cpu']:.2f}x")
+            best = max(best, r["paired"])
+            result.update({f"{s}_pairs_per_s": round(r[s], 2), f"{s}_ratio_vs_st": round(r["ratio"], 3),
+                           f"{s}_paired_ratio_vs_st": round(r["paired"], 3), f"{s}_cpu_ratio_vs_st": round(r["cpu"], 3)})
+        lines.append(f"  {LABELS['st']:<56} {statistics.median(x['pairs_per_s'] for x in runs['st']):8.1f} pairs/s")
+        lines.append(f"  target kdlab/ST >= {TARGET}x (paired): {'met' if best >= TARGET else 'NOT met'} ({best:.2f}x);  "
+                     f"padded tokens/pair ST/kdlab = {t['st'] / t['budget']:.2f}")
+        lines.append(f"  max |score diff| kdlab vs ST over {len(st)} pairs: {diff:.2e} "
+                     f"({'OK, same work' if diff < 1e-4 else 'DIFFERENT WORK'})")
+        result.update({"model": args.model, "st_pairs_per_s": round(statistics.median(x["pairs_per_s"] for x in runs["st"]), 2),
+                       "max_abs_diff_vs_st": diff, "tokens_per_pair": {k: round(v, 1) for k, v in t.items()}})
+    if do_dec:
+        t = token_stats(dec_dir, str(data), args.batch_size, args.max_length)
+        print(f"\n  {args.decoder} tokens/pair fed: real {t['real']:.1f}, kdlab budget {t['budget']:.1f}, "
+              f"HF loop (file order) {t['file_order']:.1f}")
+        runs = compare(f"decoder teacher (TeacherRankSFT {args.decoder}): kdlab vs padded HF loop", DEC_SIDES,
+                       dec_dir, data, warm, work, args)
+        diff = max(abs(a - b) for a, b in zip(read_scores(work / "kdlab-dec.jsonl"), read_scores(work / "hf-dec.jsonl")))
+        r = summarize(runs, "kdlab-dec", "hf-dec")
+        for s in DEC_SIDES:
+            lines.append(f"  {LABELS[s]:<56} {r[s]:8.1f} pairs/s   [decoder {args.decoder}]")
+        lines.append(f"  ratio kdlab/HF loop: of medians {r['ratio']:.2f}x   paired {r['paired']:.2f}x   "
+                     f"per CPU-second {r['cpu']:.2f}x;  max |score diff| {diff:.2e} ({'OK' if diff < 1e-4 else 'DIFFERENT WORK'})")
+        result.update({"decoder": args.decoder, **{f"{s}_pairs_per_s": round(r[s], 2) for s in DEC_SIDES},
+                       "ratio_dec_vs_hf": round(r["ratio"], 3), "paired_ratio_dec_vs_hf": round(r["paired"], 3),
+                       "cpu_ratio_dec_vs_hf": round(r["cpu"], 3), "max_abs_diff_dec": diff,
+                       "dec_tokens_per_pair": {k: round(v, 1) for k, v in t.items()}})
+    print("\nresult (median of runs, end-to-end pairs/s: load, read, tokenize, score, write):")
+    print("\n".join(lines))
+    print(f"  total wall time {time.perf_counter() - t_start:.0f} s; load after: "
+          f"{_common.machine().split('load average ')[1]}")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
