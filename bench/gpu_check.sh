@@ -86,7 +86,6 @@ log() { echo "[gpu_check $(( $(date +%s) - START ))s] $*"; }
 : > "$WORK/env.tsv"; : > "$WORK/installs.tsv"; : > "$WORK/missing.txt"
 env_set() { printf '%s\t%s\n' "$1" "$2" >> "$WORK/env.tsv"; }
 missing() { echo "$1" >> "$WORK/missing.txt"; log "MISSING: $1"; }
-has_mod() { [ -n "$PY" ] && "$PY" -c "import $1" >/dev/null 2>&1; }
 pip_try() {  # pip_try LABEL ARGS...: one pip install under a timeout, recorded
   local label="$1"; shift
   local t0 rc; t0=$(date +%s)
@@ -99,6 +98,45 @@ pip_try() {  # pip_try LABEL ARGS...: one pip install under a timeout, recorded
   return $rc
 }
 
+# One Python process imports everything once (imports are the slow part) and prints
+# "name<TAB>ok|missing<TAB>detail" lines; HAVE[name] / DETAIL[name] hold the answers.
+declare -A HAVE DETAIL
+probe() {
+  HAVE=(); DETAIL=()
+  [ -n "$PY" ] || return
+  "$PY" - "$ROOT" > "$WORK/probe.tsv" 2> "$WORK/probe.err" <<'EOF'
+import importlib, os, sys
+root = os.path.realpath(sys.argv[1])
+def line(name, ok, detail):
+    print(f"{name}\t{'ok' if ok else 'missing'}\t{' '.join(str(detail).split())[:300]}", flush=True)
+print(f"python\tok\t{sys.version.split()[0]} {sys.executable}")
+try:
+    import torch
+    line("torch", True, f"{torch.__version__} (CUDA build {torch.version.cuda})")
+    avail = torch.cuda.is_available()
+    line("cuda", avail, f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if avail else
+         ("torch is a CPU build" if torch.version.cuda is None else "torch.cuda.is_available() is False (driver / device?)"))
+except Exception as e:
+    line("torch", False, f"{type(e).__name__}: {e}")
+    line("cuda", False, "no torch")
+for mod in ("bitsandbytes", "trl", "pytest", "lightning", "transformers", "peft", "sentence_transformers"):
+    try:
+        m = importlib.import_module(mod)
+        line(mod, True, getattr(m, "__version__", "?"))
+    except Exception as e:
+        line(mod, False, f"{type(e).__name__}: {e}")
+try:
+    import kdlab, kdlab.callbacks  # kdlab.callbacks exists only in an installed kdlab
+    here = os.path.realpath(kdlab.__file__).startswith(root)
+    line("kdlab", here, f"{kdlab.__version__} {os.path.dirname(kdlab.__file__)}" + ("" if here else f" (not this checkout {root})"))
+except Exception as e:
+    line("kdlab", False, f"{type(e).__name__}: {e}")
+EOF
+  local name state detail
+  while IFS=$'\t' read -r name state detail; do HAVE[$name]="$state"; DETAIL[$name]="$detail"; done < "$WORK/probe.tsv"
+}
+have() { [ "${HAVE[$1]:-missing}" = ok ]; }
+
 probe_env() {
   env_set date "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   env_set host "$(hostname 2>/dev/null || echo unknown)"
@@ -109,61 +147,45 @@ probe_env() {
     env_set nvidia_smi "not found"
   fi
   if [ -z "$PY" ]; then missing "python >= 3.10 (nothing can run; install Python first)"; return; fi
-  env_set python "$("$PY" -c 'import sys; print(sys.version.split()[0], sys.executable)')"
   env_set pip "$("$PY" -m pip --version 2>&1 | head -n 1)"
-
-  # torch: keep a CUDA torch that is there; install pip's default wheel only when there is none.
-  if ! has_mod torch; then
-    if [ "$INSTALL" = 1 ]; then pip_try torch torch || true; fi   # NOT torch==2.13.0 (the CPU pin): see the header
-  fi
-  if has_mod torch; then
-    env_set torch "$("$PY" -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(), "devices", torch.cuda.device_count(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")' 2>&1 | tail -n 1)"
-    if ! "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' >/dev/null 2>&1; then
-      if "$PY" -c 'import torch, sys; sys.exit(torch.version.cuda is not None)' >/dev/null 2>&1; then
-        missing "CUDA torch: the installed torch is a CPU build (pip install --force-reinstall torch gives pip's CUDA wheel)"
-      else
-        missing "a usable CUDA GPU (torch has CUDA but torch.cuda.is_available() is False: driver / device?)"
+  log "probing the Python environment (one process)"
+  probe
+  if [ "$INSTALL" = 1 ]; then
+    local installed=0 mod pkg
+    # torch: keep the torch that is there (a CUDA build on a GPU machine); with none, pip's default
+    # wheel. NOT torch==2.13.0, the CPU pin of DEVELOPERS.md (see the header).
+    if ! have torch; then pip_try torch torch || true; installed=1; probe; fi
+    if have torch; then
+      "$PY" -c 'import torch; print("torch==" + torch.__version__)' > "$WORK/constraints.txt" 2>/dev/null
+      if ! have kdlab; then  # the project, with the torch that is there held fixed
+        pip_try project -c "$WORK/constraints.txt" -e ".[test,bench]" \
+          || pip_try project_nodeps --no-deps --no-build-isolation -e . || true
+        installed=1
       fi
+      for mod in bitsandbytes trl pytest lightning transformers peft sentence_transformers; do
+        if ! have "$mod"; then
+          pkg="$mod"; [ "$mod" = sentence_transformers ] && pkg=sentence-transformers
+          pip_try "$mod" -c "$WORK/constraints.txt" "$pkg" || true
+          installed=1
+        fi
+      done
     fi
-    "$PY" -c 'import torch; print("torch==" + torch.__version__)' > "$WORK/constraints.txt" 2>/dev/null
-  else
-    missing "torch"
+    if [ "$installed" = 1 ]; then log "probing again after installs"; probe; fi
   fi
-
-  # The project, installed (kdlab.callbacks exists only in an installed kdlab), with torch held fixed.
-  if ! "$PY" -c 'import kdlab, kdlab.callbacks, os, sys; sys.exit(not os.path.realpath(kdlab.__file__).startswith(os.path.realpath(sys.argv[1])))' "$ROOT" >/dev/null 2>&1; then
-    if [ "$INSTALL" = 1 ] && has_mod torch; then
-      pip_try project -c "$WORK/constraints.txt" -e ".[test,bench]" \
-        || pip_try project_nodeps --no-deps --no-build-isolation -e . || true
-    fi
-  fi
-  if "$PY" -c 'import kdlab, kdlab.callbacks' >/dev/null 2>&1; then
-    env_set kdlab "$("$PY" -c 'import kdlab, os; print(kdlab.__version__, os.path.dirname(kdlab.__file__))')"
-  else
-    missing "the project (pip install -e '.[test,bench]' from the checkout; offline: pip install --no-deps --no-build-isolation -e .)"
-  fi
-
-  local mod
-  for mod in bitsandbytes trl pytest lightning transformers peft sentence_transformers; do
-    if ! has_mod "$mod" && [ "$INSTALL" = 1 ] && has_mod torch; then
-      local pkg="$mod"; [ "$mod" = sentence_transformers ] && pkg=sentence-transformers
-      pip_try "$mod" -c "$WORK/constraints.txt" "$pkg" || true
-    fi
-    if has_mod "$mod"; then
-      env_set "$mod" "$("$PY" -c "import $mod; print(getattr($mod, '__version__', '?'))" 2>&1 | tail -n 1)"
-    else
-      missing "$mod"
+  local name
+  for name in python torch cuda bitsandbytes trl pytest lightning transformers peft sentence_transformers kdlab; do
+    env_set "$name" "${HAVE[$name]:-missing}: ${DETAIL[$name]:-}"
+    if ! have "$name"; then
+      case "$name" in
+        cuda) missing "a CUDA GPU usable by torch: ${DETAIL[cuda]:-no probe}" ;;
+        kdlab) missing "the project (pip install -e '.[test,bench]' from the checkout; offline: pip install --no-deps --no-build-isolation -e .): ${DETAIL[kdlab]:-no probe}" ;;
+        *) missing "$name: ${DETAIL[$name]:-not importable}" ;;
+      esac
     fi
   done
-  if has_mod bitsandbytes && has_mod torch; then  # bitsandbytes imports without CUDA; check it has its GPU kernels
-    if ! "$PY" -c 'import torch, bitsandbytes as bnb, sys; sys.exit(not torch.cuda.is_available())' >/dev/null 2>&1; then
-      missing "bitsandbytes on CUDA (no GPU visible)"
-    fi
-  fi
 }
 
-cuda_ok() { [ "$ACCEL" = cpu ] || { [ -n "$PY" ] && "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' >/dev/null 2>&1; }; }
-kdlab_ok() { [ -n "$PY" ] && "$PY" -c 'import kdlab, kdlab.callbacks, lightning' >/dev/null 2>&1; }
+cuda_ok() { [ "$ACCEL" = cpu ] || have cuda; }
 
 # ------------------------------------------------------------------------------------ steps
 # name | timeout (s) | what it needs (space-separated: cuda kdlab bnb trl pytest ranker teacher) | command
@@ -198,10 +220,10 @@ why_not() {  # why_not STEP: prints a skip reason, or nothing when the step can 
   for need in ${NEEDS[$1]}; do
     case "$need" in
       cuda) cuda_ok || { echo "no CUDA GPU visible to torch"; return; } ;;
-      kdlab) kdlab_ok || { echo "the project is not installed"; return; } ;;
-      bnb) has_mod bitsandbytes || { echo "bitsandbytes missing"; return; } ;;
-      trl) has_mod trl || { echo "trl missing"; return; } ;;
-      pytest) has_mod pytest || { echo "pytest missing"; return; } ;;
+      kdlab) { have kdlab && have lightning; } || { echo "the project is not installed"; return; } ;;
+      bnb) have bitsandbytes || { echo "bitsandbytes missing"; return; } ;;
+      trl) have trl || { echo "trl missing"; return; } ;;
+      pytest) have pytest || { echo "pytest missing"; return; } ;;
       ranker) [ -f "$RANKER/kdlab_score_head.json" ] || { echo "no ranker export (make_ranker did not succeed)"; return; } ;;
       teacher) [ -f "$WORK/ketchup_teacher/model/config.json" ] || { echo "no KETCHUP teacher export (ketchup_teacher did not succeed)"; return; } ;;
     esac
@@ -218,12 +240,15 @@ run_step() {
   if [ -n "$reason" ]; then record "$name" "skipped ($reason)" 0 "" "$t"; return; fi
   left=$(( BUDGET - ($(date +%s) - STEPS_START) ))
   if [ "$left" -lt 20 ]; then record "$name" "skipped (time budget of ${BUDGET}s spent)" 0 "" "$t"; return; fi
-  [ "$t" -gt "$left" ] && t="$left"
+  local capped=0
+  if [ "$t" -gt "$left" ]; then t="$left"; capped=1; fi
   t0=$(date +%s)
   if [ "$HAVE_TIMEOUT" = 1 ]; then timeout -k 15 "$t" bash -c "$cmd" > "$WORK/steps/$name.log" 2>&1; rc=$?
   else bash -c "$cmd" > "$WORK/steps/$name.log" 2>&1; rc=$?; fi
   local secs=$(( $(date +%s) - t0 ))
   if [ $rc -eq 0 ]; then record "$name" ok "$secs" "$rc" "$t"
+  elif { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && [ "$capped" = 1 ]; then
+    record "$name" "skipped (cut after ${t}s: the --budget of ${BUDGET}s for all steps ran out)" "$secs" "$rc" "$t"
   elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then record "$name" "failed (timed out after ${t}s)" "$secs" "$rc" "$t"
   elif [ "$name" = label_8bit ] && [ $rc -eq 2 ] && grep -qiE "quantiz|8-?bit" "$WORK/steps/$name.log"; then
     record "$name" "skipped (finding: the loader refuses quantized rankers: $(grep -iE 'quantiz|8-?bit' "$WORK/steps/$name.log" | tail -n 1 | cut -c1-200 | tr -d '\t'))" "$secs" "$rc" "$t"

@@ -10,7 +10,8 @@ first ``--pairs``), the same machine, fp32, the same threads:
    * ``kdlab``: ``score_file(dir, input, output, max_tokens=B · max_length, max_length)`` — the token
      budget equivalent of B rows padded to ``max_length``; with the defaults (B = 32, ST's own
      default, max_length 192) that is kdlab's default budget (6144); with another B,
-     ``kdlab-default`` (the default budget) runs as well;
+     ``kdlab-default`` (the default budget) runs as well; ``--kdlab-max-tokens N`` adds
+     ``kdlab-tokens``, ``score_file`` with ``max_tokens=N`` (``kdlab label --max_tokens N``);
    * ``st``: ``CrossEncoder(dir, max_length=max_length, activation_fn=Identity()).predict(pairs,
      batch_size=B)`` (ST sorts the pairs by character length, tokenizes each batch, pads it to its
      longest row); raw logits, so the scores compare with kdlab's.
@@ -35,6 +36,7 @@ and the ratio per CPU-second. The outputs are compared score by score: ``max |di
     python bench/labeling_throughput.py --model tiny-bert --decoder tiny-llama-h32 --pairs 200   # quick
     python bench/labeling_throughput.py --pairs 0 --batch-size 64         # all 3151 pairs, B = 64
     python bench/labeling_throughput.py --decoder smollm2-135m --only decoder --pairs 400
+    python bench/labeling_throughput.py --only seq-cls --kdlab-max-tokens 2048   # + a smaller budget (CPU)
     python bench/labeling_throughput.py --profile kdlab --pairs 300       # cProfile one kdlab run
 """
 
@@ -56,11 +58,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import _common  # noqa: E402  (puts the repo root on sys.path)
 
 SCRIPT = Path(__file__).resolve()
-SEQ_SIDES = ("kdlab", "kdlab-default", "st")
+SEQ_SIDES = ("kdlab", "kdlab-default", "kdlab-tokens", "st")
 DEC_SIDES = ("kdlab-dec", "hf-dec")
 LABELS = {
     "kdlab": "kdlab score_file (max_tokens = B*max_length)",
     "kdlab-default": "kdlab score_file (default max_tokens)",
+    "kdlab-tokens": "kdlab score_file (max_tokens = --kdlab-max-tokens)",
     "st": "sentence-transformers CrossEncoder.predict",
     "kdlab-dec": "kdlab score_file (max_tokens = B*max_length)",
     "hf-dec": "HF loop, batches of B padded to longest",
@@ -95,10 +98,11 @@ def _write_scored(groups: list[Any], scores: list[list[float]], output_path: str
             f.write(json.dumps(ranking_group_to_json(replace(g, docs=docs)), ensure_ascii=False) + "\n")
 
 
-def run_kdlab(teacher: str, input_path: str, output_path: str, args: argparse.Namespace, default: bool) -> dict[str, Any]:
+def run_kdlab(teacher: str, input_path: str, output_path: str, args: argparse.Namespace, side: str) -> dict[str, Any]:
     from kdlab.labeling import score_file
 
-    kwargs = {} if default else {"max_tokens": args.batch_size * args.max_length}
+    budget = {"kdlab-default": None, "kdlab-tokens": args.kdlab_max_tokens}.get(side, args.batch_size * args.max_length)
+    kwargs = {} if budget is None else {"max_tokens": budget}
     score_file(teacher, input_path, output_path, max_length=args.max_length, resume=False, progress=False, **kwargs)
     return {}
 
@@ -167,10 +171,8 @@ def run_hf_padded(teacher: str, input_path: str, output_path: str, args: argpars
 
 
 def run_side(side: str, teacher: str, input_path: str, output_path: str, args: argparse.Namespace) -> dict[str, Any]:
-    if side in ("kdlab", "kdlab-dec"):
-        return run_kdlab(teacher, input_path, output_path, args, default=False)
-    if side == "kdlab-default":
-        return run_kdlab(teacher, input_path, output_path, args, default=True)
+    if side.startswith("kdlab"):
+        return run_kdlab(teacher, input_path, output_path, args, side)
     if side == "st":
         return run_st(teacher, input_path, output_path, args)
     return run_hf_padded(teacher, input_path, output_path, args)
@@ -259,7 +261,7 @@ class Side:
 
 
 # ------------------------------------------------------------------------------------------ parent
-def token_stats(teacher: str, input_path: str, batch_size: int, max_length: int) -> dict[str, float]:
+def token_stats(teacher: str, input_path: str, batch_size: int, max_length: int, extra_budget: int = 0) -> dict[str, float]:
     """Mean tokens per pair fed to the model: real, kdlab's budget batches (B·max_length and default),
     ST's batches (B pairs sorted by characters, longest first, each padded to its longest row),
     B rows in file order padded to their longest (the HF loop)."""
@@ -286,7 +288,7 @@ def token_stats(teacher: str, input_path: str, batch_size: int, max_length: int)
     file_order = sum(max(lens[i:i + batch_size]) * len(lens[i:i + batch_size]) for i in range(0, n, batch_size)) / n
     (eq, eq_rows), (de, de_rows) = budget(batch_size * max_length), budget(LABEL_BATCH_TOKENS)
     return {"real": sum(lens) / n, "budget": eq, "budget_rows": eq_rows, "default": de, "default_rows": de_rows,
-            "file_order": file_order, "st": st}
+            "file_order": file_order, "st": st, **({"tokens": budget(extra_budget)[0]} if extra_budget else {})}
 
 
 def read_scores(path: Path) -> list[float]:
@@ -294,8 +296,8 @@ def read_scores(path: Path) -> list[float]:
             for d in json.loads(line)["docs"]]
 
 
-def write_input(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
-    """The timed input (val + test groups, or --input; capped at --pairs) and the warm-up file."""
+def write_input(args: argparse.Namespace, work: Path, pairs: int, name: str) -> tuple[Path, Path, str]:
+    """The timed input (val + test groups, or --input; the first ``pairs`` pairs) and the warm-up file."""
     from kdlab.data import sample_path
 
     sources = [Path(args.input)] if args.input else [Path(sample_path("ranking_val.jsonl")),
@@ -306,16 +308,16 @@ def write_input(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
             if not line.strip():
                 continue
             row = json.loads(line)
-            if args.pairs and total + len(row["docs"]) > args.pairs:
-                row["docs"] = row["docs"][:args.pairs - total]
+            if pairs and total + len(row["docs"]) > pairs:
+                row["docs"] = row["docs"][:pairs - total]
             if row["docs"]:
                 rows.append(row)
                 total += len(row["docs"])
-            if args.pairs and total >= args.pairs:
+            if pairs and total >= pairs:
                 break
-        if args.pairs and total >= args.pairs:
+        if pairs and total >= pairs:
             break
-    data, warm = work / "input.jsonl", work / "warmup.jsonl"
+    data, warm = work / name, work / "warmup.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     warm.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:4]), encoding="utf-8")
     return data, warm, " + ".join(str(s) for s in sources) + f" ({len(rows)} groups, {total} pairs)"
@@ -323,36 +325,32 @@ def write_input(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
 
 def child_args(side: str, teacher: str, data: Path, warm: Path, args: argparse.Namespace) -> list[str]:
     return ["--child", side, "--teacher", teacher, "--input", str(data), "--warmup-input", str(warm),
-            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--threads", str(args.threads)]
+            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--threads", str(args.threads),
+            "--kdlab-max-tokens", str(args.kdlab_max_tokens)]
 
 
-def start(sides: tuple[str, ...], teacher: str, data: Path, warm: Path, work: Path,
-          args: argparse.Namespace) -> dict[str, Side]:
-    """Start one process per side and wait until each has imported and run its warm-up."""
-    procs = {s: Side(s, child_args(s, teacher, data, warm, args), work / f"{s}.log") for s in sides}
+def start(sides: dict[str, tuple[str, Path]], warm: Path, work: Path, args: argparse.Namespace) -> dict[str, Side]:
+    """Start one process per side (``{side: (teacher, input)}``) together and wait until each has
+    imported and run its warm-up: no timed run overlaps another side's start-up."""
+    procs = {s: Side(s, child_args(s, teacher, data, warm, args), work / f"{s}.log") for s, (teacher, data) in sides.items()}
     for proc in procs.values():
         proc.result()
     return procs
 
 
-def compare(title: str, sides: tuple[str, ...], teacher: str, data: Path, warm: Path, work: Path,
+def compare(title: str, sides: tuple[str, ...], procs: dict[str, Side], work: Path,
             args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     """Every side's runs: repeat r runs the sides back to back (order flipped every other repeat)."""
     print(f"\n{title}", flush=True)
-    procs = start(sides, teacher, data, warm, work, args)
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
-    try:
-        for r in range(args.repeats):
-            for side in (sides if r % 2 == 0 else tuple(reversed(sides))):
-                res = procs[side].run(work / f"{side}.jsonl")
-                runs[side].append(res)
-                split = (f"  (load {res['load_s']:.2f} s, scoring {res['predict_s']:.2f} s)" if "load_s" in res else "")
-                print(f"  run {r + 1} {side:>13}: {res['pairs']} pairs in {res['seconds']:6.2f} s = "
-                      f"{res['pairs_per_s']:7.1f} pairs/s  (CPU {res['cpu_s']:6.1f} s = {res['pairs_per_cpu_s']:6.1f} "
-                      f"pairs/CPU-s){split}", flush=True)
-    finally:
-        for proc in procs.values():
-            proc.close()
+    for r in range(args.repeats):
+        for side in (sides if r % 2 == 0 else tuple(reversed(sides))):
+            res = procs[side].run(work / f"{side}.jsonl")
+            runs[side].append(res)
+            split = (f"  (load {res['load_s']:.2f} s, scoring {res['predict_s']:.2f} s)" if "load_s" in res else "")
+            print(f"  run {r + 1} {side:>13}: {res['pairs']} pairs in {res['seconds']:6.2f} s = "
+                  f"{res['pairs_per_s']:7.1f} pairs/s  (CPU {res['cpu_s']:6.1f} s = {res['pairs_per_cpu_s']:6.1f} "
+                  f"pairs/CPU-s){split}", flush=True)
     return runs
 
 
@@ -371,7 +369,7 @@ def profile(args: argparse.Namespace, teacher: str, data: Path, warm: Path, work
 
     out = work / "profile.pstats"
     side = args.profile
-    proc = start((side,), teacher, data, warm, work, args)[side]
+    proc = start({side: (teacher, data)}, warm, work, args)[side]
     try:
         res = proc.run(work / f"{side}.jsonl", out)
     finally:
@@ -382,17 +380,84 @@ def profile(args: argparse.Namespace, teacher: str, data: Path, warm: Path, work
     stats.sort_stats("tottime").print_stats(args.profile_lines // 2)
 
 
+def measure(args: argparse.Namespace, procs: dict[str, Side], seq_sides: tuple[str, ...], seq_dir: str, data: Path,
+            dec_dir: str, dec_data: Path, work: Path, do_seq: bool, do_dec: bool) -> dict[str, Any]:
+    """Run both comparisons on the started side processes; print the result lines, return the JSON."""
+    from kdlab.defaults import LABEL_BATCH_TOKENS
+
+    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": _common.machine(), "pairs": count_pairs(data),
+                              "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads,
+                              "repeats": args.repeats}
+    lines: list[str] = []
+    if do_seq:
+        same_budget = args.batch_size * args.max_length == LABEL_BATCH_TOKENS
+        sides = seq_sides
+        t = token_stats(seq_dir, str(data), args.batch_size, args.max_length, args.kdlab_max_tokens)
+        print(f"  {args.model} tokens/pair fed: real {t['real']:.1f}, kdlab budget {t['budget']:.1f} "
+              f"({t['budget_rows']:.0f} rows/batch)"
+              + ("" if same_budget else f", kdlab default {t['default']:.1f} ({t['default_rows']:.0f} rows/batch)")
+              + f", ST {t['st']:.1f} ({args.batch_size} rows/batch)")
+        runs = compare(f"cross-encoder teacher ({args.model}): kdlab vs sentence-transformers", sides, procs, work, args)
+        st = read_scores(work / "st.jsonl")
+        kd_sides = [s for s in sides if s != "st"]
+        diff = max(max(abs(a - b) for a, b in zip(read_scores(work / f"{s}.jsonl"), st)) for s in kd_sides)
+        verdicts = []
+        for s in kd_sides:
+            r = summarize(runs, s, "st")
+            label = (LABELS[s] + (" = default" if same_budget and s == "kdlab" else "")).replace(
+                "--kdlab-max-tokens", str(args.kdlab_max_tokens))
+            lines.append(f"  {label:<56} {r[s]:8.1f} pairs/s")
+            lines.append(f"  {'  ratio to ST: of medians':<56} {r['ratio']:8.2f}x   paired {r['paired']:.2f}x   "
+                         f"per CPU-second {r['cpu']:.2f}x")
+            short = {"kdlab": f"max_tokens {args.batch_size * args.max_length}", "kdlab-default": "default max_tokens",
+                     "kdlab-tokens": f"max_tokens {args.kdlab_max_tokens}"}[s]
+            verdicts.append(f"{short}: {'met' if r['paired'] >= TARGET else 'NOT met'} ({r['paired']:.2f}x)")
+            result.update({f"{s}_pairs_per_s": round(r[s], 2), f"{s}_ratio_vs_st": round(r["ratio"], 3),
+                           f"{s}_paired_ratio_vs_st": round(r["paired"], 3), f"{s}_cpu_ratio_vs_st": round(r["cpu"], 3)})
+        lines.append(f"  {LABELS['st']:<56} {statistics.median(x['pairs_per_s'] for x in runs['st']):8.1f} pairs/s")
+        lines.append(f"  target kdlab/ST >= {TARGET}x (paired): " + "; ".join(verdicts))
+        lines.append(f"  padded tokens/pair: ST {t['st']:.1f} / kdlab {t['budget']:.1f} = {t['st'] / t['budget']:.2f}"
+                     + (f"; kdlab max_tokens {args.kdlab_max_tokens}: {t['tokens']:.1f}" if args.kdlab_max_tokens else ""))
+        lines.append(f"  max |score diff| kdlab vs ST over {len(st)} pairs: {diff:.2e} "
+                     f"({'OK, same work' if diff < 1e-4 else 'DIFFERENT WORK'})")
+        result.update({"model": args.model, "st_pairs_per_s": round(statistics.median(x["pairs_per_s"] for x in runs["st"]), 2),
+                       "max_abs_diff_vs_st": diff, "tokens_per_pair": {k: round(v, 1) for k, v in t.items()}})
+    if do_dec:
+        t = token_stats(dec_dir, str(dec_data), args.batch_size, args.max_length)
+        print(f"\n  {args.decoder} tokens/pair fed: real {t['real']:.1f}, kdlab budget {t['budget']:.1f}, "
+              f"HF loop (file order) {t['file_order']:.1f}")
+        runs = compare(f"decoder teacher (TeacherRankSFT {args.decoder}): kdlab vs padded HF loop", DEC_SIDES,
+                       procs, work, args)
+        diff = max(abs(a - b) for a, b in zip(read_scores(work / "kdlab-dec.jsonl"), read_scores(work / "hf-dec.jsonl")))
+        r = summarize(runs, "kdlab-dec", "hf-dec")
+        for s in DEC_SIDES:
+            lines.append(f"  {LABELS[s]:<56} {r[s]:8.1f} pairs/s   [decoder {args.decoder}]")
+        lines.append(f"  ratio kdlab/HF loop: of medians {r['ratio']:.2f}x   paired {r['paired']:.2f}x   "
+                     f"per CPU-second {r['cpu']:.2f}x;  max |score diff| {diff:.2e} ({'OK' if diff < 1e-4 else 'DIFFERENT WORK'})")
+        result.update({"decoder": args.decoder, **{f"{s}_pairs_per_s": round(r[s], 2) for s in DEC_SIDES},
+                       "ratio_dec_vs_hf": round(r["ratio"], 3), "paired_ratio_dec_vs_hf": round(r["paired"], 3),
+                       "cpu_ratio_dec_vs_hf": round(r["cpu"], 3), "max_abs_diff_dec": diff,
+                       "dec_pairs": count_pairs(dec_data), "dec_tokens_per_pair": {k: round(v, 1) for k, v in t.items()}})
+    print("\nresult (median of runs, end-to-end pairs/s: load, read, tokenize, score, write):")
+    print("\n".join(lines))
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="minilm-l6", help="seq-cls teacher backbone (minilm-l6 alias, tiny-bert, dir)")
     p.add_argument("--decoder", default="tiny-llama-h256",
                    help="TeacherRankSFT backbone of the decoder teacher (tiny-llama-h256, smollm2-135m; 'none' skips)")
     p.add_argument("--input", default=None, help="ranking JSONL (default: the embedded sample's val + test groups)")
-    p.add_argument("--pairs", type=int, default=1600, help="use at most N pairs (0 = all 3151)")
+    p.add_argument("--pairs", type=int, default=1600, help="use the first N pairs (0 = all 3151)")
+    p.add_argument("--decoder-pairs", type=int, default=800,
+                   help="the decoder comparison's first N pairs (0 = as --pairs); keeps the default run ~5 min")
     p.add_argument("--batch-size", type=int, default=32,
                    help="B: ST / HF-loop batch (ST's default 32); kdlab budget = B * max_length (32*192 = its default)")
     p.add_argument("--max-length", type=int, default=192)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--kdlab-max-tokens", type=int, default=0,
+                   help="also run kdlab with this token budget (e.g. 2048, smaller batches for a CPU); 0 = no")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=["seq-cls", "decoder"], default=None, help="run one comparison only")
@@ -415,14 +480,16 @@ def main() -> None:
 
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="kdlab-bench-label-"))
-    data, warm, described = write_input(args, work)
+    data, warm, described = write_input(args, work, args.pairs, "input.jsonl")
+    dec_pairs = args.decoder_pairs or args.pairs
+    dec_data, _, dec_described = write_input(args, work, dec_pairs, "input_dec.jsonl")
     do_seq = args.only in (None, "seq-cls") and (args.profile is None or args.profile in SEQ_SIDES)
     do_dec = (args.decoder != "none" and args.only in (None, "decoder")
               and (args.profile is None or args.profile in DEC_SIDES))
     seq_dir = make_seq_cls(args.model, work / "seq_cls", args.seed) if do_seq else ""
     dec_dir = make_decoder(args.decoder, work / "decoder", args.seed) if do_dec else ""
     print("settings:")
-    print(f"  input={described}")
+    print(f"  input={described}" + ("" if dec_pairs == args.pairs or not do_dec else f"; decoder: first {dec_described}"))
     print(f"  B={args.batch_size}  max_length={args.max_length}  kdlab budget=B*max_length={args.batch_size * args.max_length}"
           f" tokens (default {LABEL_BATCH_TOKENS})  fp32  threads={args.threads}  repeats={args.repeats} (+1 warm-up each)")
     if do_seq:
@@ -431,61 +498,20 @@ def main() -> None:
         print(f"  decoder teacher: TeacherRankSFT({args.decoder}) exported to {dec_dir}")
     print(f"  machine: {_common.machine()}")
     if args.profile:
-        profile(args, seq_dir if args.profile in SEQ_SIDES else dec_dir, data, warm, work)
+        profile(args, *((seq_dir, data) if args.profile in SEQ_SIDES else (dec_dir, dec_data)), warm, work)
         return
-
-    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": _common.machine(), "pairs": count_pairs(data),
-                              "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads,
-                              "repeats": args.repeats}
-    lines: list[str] = []
-    if do_seq:
-        same_budget = args.batch_size * args.max_length == LABEL_BATCH_TOKENS
-        sides = ("kdlab", "st") if same_budget else SEQ_SIDES
-        t = token_stats(seq_dir, str(data), args.batch_size, args.max_length)
-        print(f"  {args.model} tokens/pair fed: real {t['real']:.1f}, kdlab budget {t['budget']:.1f} "
-              f"({t['budget_rows']:.0f} rows/batch)"
-              + ("" if same_budget else f", kdlab default {t['default']:.1f} ({t['default_rows']:.0f} rows/batch)")
-              + f", ST {t['st']:.1f} ({args.batch_size} rows/batch)")
-        runs = compare(f"cross-encoder teacher ({args.model}): kdlab vs sentence-transformers", sides,
-                       seq_dir, data, warm, work, args)
-        st = read_scores(work / "st.jsonl")
-        kd_sides = [s for s in sides if s != "st"]
-        diff = max(max(abs(a - b) for a, b in zip(read_scores(work / f"{s}.jsonl"), st)) for s in kd_sides)
-        best = 0.0
-        for s in kd_sides:
-            r = summarize(runs, s, "st")
-            label = LABELS[s] + (" = default" if same_budget else "")
-            lines.append(f"  {label:<56} {r[s]:8.1f} pairs/s")
-            lines.append(f"  {'  ratio to ST: of medians':<56} {r['ratio']:8.2f}x   paired {r['paired']:.2f}x   "
-                         f"per CPU-second {r['cpu']:.2f}x")
-            best = max(best, r["paired"])
-            result.update({f"{s}_pairs_per_s": round(r[s], 2), f"{s}_ratio_vs_st": round(r["ratio"], 3),
-                           f"{s}_paired_ratio_vs_st": round(r["paired"], 3), f"{s}_cpu_ratio_vs_st": round(r["cpu"], 3)})
-        lines.append(f"  {LABELS['st']:<56} {statistics.median(x['pairs_per_s'] for x in runs['st']):8.1f} pairs/s")
-        lines.append(f"  target kdlab/ST >= {TARGET}x (paired): {'met' if best >= TARGET else 'NOT met'} ({best:.2f}x);  "
-                     f"padded tokens/pair ST/kdlab = {t['st'] / t['budget']:.2f}")
-        lines.append(f"  max |score diff| kdlab vs ST over {len(st)} pairs: {diff:.2e} "
-                     f"({'OK, same work' if diff < 1e-4 else 'DIFFERENT WORK'})")
-        result.update({"model": args.model, "st_pairs_per_s": round(statistics.median(x["pairs_per_s"] for x in runs["st"]), 2),
-                       "max_abs_diff_vs_st": diff, "tokens_per_pair": {k: round(v, 1) for k, v in t.items()}})
-    if do_dec:
-        t = token_stats(dec_dir, str(data), args.batch_size, args.max_length)
-        print(f"\n  {args.decoder} tokens/pair fed: real {t['real']:.1f}, kdlab budget {t['budget']:.1f}, "
-              f"HF loop (file order) {t['file_order']:.1f}")
-        runs = compare(f"decoder teacher (TeacherRankSFT {args.decoder}): kdlab vs padded HF loop", DEC_SIDES,
-                       dec_dir, data, warm, work, args)
-        diff = max(abs(a - b) for a, b in zip(read_scores(work / "kdlab-dec.jsonl"), read_scores(work / "hf-dec.jsonl")))
-        r = summarize(runs, "kdlab-dec", "hf-dec")
-        for s in DEC_SIDES:
-            lines.append(f"  {LABELS[s]:<56} {r[s]:8.1f} pairs/s   [decoder {args.decoder}]")
-        lines.append(f"  ratio kdlab/HF loop: of medians {r['ratio']:.2f}x   paired {r['paired']:.2f}x   "
-                     f"per CPU-second {r['cpu']:.2f}x;  max |score diff| {diff:.2e} ({'OK' if diff < 1e-4 else 'DIFFERENT WORK'})")
-        result.update({"decoder": args.decoder, **{f"{s}_pairs_per_s": round(r[s], 2) for s in DEC_SIDES},
-                       "ratio_dec_vs_hf": round(r["ratio"], 3), "paired_ratio_dec_vs_hf": round(r["paired"], 3),
-                       "cpu_ratio_dec_vs_hf": round(r["cpu"], 3), "max_abs_diff_dec": diff,
-                       "dec_tokens_per_pair": {k: round(v, 1) for k, v in t.items()}})
-    print("\nresult (median of runs, end-to-end pairs/s: load, read, tokenize, score, write):")
-    print("\n".join(lines))
+    same_budget = args.batch_size * args.max_length == LABEL_BATCH_TOKENS
+    seq_sides = tuple(s for s in SEQ_SIDES if not (s == "kdlab-default" and same_budget)
+                      and not (s == "kdlab-tokens" and not args.kdlab_max_tokens))
+    plan = {**({s: (seq_dir, data) for s in seq_sides} if do_seq else {}),
+            **({s: (dec_dir, dec_data) for s in DEC_SIDES} if do_dec else {})}
+    print(f"  starting {len(plan)} side processes (imports + warm-up) ...", flush=True)
+    procs = start(plan, warm, work, args)
+    try:
+        result = measure(args, procs, seq_sides, seq_dir, data, dec_dir, dec_data, work, do_seq, do_dec)
+    finally:
+        for proc in procs.values():
+            proc.close()
     print(f"  total wall time {time.perf_counter() - t_start:.0f} s; load after: "
           f"{_common.machine().split('load average ')[1]}")
     print(json.dumps(result))

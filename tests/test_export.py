@@ -65,7 +65,7 @@ def ce_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def dec_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fake TeacherRankSFT run: a seeded tiny-Llama decoder ranker (score head with a bias)."""
+    """A fake TeacherRankSFT run: a seeded tiny-Llama decoder ranker (score-head bias 0, as rank losses leave it)."""
     run = tmp_path_factory.mktemp("dec-run")
     L.seed_everything(0)
     TeacherRankSFT(backbone="tiny-llama-h32").export_pretrained(str(run / "model"))
@@ -138,26 +138,49 @@ print(json.dumps({"logits": logits.tolist(), "bias": model.config.kdlab_score_bi
 """
 
 
+def _plain_transformers_scores(out: Path, pairs: list[tuple[str, str]]) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _PLAIN_TRANSFORMERS, str(out), json.dumps(pairs)],
+                          capture_output=True, text=True, env=subprocess_env(), cwd=out, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_hf_export_of_a_decoder_scores_like_kdlab_in_plain_transformers(dec_run: Path) -> None:
     out = export_model(dec_run, "hf")
     pairs = _pairs()
     ours, batch = _kdlab_scores(dec_run / "model", pairs)
-    proc = subprocess.run([sys.executable, "-c", _PLAIN_TRANSFORMERS, str(out), json.dumps(pairs)],
-                          capture_output=True, text=True, env=subprocess_env(), cwd=out, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = _plain_transformers_scores(out, pairs)
     assert got["class"] == "LlamaForSequenceClassification" and not got["kdlab_imported"]
     assert got["pad"] != got["eos"]
     mask = torch.tensor(got["mask"])
     assert torch.equal(mask, batch["attention_mask"])  # same tokens: the saved tokenizer appends the EOS itself
     assert torch.equal(torch.tensor(got["input_ids"])[mask.bool()], batch["input_ids"][batch["attention_mask"].bool()])
     logits = torch.tensor(got["logits"])
-    # kdlab's head has a bias that HF's `score` lacks: logits are kdlab's scores minus that constant.
-    assert got["bias"] == pytest.approx(float(load_rank_teacher(str(dec_run / "model")).head.dense.bias))
-    torch.testing.assert_close(logits + got["bias"], ours, atol=1e-5, rtol=0)
+    # The score head's bias starts at 0 and rank losses never move it: the same scores, not shifted.
+    assert got["bias"] == 0.0
+    torch.testing.assert_close(logits, ours, atol=1e-5, rtol=0)
     assert torch.equal(torch.argsort(logits), torch.argsort(ours))
     record = json.loads((out / "kdlab_export.json").read_text())
     assert record["max_abs_diff"] <= 1e-5 and record["eos_appended_by_tokenizer"] is True
+
+
+def test_hf_export_of_a_decoder_with_a_trained_bias_records_the_shift(tmp_path: Path) -> None:
+    """A head whose bias moved (e.g. a pointwise loss) cannot be held by HF's bias-free `score`:
+    the logits are kdlab's scores minus that constant, recorded in the config and the card."""
+    run = tmp_path / "run"
+    L.seed_everything(0)
+    ranker = TeacherRankSFT(backbone="tiny-llama-h32")
+    with torch.no_grad():
+        ranker.ranker.head.dense.bias.fill_(0.375)
+    ranker.export_pretrained(str(run / "model"))
+    _write_run(run, "TeacherRankSFT", {"backbone": "tiny-llama-h32", "loss": "hinge", "margin": 1.0, "lora_rank": 0},
+               teacher="runs/llm/model")
+    out = export_model(run, "hf")
+    pairs = _pairs()[:3]
+    ours, _ = _kdlab_scores(run / "model", pairs)
+    got = _plain_transformers_scores(out, pairs)
+    assert got["bias"] == 0.375
+    torch.testing.assert_close(torch.tensor(got["logits"]) + 0.375, ours, atol=1e-5, rtol=0)
     assert "kdlab_score_bias" in (out / "README.md").read_text()
 
 

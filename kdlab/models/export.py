@@ -599,12 +599,12 @@ def export_model(run_or_model_dir: str | Path, format: ExportFormat, output: str
       so the export pads with a token other than EOS (:func:`distinct_pad_token_id`; kdlab's last
       token is always EOS) and the saved tokenizer appends the EOS itself (checked by reloading), so
       ``tokenizer(f"query: {q} document: {d}")`` is kdlab's input. kdlab's head has a bias and HF's
-      ``score`` has none, and no standard decoder classifier can add a constant after the final
-      norm; the export does not invent an architecture for it: HF's logit is kdlab's score minus
-      that bias, a constant of the model, recorded as ``config.kdlab_score_bias`` and in the card.
-      Every ranking, every pairwise margin and every per-query ordering is therefore identical;
-      absolute scores are ``logit + kdlab_score_bias``. (Rank-trained teachers never train that bias:
-      hinge / RankNet / listwise losses are shift-invariant.)
+      ``score`` has none. That bias starts at 0 (:class:`~kdlab.models.heads.LastTokenScore`) and
+      rank losses (hinge / RankNet / listwise, shift-invariant) never move it, so a rank-trained
+      teacher's export scores identically. Where a loss did move it, no standard decoder classifier
+      can add a constant after the final norm and the export does not invent an architecture for
+      it: HF's logit is kdlab's score minus that bias, recorded as ``config.kdlab_score_bias`` and in
+      the card; rankings and pairwise margins are still identical.
     * ``onnx`` — ``model.onnx`` (``torch.onnx.export`` at ``opset``: the TorchScript-based exporter,
       else the torch.export-based one, see :func:`_torch_onnx_export`) with inputs ``input_ids`` /
       ``attention_mask`` (/ ``token_type_ids``), dynamic batch and sequence axes, output
@@ -736,7 +736,8 @@ def _snippets(format: str, kind: str, eos_appended: bool, shift: float) -> list[
                  'model = AutoModelForSequenceClassification.from_pretrained("path/to/this/directory").eval()',
                  _PAIRS_LINE,
                  *encode, "with torch.no_grad():",
-                 "    scores = model(**batch).logits[:, 0]  # kdlab's score minus config.kdlab_score_bias", "```"]
+                 "    scores = model(**batch).logits[:, 0]" + ("  # kdlab's score minus config.kdlab_score_bias" if shift else ""),
+                 "```"]
         if shift:
             lines.append(f"kdlab's absolute scores are `logits + {shift!r}` (`config.kdlab_score_bias`); rankings are "
                          "the same either way (see \"Fidelity\").")
@@ -817,15 +818,16 @@ def _card(source: ExportSource, format: str, details: dict[str, Any]) -> str:
         lines.append("The classifier is kdlab's own, saved as it is: its logit is kdlab's score. sentence-transformers "
                      "is told to apply no activation (`config.sentence_transformers.activation_fn` = identity).")
     if format == "hf" and source.kind == "decoder" and not measured:
-        lines.append("HF's logit is kdlab's score minus the score head's bias (`config.kdlab_score_bias`): the "
-                     "standard `score` layer has no bias. Rankings and score differences are identical.")
+        lines.append("HF's logit is kdlab's score minus the score head's bias (`config.kdlab_score_bias`, 0 unless a "
+                     "pointwise loss trained it): the standard `score` layer has no bias.")
     if format == "hf" and source.kind == "decoder" and measured:
-        shift = details["score_bias_shift"]
         lines.append(f"Checked at export: transformers' `{_family(source)}ForSequenceClassification`, padded with token id "
                      f"{details['pad_token_id']} (not EOS, so the EOS is the token it scores), matches kdlab: max |Δ| = "
-                     f"{details['max_abs_diff']:.2g} once the bias is added back. kdlab's score head has a bias "
-                     f"({shift:.6g}) and the standard `score` layer has none: the logits here are kdlab's scores minus "
-                     "that constant (`config.kdlab_score_bias`). Rankings and score differences are identical.")
+                     f"{details['max_abs_diff']:.2g}" + (" once the bias is added back." if shift else "."))
+        if shift:
+            lines.append(f"kdlab's score head has a trained bias ({shift:.6g}) and the standard `score` layer has none: "
+                         "the logits here are kdlab's scores minus that constant (`config.kdlab_score_bias`). Rankings "
+                         "and score differences are identical.")
     if format == "onnx" and not measured:
         lines.append("The graph is kdlab's own scorer; `export_model` checks onnxruntime against PyTorch when it writes it.")
     if format == "onnx" and measured:

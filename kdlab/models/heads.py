@@ -41,12 +41,19 @@ def last_token_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 class LastTokenScore(nn.Module):
-    """``s = Linear(H → 1)(last_token_pool(hidden, attention_mask))``, shape ``[B]``."""
+    """``s = Linear(H → 1)(last_token_pool(hidden, attention_mask))``, shape ``[B]``.
+
+    The bias starts at 0. Rank losses (hinge, RankNet, listwise) are shift-invariant and never move
+    it, so a random start would only add an arbitrary constant to every teacher label, and a
+    standard ``*ForSequenceClassification`` export (whose ``score`` layer has no bias) could not
+    reproduce the scores exactly. (The weight's random draw is unchanged.)
+    """
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.dense = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.dense.bias)
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor) -> Tensor:
         pooled = last_token_pool(hidden_states, attention_mask)
