@@ -11,6 +11,7 @@ import pytest
 from kdlab.data.readers import (
     DataFormatError,
     RunEntry,
+    Seq2SeqPair,
     assemble_ranking_groups,
     read_beir_qrels,
     read_clicks_jsonl,
@@ -112,6 +113,35 @@ def test_clicks_and_seq2seq(tmp_path: Path) -> None:
     _expect(read_seq2seq_jsonl, _jsonl(tmp_path / "s2.jsonl", [{"source": "a", "target": ["c"]}]),
             1, "target", "expected a string")
 
+
+
+def test_seq2seq_reads_gsm8k_question_answer(tmp_path: Path) -> None:
+    gsm = Path(__file__).parent / "data" / "gsm8k_tiny.jsonl"
+    pairs = read_seq2seq_jsonl(gsm)
+    assert len(pairs) == 6
+    assert pairs[0].source.startswith("A baker makes 12 loaves")
+    assert pairs[0].target.endswith("\n#### 6") and "<<12+9=21>>" in pairs[0].target  # kept whole
+    assert read_seq2seq_jsonl(gsm, fields="question-answer") == pairs
+    extra = _jsonl(tmp_path / "q.jsonl", [{"question": "q", "answer": "#### 1", "ans": 1}])  # other keys ignored
+    assert read_seq2seq_jsonl(extra) == [Seq2SeqPair("q", "#### 1")]
+    st = _jsonl(tmp_path / "st.jsonl", [{"source": "s", "target": "t"}])
+    assert read_seq2seq_jsonl(st, fields="source-target") == [Seq2SeqPair("s", "t")]
+
+    # neither pair on the first line: file:line:field naming both choices
+    _expect(read_seq2seq_jsonl, _jsonl(tmp_path / "n.jsonl", [{"text": "a", "summary": "b"}]), 1, "source",
+            "expected string fields 'source' and 'target', or GSM8K's 'question' and 'answer'; found keys: 'text'")
+    # the first line fixes the pair; a later line in the other layout is named as such
+    mixed = _jsonl(tmp_path / "m.jsonl", [{"question": "q", "answer": "a"}, {"source": "s", "target": "t"}])
+    _expect(read_seq2seq_jsonl, mixed, 2, "question", "line 1 chose fields question/answer, this line has source/target")
+    _expect(lambda p: read_seq2seq_jsonl(p, fields="question-answer"), st, 1, "question",
+            "the fields option chose fields question/answer, this line has source/target")
+    _expect(read_seq2seq_jsonl, _jsonl(tmp_path / "a.jsonl", [{"question": "q"}]), 1, "answer", "missing")
+    _expect(read_seq2seq_jsonl, _jsonl(tmp_path / "e.jsonl", [{"question": "q", "answer": ""}]), 1, "answer",
+            "non-empty")
+    _expect(read_seq2seq_jsonl, _jsonl(tmp_path / "t.jsonl", [{"source": "s", "target": "t"}, {"target": "u"}]),
+            2, "source", "missing (expected a string)")
+    with pytest.raises(ValueError, match="fields must be 'auto' or one of"):
+        read_seq2seq_jsonl(st, fields="src-tgt")  # type: ignore[arg-type]
 
 @pytest.fixture()
 def msmarco(tmp_path: Path) -> dict[str, Path]:

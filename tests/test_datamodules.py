@@ -213,6 +213,35 @@ def test_seq2seq_prompts_left_padded() -> None:
         Seq2SeqDataModule(prompt_template="no placeholder")
 
 
+def test_seq2seq_reads_gsm8k_jsonl_directly() -> None:
+    gsm = Path(__file__).parent / "data" / "gsm8k_tiny.jsonl"
+    answers = [json.loads(line)["answer"] for line in gsm.read_text(encoding="utf-8").splitlines()]
+    dm = Seq2SeqDataModule(train_path=str(gsm), val_path=str(gsm), test_path=str(gsm), batch_size=6,
+                           eval_batch_size=6, prompt_template="Question: {source}\nAnswer:", max_target_length=96)
+    dm.check_inputs("fit")
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert sorted(batch["target_text"]) == sorted(answers)  # the whole solution, "#### N" included
+    tok = dm.tokenizer
+    prefix = tok("Question:", add_special_tokens=False)["input_ids"]
+    suffix = tok("\nAnswer:", add_special_tokens=False)["input_ids"]
+    for row in range(batch["prompt_input_ids"].shape[0]):
+        length = int(batch["prompt_attention_mask"][row].sum())
+        prompt = batch["prompt_input_ids"][row, -length:].tolist()
+        assert prompt[: len(prefix)] == prefix and prompt[-len(suffix):] == suffix
+        target = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
+        assert target[-1] == tok.eos_token_id
+        last_line = batch["target_text"][row].rsplit("\n", 1)[-1]  # "#### 6"
+        assert last_line.startswith("#### ") and tok.decode(target[:-1]).endswith(last_line)  # not cut off
+    # the fields option, and a file in the other layout under it: file:line:field before any model loads
+    assert len(Seq2SeqDataModule(train_path=str(gsm), fields="question-answer").read(str(gsm))) == 6
+    strict = Seq2SeqDataModule(train_path=str(gsm), fields="source-target")
+    with pytest.raises(DataFormatError, match=r"gsm8k_tiny\.jsonl:1: field 'source': .*the fields option chose"):
+        strict.check_inputs("fit")
+    with pytest.raises(ValueError, match="fields must be"):
+        Seq2SeqDataModule(fields="qa")  # type: ignore[arg-type]
+
+
 def test_bucket_sampler_deterministic_grouped_and_complete() -> None:
     lengths = [(i * 37) % 101 for i in range(200)]
 

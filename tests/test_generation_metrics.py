@@ -95,3 +95,23 @@ def test_bad_input_is_refused() -> None:
         metric.update(["a"], ["a"])
     with pytest.raises(ValueError, match="smooth_method"):
         SacreBLEU(smooth_method="laplace")  # type: ignore[arg-type]
+
+
+def test_defaults_are_bleu4_13a_as_the_released_ketchup_evaluation() -> None:
+    """KETCHUP's EN→NL BLEU-4 [code]: ``sacrebleu.corpus_bleu(hyps, [refs])`` with sacreBLEU's defaults
+    (order 4, ``13a`` tokens, exp smoothing, case-sensitive); kdlab's score is that / 100."""
+    from sacrebleu.metrics import BLEU
+
+    metric, reference = SacreBLEU(), BLEU()
+    assert metric.max_ngram_order == reference.max_ngram_order == 4
+    assert metric.smooth_method == reference.smooth_method == "exp"
+    assert type(metric._extractor.tokenizer).__name__ == type(reference.tokenizer).__name__ == "Tokenizer13a"
+    assert metric._extractor.lowercase is reference.lowercase is False
+    # 13a splits punctuation from words: "mat." matches "mat ." exactly, so the sentence scores 1
+    metric.update(["The cat sat on the mat."], [["The cat sat on the mat ."]])
+    assert metric.compute().item() == pytest.approx(1.0)
+    lower = SacreBLEU()
+    lower.update(["the cat sat on the mat."], [["The cat sat on the mat ."]])  # case matters by default
+    assert lower.compute().item() == pytest.approx(
+        sacrebleu.corpus_bleu(["the cat sat on the mat."], [["The cat sat on the mat ."]]).score / 100, abs=1e-6)
+    assert lower.compute().item() < 1.0

@@ -21,7 +21,7 @@ from kdlab.models.backbones import (
     pad_token_id,
 )
 from kdlab.models.export import freeze
-from kdlab.stages.rl_distill_kstep import GenerationMetrics
+from kdlab.metrics.generation import TaskMetrics
 
 
 def _sampling_config(max_new_tokens: int, **extra: Any) -> GenerationConfig:
@@ -127,14 +127,14 @@ def test_pg_training_steps_and_validation() -> None:
 
 def test_validation_and_test_have_their_own_metrics() -> None:
     stage = make_stage(objective="ce")
-    assert isinstance(stage.val_metrics, GenerationMetrics) and isinstance(stage.test_metrics, GenerationMetrics)
+    assert isinstance(stage.val_metrics, TaskMetrics) and isinstance(stage.test_metrics, TaskMetrics)
     assert stage.val_metrics is not stage.test_metrics
     batches = seq2seq_batches(4, 2)
     stage.validation_step(batches[0], 0)
     stage.validation_step(batches[1], 1)
     assert stage.val_metrics.gen_length.update_count == 2 and stage.test_metrics.gen_length.update_count == 0
     val = stage.val_metrics.compute()
-    assert set(val) == {"rouge1", "rouge2", "rougeL", "bleu", "gen_length"}  # no teacher: no teacher_logprob
+    assert set(val) == {"rouge1", "rouge2", "rougeL", "bleu", "accuracy", "gen_length"}  # no teacher: no teacher_logprob
     stage.test_step(batches[0], 0)
     assert stage.test_metrics.gen_length.update_count == 1
     stage.val_metrics.reset()
@@ -286,6 +286,8 @@ def test_encoder_decoder_student(tmp_path: Path) -> None:
     assert stage.is_encoder_decoder
     stage.attach_teacher(make_teacher())
     batch = seq2seq_batches(2, 2)[0]
+    assert stage.student.training  # loaded for training (dropout on), as every backbone is
+    stage.student.eval()  # rollouts generate in eval mode
     torch.manual_seed(4)
     out = stage.student.generate(input_ids=batch["prompt_input_ids"].repeat_interleave(2, 0),
                                  attention_mask=batch["prompt_attention_mask"].repeat_interleave(2, 0),

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdlab.defaults import IGNORE_INDEX
-from kdlab.losses.token import forward_kl, next_token_nll, token_cross_entropy
+from kdlab.losses.token import forward_kl, jensen_shannon, next_token_nll, token_cross_entropy, total_variation
 
 LN3 = math.log(3.0)
 
@@ -156,3 +156,56 @@ def test_token_losses_reject_shape_mismatch() -> None:
         token_cross_entropy(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[B, T\]"):
         next_token_nll(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------- TVD and JS
+# Two tokens, vocabulary 2. Token 0: p_S = (½, ½), p_T = (¾, ¼) (logits log of the probabilities).
+# Token 1: p_S = p_T = (0.9, 0.1).
+_PS = torch.tensor([[[0.5, 0.5], [0.9, 0.1]]])
+_PT = torch.tensor([[[0.75, 0.25], [0.9, 0.1]]])
+
+
+def test_tvd_two_tokens_by_hand() -> None:
+    # token 0: ½ (|½ − ¾| + |½ − ¼|) = ½ (¼ + ¼) = ¼; token 1: 0
+    total, count = total_variation(_PS.log(), _PT.log(), torch.ones(1, 2, dtype=torch.bool))
+    assert total.item() == pytest.approx(0.25, abs=1e-6) and int(count) == 2
+    total, count = total_variation(_PS.log(), _PT.log(), torch.tensor([[False, True]]))
+    assert total.item() == pytest.approx(0.0, abs=1e-7) and int(count) == 1
+
+
+def test_tvd_limits_identical_zero_disjoint_one() -> None:
+    logits = torch.randn(3, 4, 9, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    assert total_variation(logits, logits + 7.0, mask)[0].item() == pytest.approx(0.0, abs=1e-6)  # shift-invariant
+    far = torch.tensor([[[50.0, -50.0]]]), torch.tensor([[[-50.0, 50.0]]])
+    assert total_variation(*far, torch.ones(1, 1, dtype=torch.bool))[0].item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_js_two_tokens_by_hand() -> None:
+    # token 0: m = (⅝, ⅜). KL(p_T‖m) = ¾ ln(6/5) + ¼ ln(2/3); KL(p_S‖m) = ½ ln(4/5) + ½ ln(4/3)
+    kl_t = 0.75 * math.log(0.75 / 0.625) + 0.25 * math.log(0.25 / 0.375)
+    kl_s = 0.5 * math.log(0.5 / 0.625) + 0.5 * math.log(0.5 / 0.375)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    total, count = jensen_shannon(_PS.log(), _PT.log(), mask)
+    assert total.item() == pytest.approx(0.5 * kl_t + 0.5 * kl_s, abs=1e-6) and int(count) == 2
+    # the released calc_js_loss keeps the student's term only
+    total, _ = jensen_shannon(_PS.log(), _PT.log(), mask, terms="student")
+    assert total.item() == pytest.approx(kl_s, abs=1e-6)
+    # β = ¼: m = ¼ p_T + ¾ p_S = (0.5625, 0.4375)
+    m = (0.5625, 0.4375)
+    kl_t = 0.75 * math.log(0.75 / m[0]) + 0.25 * math.log(0.25 / m[1])
+    kl_s = 0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1])
+    total, _ = jensen_shannon(_PS.log(), _PT.log(), mask, beta=0.25)
+    assert total.item() == pytest.approx(0.25 * kl_t + 0.75 * kl_s, abs=1e-6)
+
+
+def test_js_limits_identical_zero_disjoint_log2_and_bad_beta() -> None:
+    logits = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    for terms in ("both", "student"):
+        assert jensen_shannon(logits, logits.clone(), mask, terms=terms)[0].item() == pytest.approx(0.0, abs=1e-6)
+    far = torch.tensor([[[60.0, -60.0]]]), torch.tensor([[[-60.0, 60.0]]])
+    total, _ = jensen_shannon(*far, torch.ones(1, 1, dtype=torch.bool))
+    assert total.item() == pytest.approx(math.log(2.0), abs=1e-6)  # finite where p underflows
+    with pytest.raises(ValueError, match="beta"):
+        jensen_shannon(logits, logits, mask, beta=1.0)

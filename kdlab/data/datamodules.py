@@ -28,8 +28,10 @@ from kdlab.data.collators import (
     split_key,
 )
 from kdlab.data.readers import (
+    SEQ2SEQ_FIELDS,
     ClickRecord,
     RankingGroup,
+    Seq2SeqFields,
     Seq2SeqPair,
     read_clicks_jsonl,
     read_seq2seq_jsonl,
@@ -418,10 +420,18 @@ class Seq2SeqDataModule(_PromptTargetDataModule):
 
     The prompt is ``prompt_template`` with the source cut to ``max_source_length`` tokens (the
     template's text around ``{source}`` is kept whole); the target is cut to ``max_target_length``
-    tokens and ends with EOS. Paths left ``None`` read the embedded sample; predict → test.
+    tokens and ends with EOS (``target_text``, what generations are scored against, is never cut).
+    Paths left ``None`` read the embedded sample; predict → test.
+
+    Files are ``{"source", "target"}`` JSONL or GSM8K's own ``{"question", "answer"}`` JSONL
+    (``fields``, as :func:`~kdlab.data.readers.read_seq2seq_jsonl`; ``auto`` tells them apart).
+    For GSM8K use e.g. ``prompt_template: "Question: {source}\\nAnswer:"`` (**[code]** the released
+    KETCHUP template ``templates/reasoning_T0.txt``; its summarisation and translation templates are
+    ``"summarize: {source}"`` and ``"translate English to Dutch: {source}"``) and a
+    ``max_target_length`` long enough to keep the final ``#### N`` (GSM8K solutions run to ~200
+    tokens), or CE training never sees the answer line.
     """
 
-    read = staticmethod(read_seq2seq_jsonl)
     with_prompts = True
     stage_splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
@@ -442,9 +452,12 @@ class Seq2SeqDataModule(_PromptTargetDataModule):
         world_size_invariant: bool = False,
         seed: int = 0,
         num_workers: int = 0,
+        fields: Seq2SeqFields = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if fields != "auto" and fields not in SEQ2SEQ_FIELDS:
+            raise ValueError(f"fields must be 'auto' or one of {sorted(SEQ2SEQ_FIELDS)}, got {fields!r}")
         if prompt_template.count("{source}") != 1:
             raise ValueError(f"prompt_template must contain '{{source}}' exactly once, got {prompt_template!r}")
         if max_source_length < 1 or max_target_length < 1:
@@ -455,6 +468,11 @@ class Seq2SeqDataModule(_PromptTargetDataModule):
         self.prompt_template = prompt_template
         self.max_source_length = max_source_length
         self.max_target_length = max_target_length
+        self.fields: Seq2SeqFields = fields
+
+    def read(self, path: str) -> list[Seq2SeqPair]:
+        """A split's pairs (:func:`~kdlab.data.readers.read_seq2seq_jsonl` with ``fields``)."""
+        return read_seq2seq_jsonl(path, self.fields)
 
     def encode(self, pair: Seq2SeqPair) -> dict[str, Any]:
         """Prompt ids (template prefix + truncated source + suffix) and target ids + EOS."""

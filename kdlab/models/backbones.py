@@ -62,19 +62,31 @@ TINY_BERT_DEFAULTS: dict[str, Any] = {
     "max_position_embeddings": 512,
     "type_vocab_size": 2,
 }
+TINY_T5_DEFAULTS: dict[str, Any] = {
+    "d_model": 64,
+    "d_kv": 16,
+    "d_ff": 128,
+    "num_layers": 2,
+    "num_heads": 4,
+    "dropout_rate": 0.0,
+    "tie_word_embeddings": False,
+}
 _MICRO: dict[str, Any] = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 
 #: Tiny random-init models by name (as litgpt's ``Config.from_name``): name → (family, size over the
 #: family's defaults). ``tiny-llama`` / ``tiny-bert`` are the quickstart students, ``tiny-llama-h128``
 #: its teachers, the ``-h32`` ones the smallest that tests train, ``tiny-llama-h256`` the benchmarks'. A config's ``backbone_config``
 #: still overrides any field.
-TINY_CONFIGS: dict[str, tuple[Literal["llama", "bert"], dict[str, Any]]] = {
+TINY_CONFIGS: dict[str, tuple[Literal["llama", "bert", "t5"], dict[str, Any]]] = {
     "tiny-llama": ("llama", {}),
     "tiny-llama-h128": ("llama", {"hidden_size": 128, "intermediate_size": 256}),
     "tiny-llama-h32": ("llama", {**_MICRO, "num_key_value_heads": 2}),
     "tiny-llama-h256": ("llama", {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 1024}),
     "tiny-bert": ("bert", {}),
     "tiny-bert-h32": ("bert", dict(_MICRO)),
+    # Encoder-decoder (KETCHUP's Flan-T5 / T5 setting): the -h128 one is the tests' teacher.
+    "tiny-t5": ("t5", {}),
+    "tiny-t5-h128": ("t5", {"d_model": 128, "d_ff": 256, "d_kv": 32}),
 }
 TINY_NAMES: tuple[str, ...] = tuple(TINY_CONFIGS)
 
@@ -173,7 +185,7 @@ def tiny_config(name: str, config: dict[str, Any] | None = None, *, num_labels: 
     Vocabulary size and pad/bos/eos ids come from the embedded sample tokenizer so that tiny models
     and the sample data always agree; ``config`` may still override them (e.g. a test's own vocab).
     """
-    from transformers import BertConfig, LlamaConfig
+    from transformers import BertConfig, LlamaConfig, T5Config
 
     if name not in TINY_CONFIGS:
         raise BackboneError(f"unknown tiny model {name!r}; use one of {list(TINY_CONFIGS)}")
@@ -186,32 +198,49 @@ def tiny_config(name: str, config: dict[str, Any] | None = None, *, num_labels: 
         vocab = {"vocab_size": vocab_size, "pad_token_id": pad}
         if family == "llama":
             vocab.update(bos_token_id=bos, eos_token_id=eos)
+        if family == "t5":  # T5 starts decoding from the pad token
+            vocab.update(eos_token_id=eos, decoder_start_token_id=pad)
     if family == "llama":
         cfg = LlamaConfig(**{**TINY_LLAMA_DEFAULTS, **size, **vocab, **overrides})
+    elif family == "t5":
+        cfg = T5Config(**{**TINY_T5_DEFAULTS, **size, **vocab, **overrides})
     else:
         cfg = BertConfig(**{**TINY_BERT_DEFAULTS, **size, **vocab, **overrides})
     cfg.num_labels = num_labels
     return cfg
 
 
-def task_model_class(task: Task, family: Literal["auto", "llama", "bert"] = "auto") -> type:
-    """The model class for ``task``: an ``Auto*`` class, or the concrete Llama/BERT class for tiny models.
+def task_model_class(task: Task, family: Literal["auto", "auto-seq2seq", "llama", "bert", "t5"] = "auto") -> type:
+    """The model class for ``task``: an ``Auto*`` class, or the concrete Llama/BERT/T5 class for tiny models.
 
     ``encoder`` maps to the base model (``AutoModel`` / ``LlamaModel`` / ``BertModel``) so that scoring
-    reads the last hidden state without computing the vocabulary-sized LM head.
+    reads the last hidden state without computing the vocabulary-sized LM head. ``causal-lm`` means
+    "a language model that generates": for an encoder-decoder (``auto-seq2seq``, T5) that is the
+    ``*ForConditionalGeneration`` model (``AutoModelForSeq2SeqLM``).
     """
     import transformers as tf
 
     _check_task(task)
     table: dict[str, dict[str, str]] = {
         "auto": {"causal-lm": "AutoModelForCausalLM", "encoder": "AutoModel", "seq-cls": "AutoModelForSequenceClassification"},
+        "auto-seq2seq": {"causal-lm": "AutoModelForSeq2SeqLM", "encoder": "", "seq-cls": ""},
         "llama": {"causal-lm": "LlamaForCausalLM", "encoder": "LlamaModel", "seq-cls": "LlamaForSequenceClassification"},
         "bert": {"causal-lm": "", "encoder": "BertModel", "seq-cls": "BertForSequenceClassification"},
+        "t5": {"causal-lm": "T5ForConditionalGeneration", "encoder": "", "seq-cls": ""},
     }
     cls_name = table[family][task]
     if not cls_name:
-        raise BackboneError(f"task {task!r} is not available for {family} models (BERT is an encoder)")
+        kinds = {"bert": "BERT is an encoder", "t5": "T5 is an encoder-decoder generator",
+                 "auto-seq2seq": "an encoder-decoder generates"}
+        raise BackboneError(f"task {task!r} is not available for {family} models ({kinds[family]})")
     return getattr(tf, cls_name)
+
+
+def is_encoder_decoder_dir(location: str, local: bool) -> bool:
+    """Whether the Hugging Face config at ``location`` is an encoder-decoder (T5, BART, ...)."""
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(location, local_files_only=local), "is_encoder_decoder", False))
 
 
 def _quantization_config(quantization: str | None, dtype: torch.dtype) -> Any:
@@ -305,8 +334,11 @@ def load_backbone(
     extra: dict[str, Any] = dict(config or {})
     if task == "seq-cls":
         extra.setdefault("num_labels", num_labels)
+    family: Literal["auto", "auto-seq2seq"] = "auto"
+    if task == "causal-lm" and is_encoder_decoder_dir(location, kind == "local"):
+        family = "auto-seq2seq"
     model = _load_pretrained(
-        task_model_class(task), location, dtype=torch_dtype, quantization=quantization,
+        task_model_class(task, family), location, dtype=torch_dtype, quantization=quantization,
         device=device, trust_remote_code=trust_remote_code, local=kind == "local", extra=extra,
     )
     if task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
@@ -317,17 +349,8 @@ def load_backbone(
 
 
 def load_generation_model(name: str, config: dict[str, Any] | None = None, dtype: str = "float32") -> PreTrainedModel:
-    """A model that generates: a causal LM (:func:`load_backbone`), or an encoder-decoder
-    (``config.is_encoder_decoder``, e.g. T5) from a local directory / hub id via ``AutoModelForSeq2SeqLM``."""
-    kind, location = resolve_name(name)
-    if kind != "tiny":
-        from transformers import AutoConfig, AutoModelForSeq2SeqLM
-
-        cfg = AutoConfig.from_pretrained(location, local_files_only=kind == "local")
-        if getattr(cfg, "is_encoder_decoder", False):
-            return AutoModelForSeq2SeqLM.from_pretrained(
-                location, dtype=resolve_dtype(dtype), local_files_only=kind == "local", **(config or {})
-            )
+    """A model that generates: a decoder-only causal LM, or an encoder-decoder (``tiny-t5``, a T5 /
+    Flan-T5 directory: ``AutoModelForSeq2SeqLM``) — :func:`load_backbone` with ``task="causal-lm"``."""
     return load_backbone(name, "causal-lm", config=config, dtype=dtype)
 
 

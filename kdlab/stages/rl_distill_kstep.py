@@ -1,21 +1,25 @@
-"""RLDistillKStep — KETCHUP: on-policy sampling, teacher-induced rewards, K-step returns, policy gradient.
+"""RLDistillKStep — KETCHUP: on-policy rollouts, teacher-induced rewards, K-step returns, policy gradient.
 
 One training step (``objective="pg"``)::
 
-    y ~ π_θ(· | x)                      student samples continuations (KV cache, no grad, left-padded x)
-    q = teacher(x ⊕ y)                  one teacher forward pass over prompt + continuation (no grad)
+    y ~ π_θ(· | x)  (or greedy)         student rollouts (KV cache, no grad, left-padded x)
+    q = teacher(x, y)                   one teacher forward pass over the continuation (no grad)
     R^(K)_t = q(s_t,a_t) − V(s_{t+K})   induced K-step segment rewards     (kdlab.losses.returns)
-    G^(K)_t = Σ_j R^(K)_{t+jK}          K-step returns
-    loss = − mean_t (G_t − b_t) · log π_θ(a_t | s_t)   (log-probs recomputed with grad)
+    G^(K)_t = Σ_j R^(K)_{t+jK}          K-step returns (tail: kdlab's ``zero`` or the released ``last-state``)
+    loss = − mean_t w_t · log π_θ(a_t | s_t)    w_t = G_t − b_t (REINFORCE) or clip(G_t·π_θ(a_t|s_t)) (released)
 
-The mask of generated tokens runs up to and including the first EOS. Baselines ``ce`` (teacher-forced
-cross-entropy on the references) and ``kd`` (token-level forward KL to the teacher on the references,
-:mod:`kdlab.losses.token`) are selected by the same config; ``ce_warmup_steps`` runs CE for the first
+The released code's estimator is the option set ``greedy_rollouts=true, kstep_tail=last-state,
+pg_weight=student-prob, weight_clip=50, baseline=none, state_value=max``
+(``experiments/ketchup/xsum_flan_t5.yaml``); the defaults are kdlab's reading (sampled rollouts,
+``zero`` tail, REINFORCE, per-position batch-mean baseline). The rows of the paper's table are
+objectives of the same stage: ``ce`` / ``kd`` on the references, ``seqkd`` / ``kl`` on the
+teacher's greedy outputs (cached per prompt), ``tvd`` / ``js`` on the student's and the teacher's
+sequences, ``pg`` with K = 1 (LLMR) and K > 1 (KETCHUP). ``ce_warmup_steps`` runs CE for the first
 optimiser steps of ``pg`` (an objective schedule; ``warmup_steps`` is the learning-rate warmup).
 
-Decoder-only students see ``prompt ⊕ continuation``; encoder-decoder (T5-style) students encode the
-prompt and decode the continuation. The teacher is always a causal LM scoring ``prompt ⊕
-continuation``, so teacher and student must share a vocabulary (checked in :meth:`attach_teacher`).
+Students and teachers are decoder-only (``prompt ⊕ continuation``) or encoder-decoder (T5 /
+Flan-T5: the prompt encoded, the continuation decoded), in any combination; they must share a
+vocabulary (checked in :meth:`attach_teacher`).
 """
 
 from __future__ import annotations
@@ -28,21 +32,19 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
-from torchmetrics.text.rouge import ROUGEScore
 
 from kdlab.defaults import IGNORE_INDEX
 from kdlab.errors import ConfigError
-from kdlab.losses.returns import induced_rewards, kstep_returns, policy_gradient_loss
-from kdlab.losses.token import forward_kl, token_cross_entropy
-from kdlab.metrics.generation import SacreBLEU
+from kdlab.losses.returns import kstep_returns_from_logits, policy_gradient_loss, teacher_expected_baseline
+from kdlab.losses.token import forward_kl, jensen_shannon, token_cross_entropy, total_variation
+from kdlab.metrics.generation import TaskMetrics, resolve_val_metric
 from kdlab.models.backbones import load_generation_model, pad_token_id
 from kdlab.models.export import save_served_model
 from kdlab.models.sampling import left_padded_positions, sample_causal
 from kdlab.protocols import attach_unregistered, is_sharded_strategy
 from kdlab.stages._common import build_optimizer, global_token_mean
 
-__all__ = ["GenerationMetrics", "RLDistillKStep", "Rollout"]
+__all__ = ["RLDistillKStep", "Rollout"]
 
 
 @dataclass
@@ -76,6 +78,12 @@ def _output_vocab_size(model: nn.Module) -> int:
     if head is not None and getattr(head, "weight", None) is not None and head.weight.dim() == 2:
         return int(head.weight.shape[0])
     return int(model.config.vocab_size)
+
+
+def _decoder_start_id(model: nn.Module, pad_id: int) -> int:
+    """The token an encoder-decoder starts decoding from (T5: the pad token)."""
+    start = getattr(model.config, "decoder_start_token_id", None)
+    return int(start) if start is not None else pad_id
 
 
 def _model_name(model: nn.Module) -> str:
@@ -125,34 +133,6 @@ def _pack_index(valid: Tensor) -> tuple[Tensor, Tensor]:
     return index, packed_mask
 
 
-class GenerationMetrics(nn.Module):
-    """ROUGE-1/2/L, BLEU, mean generation length and the teacher's mean log-likelihood of the
-    student's tokens, for one evaluation split (validation and test each have their own).
-    BLEU is sacreBLEU's corpus BLEU (exp smoothing, 13a tokens) on a 0–1 scale
-    (:class:`~kdlab.metrics.generation.SacreBLEU`); unsmoothed BLEU is 0 on short outputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rouge = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))
-        self.bleu = SacreBLEU()
-        self.teacher_logprob = MeanMetric()
-        self.gen_length = MeanMetric()
-
-    def compute(self) -> dict[str, Tensor]:
-        """``rouge1``, ``rouge2``, ``rougeL`` (F-measures), ``bleu``, ``gen_length`` and, when a
-        teacher scored anything, ``teacher_logprob``."""
-        rouge = self.rouge.compute()
-        out = {key: rouge[f"{key}_fmeasure"] for key in ("rouge1", "rouge2", "rougeL")}
-        out.update(bleu=self.bleu.compute(), gen_length=self.gen_length.compute())
-        if self.teacher_logprob.update_count > 0:
-            out["teacher_logprob"] = self.teacher_logprob.compute()
-        return out
-
-    def reset(self) -> None:
-        for metric in (self.rouge, self.bleu, self.teacher_logprob, self.gen_length):
-            metric.reset()
-
-
 class RLDistillKStep(L.LightningModule):
     """KETCHUP distillation of a generation teacher into a student by K-step-return policy gradient.
 
@@ -166,19 +146,44 @@ class RLDistillKStep(L.LightningModule):
         tokenizer: tokenizer name (default: the student's). Must equal the data module's ``tokenizer``
             (Lightning merges both hparams and refuses differing values).
         k: segment length K of the K-step return (K = 1: one-step RL-KD of Hao et al.).
-        objective: ``pg`` (KETCHUP), ``ce`` (teacher-forced CE on references), ``kd`` (forward KL).
-        bellman: ``hard`` (V = max_a q) or ``soft`` (V = logsumexp_a q, [reading]).
+        objective: the rows of KETCHUP's table as one stage: ``pg`` (policy gradient on teacher-induced
+            K-step returns: LLMR with K = 1, KETCHUP with K > 1), ``ce`` (teacher-forced CE on the
+            references), ``kd`` (forward KL on the references), ``seqkd`` (CE on the teacher's greedy
+            outputs), ``kl`` (forward KL on the teacher's outputs), ``tvd`` / ``js`` (total variation /
+            Jensen–Shannon on the student's and the teacher's sequences, averaged). The teacher's
+            outputs are generated once per prompt and cached.
+        state_value: ``V(s)`` of the induced reward: ``max`` (Bellman optimality; paper and released
+            code), ``expected`` (``Σ_a softmax(q)_a q``, LMReward's option), ``logsumexp`` (soft, [reading]).
+        kstep_tail: ``zero`` (V = 0 past the last action; kdlab's reading) or ``last-state`` (the
+            released code: chains reaching the end take the last state's value and every chain ends
+            with the terminal reward). See :mod:`kdlab.losses.returns`.
         center_logits: centre teacher logits over the vocabulary before inducing rewards (LMReward).
-        reward_clip / reward_divisor: ``R ← clamp(R / divisor, ±clip)`` (LMReward options).
-        baseline: ``none`` | ``batch-mean`` (per position) | ``running-mean`` (EMA of the mean return).
+        reward_clip / reward_divisor: ``R ← clamp(R / divisor, ±clip)`` (the divisor is the released
+            code's ``denom``; this clip of the step reward is kdlab's own — the released code clips the
+            weight ``G·π``, see ``weight_clip``).
+        pg_weight: ``logprob`` (REINFORCE, ``A_t ∇ log π``; ours) or ``student-prob`` (the released
+            code: ``clip(G_t · π_θ(a_t|s_t), ±weight_clip) ∇ log π``, its ``mean`` / ``min-variance``
+            baselines subtracted after the clip, see :func:`~kdlab.losses.returns.policy_gradient_loss`).
+        weight_clip: the clip of ``student-prob`` (released default 50; None = none; unused by ``logprob``).
+        baseline: ``none`` (released default) | ``mean`` (one scalar per batch) | ``min-variance``
+            (released option; as released its per-token gradient is all ones, so it equals ``mean``) |
+            ``batch-mean`` (per position; ours) | ``teacher-expected`` (LMReward's:
+            ``Σ_a softmax(q)_a q(s_t, a)``) | ``running-mean`` (EMA of the mean return).
         running_mean_momentum: EMA momentum m: ``b ← m·b + (1 − m)·mean(G)``.
         normalize_advantages: whiten advantages over the batch's valid tokens.
+        greedy_rollouts: roll out the student greedily (the released script: ``--do_sample --top_k 1``)
+            instead of sampling with ``temperature`` / ``top_k`` / ``top_p``.
         temperature / top_k / top_p: sampling; defaults (1, 0 = off, 1.0 = off) sample from π_θ itself.
             The log-probs of the PG loss use ``logits / temperature`` (the policy that sampled).
         max_new_tokens: continuation budget (training and validation).
         num_samples_per_prompt: continuations per prompt (each prompt repeated n times).
         ce_warmup_steps: optimiser steps of CE on references before PG starts (``pg`` only).
-        kd_temperature: τ of the ``kd`` objective, ``loss = τ² · KL(p_T^τ ‖ p_S^τ)``.
+        kd_temperature: τ of the ``kd`` and ``kl`` objectives, ``loss = τ² · KL(p_T^τ ‖ p_S^τ)``.
+        js_beta / js_terms: the ``js`` objective's mixture weight and form (``both`` = the symmetric
+            divergence, ``student`` = the released code's ``KL(p_S ‖ m)``).
+        val_metric: the validation metric that picks the best checkpoint: ``rouge1`` (XSum in the
+            paper), ``rouge2``, ``rougeL``, ``bleu`` (sacreBLEU BLEU-4, translation) or ``accuracy``
+            (final-number answer accuracy, GSM8K).
         lr, weight_decay, warmup_steps: AdamW (decay on every parameter) + linear learning-rate
             warmup, through the stages' shared optimizer builder.
         generation_kwargs: extra ``generate`` kwargs (e.g. ``repetition_penalty``) for training rollouts.
@@ -208,6 +213,16 @@ class RLDistillKStep(L.LightningModule):
             raise ConfigError(f"model.init_args.temperature: expected > 0, got {temperature}")
         if samples is None or samples < 1:
             raise ConfigError(f"model.init_args.num_samples_per_prompt: expected >= 1, got {samples}")
+        for name in ("weight_clip", "reward_clip"):
+            value = init_args.get(name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"model.init_args.{name}: expected > 0 or null (no clip), got {value}")
+        divisor = init_args.get("reward_divisor", 1.0)
+        if divisor is None or not divisor > 0:
+            raise ConfigError(f"model.init_args.reward_divisor: expected > 0, got {divisor}")
+        beta = init_args.get("js_beta", 0.5)
+        if beta is None or not 0 < beta < 1:
+            raise ConfigError(f"model.init_args.js_beta: the JS mixture weight must be in (0, 1), got {beta}")
 
     def __init__(
         self,
@@ -216,14 +231,18 @@ class RLDistillKStep(L.LightningModule):
         backbone_keep_layers: list[int] | Literal["every-other"] | None = None,
         tokenizer: str | None = None,
         k: int = 1,
-        objective: Literal["pg", "ce", "kd"] = "pg",
-        bellman: Literal["hard", "soft"] = "hard",
+        objective: Literal["pg", "ce", "kd", "seqkd", "kl", "tvd", "js"] = "pg",
+        state_value: Literal["max", "expected", "logsumexp"] = "max",
+        kstep_tail: Literal["zero", "last-state"] = "zero",
         center_logits: bool = True,
         reward_clip: float | None = None,
         reward_divisor: float = 1.0,
-        baseline: Literal["none", "batch-mean", "running-mean"] = "batch-mean",
+        pg_weight: Literal["logprob", "student-prob"] = "logprob",
+        weight_clip: float | None = 50.0,
+        baseline: Literal["none", "mean", "min-variance", "batch-mean", "teacher-expected", "running-mean"] = "batch-mean",
         running_mean_momentum: float = 0.9,
         normalize_advantages: bool = False,
+        greedy_rollouts: bool = False,
         temperature: float = 1.0,
         max_new_tokens: int = 32,
         top_k: int = 0,
@@ -231,6 +250,9 @@ class RLDistillKStep(L.LightningModule):
         num_samples_per_prompt: int = 1,
         ce_warmup_steps: int = 0,
         kd_temperature: float = 1.0,
+        js_beta: float = 0.5,
+        js_terms: Literal["both", "student"] = "both",
+        val_metric: Literal["rouge1", "rouge2", "rougeL", "bleu", "accuracy"] = "rougeL",
         lr: float = 1e-5,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -241,7 +263,9 @@ class RLDistillKStep(L.LightningModule):
         dtype: str = "float32",
     ) -> None:
         super().__init__()
-        self.check_options({"k": k, "temperature": temperature, "num_samples_per_prompt": num_samples_per_prompt})
+        self.check_options({"k": k, "temperature": temperature, "num_samples_per_prompt": num_samples_per_prompt,
+                            "weight_clip": weight_clip, "reward_clip": reward_clip, "reward_divisor": reward_divisor,
+                            "js_beta": js_beta})
         # Recorded resolved (save_hyperparameters reads the locals): Lightning refuses a data module
         # whose ``tokenizer`` hparam differs, which also catches stage and data tokenising differently.
         tokenizer = tokenizer or backbone
@@ -258,7 +282,8 @@ class RLDistillKStep(L.LightningModule):
             self.student.train()
         self.tokenizer = load_tokenizer(tokenizer)
         self.is_encoder_decoder = bool(getattr(self.student.config, "is_encoder_decoder", False))
-        self.needs_teacher: bool = objective in ("pg", "kd") or teacher_for_eval
+        self.needs_teacher: bool = objective != "ce" or teacher_for_eval
+        self._teacher_outputs: dict[tuple[int, ...], Tensor] = {}  # prompt ids → the teacher's greedy output
         attach_unregistered(self, "teacher", None)
         self.register_buffer("return_running_mean", torch.tensor(float("nan")), persistent=True)
         eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.student.config.eos_token_id
@@ -266,9 +291,10 @@ class RLDistillKStep(L.LightningModule):
             eos = eos_token_ids
         self._eos_ids: list[int] = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [int(eos)])
         self._pad_id: int = pad_token_id(self.tokenizer)
-        self.val_metrics = GenerationMetrics()
-        self.main_metric: tuple[str, str] = ("val/rougeL", "max")  # the best checkpoint's
-        self.test_metrics = GenerationMetrics()
+        self.val_metrics = TaskMetrics()
+        key, mode = resolve_val_metric(val_metric)
+        self.main_metric: tuple[str, str] = (f"val/{key}", mode)  # the best checkpoint's
+        self.test_metrics = TaskMetrics()
 
     # ------------------------------------------------------------------ teacher protocol
     def attach_teacher(self, teacher: nn.Module) -> None:
@@ -364,13 +390,64 @@ class RLDistillKStep(L.LightningModule):
             self.student.train(was_training)
         if prompt_ids.is_cuda:
             torch.cuda.synchronize(prompt_ids.device)  # time the queued kernels too
-        seconds = time.perf_counter() - start
+        return self._as_rollout(prompt_ids, prompt_mask, actions, decoder_ids, time.perf_counter() - start)
+
+    def _as_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, actions: Tensor, decoder_ids: Tensor | None = None,
+                    seconds: float = 0.0) -> Rollout:
+        """Lay out continuations ``actions`` of left-padded prompts for one-pass scoring (mask up to
+        and including each row's first EOS; ``decoder_ids = [start] ⊕ actions`` for an
+        encoder-decoder student when not given)."""
         action_mask = _until_first_eos(actions, self._eos_ids)
+        if self.is_encoder_decoder and decoder_ids is None:
+            start = torch.full_like(actions[:, :1], _decoder_start_id(self.student, self._pad_id))
+            decoder_ids = torch.cat([start, actions], dim=1)
         full_ids = torch.cat([prompt_ids, actions], dim=1)
         full_mask = torch.cat([prompt_mask, action_mask.long()], dim=1)
         return Rollout(
             prompt_ids, prompt_mask, actions, action_mask, full_ids, full_mask, left_padded_positions(full_mask), decoder_ids, seconds
         )
+
+    @torch.no_grad()
+    def teacher_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Rollout:
+        """The teacher's greedy continuations of the prompts, laid out like :meth:`rollout`.
+
+        SeqKD / KL / TVD / JS train on them. They depend on the prompt alone, so each prompt's is
+        generated once and cached (in memory, per rank; keyed by the prompt's token ids).
+        """
+        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device).long()
+        keys = [tuple(row[m.bool()].tolist()) for row, m in zip(prompt_ids, prompt_mask)]
+        missing = [i for i, key in enumerate(keys) if key not in self._teacher_outputs]
+        start = time.perf_counter()
+        if missing:
+            index = torch.tensor(missing, device=prompt_ids.device)
+            actions = self._teacher_greedy(prompt_ids[index], prompt_mask[index])
+            for row, i in enumerate(missing):
+                self._teacher_outputs[keys[i]] = actions[row][_until_first_eos(actions[row:row + 1], self._eos_ids)[0]].cpu()
+        rows = [self._teacher_outputs[key] for key in keys]
+        width = max(1, max(len(r) for r in rows))
+        actions = torch.full((len(rows), width), self._pad_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
+        for i, r in enumerate(rows):
+            actions[i, : len(r)] = r.to(actions.device)
+        return self._as_rollout(prompt_ids, prompt_mask, actions, seconds=time.perf_counter() - start)
+
+    def _teacher_greedy(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+        """Greedy decoding by the teacher (``[B, N]``, pad after each row's EOS)."""
+        teacher = self._require_teacher()
+        budget = self.hparams.max_new_tokens
+        device = next(teacher.parameters()).device
+        if not getattr(teacher.config, "is_encoder_decoder", False) and not _student_logits_processors(teacher):
+            return sample_causal(teacher, prompt_ids.to(device), prompt_mask.to(device), budget, self._eos_ids,
+                                 self._pad_id, greedy=True).to(self.device)
+        from transformers import GenerationConfig
+
+        kwargs: dict[str, Any] = {"max_new_tokens": budget, "pad_token_id": self._pad_id, "do_sample": False,
+                                  "num_beams": 1, "eos_token_id": self._eos_ids or None}
+        if getattr(teacher.config, "is_encoder_decoder", False):
+            kwargs["decoder_start_token_id"] = _decoder_start_id(teacher, self._pad_id)
+        out = teacher.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
+                               generation_config=GenerationConfig(**kwargs))
+        actions = out[:, 1:] if getattr(teacher.config, "is_encoder_decoder", False) else out[:, prompt_ids.shape[1]:]
+        return actions.to(self.device)
 
     def _causal_action_logits(self, model: nn.Module, ro: Rollout) -> Tensor:
         """Logits ``[B, N, V]`` of a causal LM at the positions predicting each action (one pass)."""
@@ -385,25 +462,39 @@ class RLDistillKStep(L.LightningModule):
         )
         return out.logits[:, :-1].to(self.device)
 
-    def student_action_logprobs(self, ro: Rollout) -> Tensor:
+    def _seq2seq_action_logits(self, model: nn.Module, ro: Rollout) -> Tensor:
+        """Logits ``[B, N, V]`` of an encoder-decoder reading the prompt and decoding ``[start] ⊕ actions``."""
+        device = next(model.parameters()).device
+        start = torch.full_like(ro.actions[:, :1], _decoder_start_id(model, self._pad_id))
+        decoder_ids = torch.cat([start, ro.actions[:, :-1]], dim=1)
+        dec_mask = torch.cat([torch.ones_like(ro.action_mask[:, :1]), ro.action_mask[:, :-1]], dim=1).long()
+        return model(
+            input_ids=ro.prompt_ids.to(device), attention_mask=ro.prompt_mask.to(device),
+            decoder_input_ids=decoder_ids.to(device), decoder_attention_mask=dec_mask.to(device), use_cache=False,
+        ).logits.to(self.device)
+
+    def _action_logits(self, model: nn.Module, ro: Rollout) -> Tensor:
+        """Logits ``[B, N, V]`` predicting each action, for a decoder-only or an encoder-decoder model."""
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            return self._seq2seq_action_logits(model, ro)
+        return self._causal_action_logits(model, ro)
+
+    def student_action_logits(self, ro: Rollout) -> Tensor:
+        """The student's logits ``[B, N, V]`` predicting each action, with grad."""
+        return self._action_logits(self.student, ro)
+
+    def student_action_logprobs(self, ro: Rollout, logits: Tensor | None = None) -> Tensor:
         """``log π_θ(a_t | s_t)`` ``[B, N]`` with grad, from ``logits / temperature`` (0 where masked)."""
-        if self.is_encoder_decoder:
-            assert ro.decoder_ids is not None
-            dec_mask = torch.cat([torch.ones_like(ro.action_mask[:, :1]), ro.action_mask[:, :-1]], dim=1).long()
-            logits = self.student(
-                input_ids=ro.prompt_ids, attention_mask=ro.prompt_mask,
-                decoder_input_ids=ro.decoder_ids[:, :-1], decoder_attention_mask=dec_mask, use_cache=False,
-            ).logits
-        else:
-            logits = self._causal_action_logits(self.student, ro)
+        logits = self.student_action_logits(ro) if logits is None else logits
         logp = torch.log_softmax(logits.float() / self.hparams.temperature, dim=-1)
         lp = logp.gather(-1, ro.actions.unsqueeze(-1)).squeeze(-1)
         return lp.masked_fill(~ro.action_mask, 0.0)
 
     @torch.no_grad()
     def teacher_action_logits(self, ro: Rollout) -> Tensor:
-        """Teacher logits ``[B, N, V]`` (float32) predicting each action, one forward pass, no grad."""
-        return self._causal_action_logits(self._require_teacher(), ro).float()
+        """Teacher logits ``[B, N, V]`` (float32) predicting each action, one forward pass, no grad
+        (a decoder-only teacher reads prompt ⊕ actions; an encoder-decoder one encodes the prompt)."""
+        return self._action_logits(self._require_teacher(), ro).float()
 
     # ------------------------------------------------------------------ losses
     def _pg_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -411,16 +502,22 @@ class RLDistillKStep(L.LightningModule):
         for key in ("prompt_input_ids", "prompt_attention_mask"):
             if key not in batch:
                 raise KeyError(f"objective 'pg' needs {key!r} in the batch (use kdlab.data.Seq2SeqDataModule)")
-        ro = self.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+        ro = self.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"], greedy=hp.greedy_rollouts)
         t_logits = self.teacher_action_logits(ro)
-        rewards = induced_rewards(
-            t_logits, ro.actions, ro.action_mask, k=hp.k, bellman=hp.bellman,
+        rewards, returns = kstep_returns_from_logits(
+            t_logits, ro.actions, ro.action_mask, k=hp.k, state_value=hp.state_value, kstep_tail=hp.kstep_tail,
             center_logits=hp.center_logits, clip=hp.reward_clip, divisor=hp.reward_divisor,
         )
-        returns = kstep_returns(rewards, ro.action_mask, hp.k)
         running = None if torch.isnan(self.return_running_mean) else self.return_running_mean
         logprobs = self.student_action_logprobs(ro)
-        out = policy_gradient_loss(logprobs, returns, ro.action_mask, hp.baseline, running, hp.normalize_advantages)
+        teacher_baseline = None
+        if hp.baseline == "teacher-expected":
+            teacher_baseline = teacher_expected_baseline(t_logits, ro.action_mask, hp.center_logits, divisor=hp.reward_divisor)
+        # min-variance: grad_sq=None is the released code's (its per-token g is all ones).
+        out = policy_gradient_loss(
+            logprobs, returns, ro.action_mask, hp.baseline, running, hp.normalize_advantages,
+            pg_weight=hp.pg_weight, weight_clip=hp.weight_clip, teacher_baseline=teacher_baseline,
+        )
         n_valid = ro.action_mask.sum().clamp_min(1)
         stats = {
             "reward_mean": rewards.sum() / n_valid,
@@ -433,24 +530,26 @@ class RLDistillKStep(L.LightningModule):
         }
         return out.loss, stats
 
-    def _reference_logits(self, model: nn.Module, batch: dict[str, Any], causal_only: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    def _reference_logits(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         """Packed logits ``[B, L, V]`` at the reference target positions, targets ``[B, L]``, mask ``[B, L]``.
 
         Causal models read ``input_ids`` (prompt ⊕ target) and predict ``labels[:, 1:]``; encoder-decoder
-        students encode ``prompt_input_ids`` and decode the packed targets.
+        models (student or teacher) encode ``prompt_input_ids`` and decode the packed targets.
         """
         labels = batch["labels"]
         valid = labels[:, 1:] != IGNORE_INDEX
         index, packed_mask = _pack_index(valid)
         targets = labels[:, 1:].gather(1, index).masked_fill(~packed_mask, IGNORE_INDEX)
-        if self.is_encoder_decoder and not causal_only:
-            dec_in = self.student.prepare_decoder_input_ids_from_labels(labels=targets)
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            device = next(model.parameters()).device
+            start = torch.full_like(targets[:, :1], _decoder_start_id(model, self._pad_id))
+            dec_in = torch.cat([start, targets[:, :-1].masked_fill(~packed_mask[:, :-1], self._pad_id)], dim=1)
             logits = model(
-                input_ids=batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"],
-                decoder_input_ids=dec_in, decoder_attention_mask=torch.cat(
-                    [torch.ones_like(packed_mask[:, :1]), packed_mask[:, :-1]], dim=1).long(),
+                input_ids=batch["prompt_input_ids"].to(device), attention_mask=batch["prompt_attention_mask"].to(device),
+                decoder_input_ids=dec_in.to(device), decoder_attention_mask=torch.cat(
+                    [torch.ones_like(packed_mask[:, :1]), packed_mask[:, :-1]], dim=1).long().to(device),
                 use_cache=False,
-            ).logits
+            ).logits.to(self.device)
         else:
             device = next(model.parameters()).device
             mask = batch["attention_mask"]
@@ -478,9 +577,55 @@ class RLDistillKStep(L.LightningModule):
         tau = self.hparams.kd_temperature
         s_logits, _, mask = self._reference_logits(self.student, batch)
         with torch.no_grad():
-            t_logits, _, _ = self._reference_logits(self._require_teacher(), batch, causal_only=True)
+            t_logits, _, _ = self._reference_logits(self._require_teacher(), batch)
         loss = tau**2 * self._token_mean(*forward_kl(s_logits, t_logits, mask, tau), across_ranks)
         return loss, {"kd_loss": loss.detach()}
+
+    def _teacher_sequence_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """SeqKD and KL: the student trained on the teacher's own (greedy, cached) outputs.
+
+        ::
+
+            seqkd: loss = − mean_t log p_θ(ŷ_t | x, ŷ_<t)                       ŷ = teacher's greedy output
+            kl:    loss = τ² · mean_t KL(p_T^τ(· | x, ŷ_<t) ‖ p_θ^τ(· | x, ŷ_<t))
+
+        (KETCHUP's SeqKD and KL rows [code: distill.py]; ``kd`` is the same KL on the references.)
+        """
+        ro = self.teacher_rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+        s_logits = self.student_action_logits(ro)
+        stats = {"teacher_gen_length": ro.action_mask.sum(-1).float().mean()}
+        if self.hparams.objective == "seqkd":
+            targets = ro.actions.masked_fill(~ro.action_mask, IGNORE_INDEX)
+            loss = self._token_mean(*token_cross_entropy(s_logits, targets), False)
+            return loss, {"seqkd_loss": loss.detach(), **stats}
+        tau = self.hparams.kd_temperature
+        loss = tau**2 * self._token_mean(*forward_kl(s_logits, self.teacher_action_logits(ro), ro.action_mask, tau), False)
+        return loss, {"kl_loss": loss.detach(), **stats}
+
+    def _divergence_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """TVD and JS on the student's own rollouts and on the teacher's greedy outputs, averaged
+        (as the released code's ``TVD`` / ``JS``, ``utils/distillation.py`` [code])::
+
+            loss = ½ mean_t D(p_θ, p_T | student's sequence) + ½ mean_t D(p_θ, p_T | teacher's sequence)
+
+        with ``D`` = :func:`~kdlab.losses.token.total_variation` or
+        :func:`~kdlab.losses.token.jensen_shannon` (β = ``js_beta``, ``js_terms``).
+        """
+        hp = self.hparams
+        prompts = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        rollouts = (self.rollout(*prompts, greedy=hp.greedy_rollouts), self.teacher_rollout(*prompts))
+        parts = []
+        for ro in rollouts:
+            s_logits, t_logits = self.student_action_logits(ro), self.teacher_action_logits(ro)
+            if hp.objective == "tvd":
+                parts.append(self._token_mean(*total_variation(s_logits, t_logits, ro.action_mask), False))
+            else:
+                parts.append(self._token_mean(*jensen_shannon(s_logits, t_logits, ro.action_mask, hp.js_beta, hp.js_terms),
+                                              False))
+        loss = 0.5 * (parts[0] + parts[1])
+        return loss, {f"{hp.objective}_loss": loss.detach(), f"{hp.objective}_student_seq": parts[0].detach(),
+                      f"{hp.objective}_teacher_seq": parts[1].detach(),
+                      "gen_length": rollouts[0].action_mask.sum(-1).float().mean()}
 
     def _active_objective(self) -> str:
         hp = self.hparams
@@ -496,6 +641,10 @@ class RLDistillKStep(L.LightningModule):
             return self._pg_loss(batch)
         if objective == "kd":
             return self._kd_loss(batch, across_ranks)
+        if objective in ("seqkd", "kl"):
+            return self._teacher_sequence_loss(batch)
+        if objective in ("tvd", "js"):
+            return self._divergence_loss(batch)
         return self._ce_loss(batch, across_ranks)
 
     def batch_loss(self, batch: Any) -> Tensor:
@@ -516,21 +665,20 @@ class RLDistillKStep(L.LightningModule):
             self.log(f"train/{name}", value.float(), batch_size=bs)
         return loss
 
-    def _eval_step(self, metrics: GenerationMetrics, batch: dict[str, Any]) -> None:
+    def _eval_step(self, metrics: TaskMetrics, batch: dict[str, Any]) -> None:
         ro = self.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"], greedy=True)
         preds = self.decode(ro)
         targets = list(batch["target_text"])
-        metrics.rouge.update(preds, targets)
-        metrics.bleu.update(preds, [[t] for t in targets])
+        metrics.update(preds, targets)  # ROUGE-1/2/L, BLEU-4, answer accuracy
         metrics.gen_length.update(ro.action_mask.sum(-1).float())
         if getattr(self, "teacher", None) is not None and ro.num_generated > 0:
             logp = torch.log_softmax(self.teacher_action_logits(ro), dim=-1)
             ll = logp.gather(-1, ro.actions.unsqueeze(-1)).squeeze(-1)
             metrics.teacher_logprob.update(ll[ro.action_mask])
 
-    def _eval_epoch_end(self, metrics: GenerationMetrics, prefix: str) -> None:
+    def _eval_epoch_end(self, metrics: TaskMetrics, prefix: str) -> None:
         for name, value in metrics.compute().items():
-            self.log(f"{prefix}/{name}", value, prog_bar=name == "rougeL")
+            self.log(f"{prefix}/{name}", value, prog_bar=f"val/{name}" == self.main_metric[0])
         metrics.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
