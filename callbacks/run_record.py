@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from kdlab.machine import machine_record
 from kdlab.protocols import DescribesData, ExportsPretrained
 from kdlab.runs import atomic_dir, git_state, now_iso, package_versions, write_json_atomic, write_text_atomic
 
@@ -96,6 +97,7 @@ class RunRecord(L.Callback):
                 "cpu_count": os.cpu_count(),
                 "platform": platform.platform(),
             },
+            machine=machine_record(),  # CPU model + vector extensions: another CPU moves the last digits
             start_time=now_iso(),
             end_time=None,
             status="running",

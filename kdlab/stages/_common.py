@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from typing import Any
 
 import torch
@@ -98,6 +100,27 @@ def apply_lora(
     return get_peft_model(model, config)
 
 
+def train_only_last_layers(model: nn.Module, n_layers: int) -> nn.Module:
+    """Freeze every parameter of a decoder backbone except its last ``n_layers`` transformer layers
+    and the final norm (full fine-tuning of the top of the network; the rest stays pretrained).
+
+    The layers are found as ``model.layers`` (``LlamaModel`` and most decoders in transformers, as
+    loaded with ``task="encoder"``). Returns ``model``.
+    """
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no `layers` ModuleList: train_last_layers needs a decoder")
+    if not 1 <= n_layers <= len(layers):
+        raise ValueError(f"train_last_layers must be in [1, {len(layers)}] for this model, got {n_layers}")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in [*layers[len(layers) - n_layers:], getattr(model, "norm", None)]:
+        if module is not None:
+            for param in module.parameters():
+                param.requires_grad_(True)
+    return model
+
+
 def group_scores(flat: Tensor, batch: dict[str, Any]) -> Tensor:
     """Reshape per-document scores ``[G*N]`` to ``[G, N]`` using ``batch["doc_mask"]``'s shape."""
     g, n = batch["doc_mask"].shape
@@ -131,8 +154,24 @@ class RankingEvalMixin:
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_update(self.val_metrics, batch)  # type: ignore[attr-defined]
 
+    # Seconds spent in training batches so far (validation excluded), logged beside each validation:
+    # learning curves against compute, not only against steps (docs/rank_sft_cpu.md).
+    _train_seconds: float = 0.0
+    _batch_start: float | None = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._batch_start is not None:
+            self._train_seconds += time.perf_counter() - self._batch_start
+            self._batch_start = None
+
     def on_validation_epoch_end(self) -> None:
         self._eval_log(self.val_metrics, "val")  # type: ignore[attr-defined]
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and not trainer.sanity_checking:
+            self.log("time/train_s", float(self._train_seconds))  # type: ignore[attr-defined]
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_update(self.test_metrics, batch)  # type: ignore[attr-defined]

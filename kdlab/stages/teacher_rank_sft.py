@@ -17,12 +17,13 @@ import lightning as L
 from torch import Tensor
 
 from kdlab.defaults import EVAL_K
+from kdlab.errors import ConfigError
 from kdlab.losses.ranking import rank_loss
 from kdlab.metrics import RankingMetrics
 from kdlab.models.backbones import load_backbone
 from kdlab.models.heads import DecoderRanker
 from kdlab.models.export import save_served_model
-from kdlab.stages._common import RankingEvalMixin, apply_lora, build_optimizer, group_scores
+from kdlab.stages._common import RankingEvalMixin, apply_lora, build_optimizer, group_scores, train_only_last_layers
 
 __all__ = ["TeacherRankSFT"]
 
@@ -36,6 +37,9 @@ class TeacherRankSFT(RankingEvalMixin, L.LightningModule):
         loss: ``hinge`` | ``ranknet`` | ``listwise``; ``margin`` is the hinge margin ``m``.
         lora_rank: 0 = full fine-tune; > 0 = LoRA (``lora_alpha``, ``lora_dropout``,
             ``lora_target_modules``) on the backbone; the score head is always trained fully.
+        train_last_layers: with ``lora_rank = 0``, train only the last n transformer layers (and the
+            final norm) in full and freeze the rest; None trains everything. Cheaper per step than
+            full fine-tuning on a CPU: no gradients below the trained layers.
         lr, weight_decay, warmup_steps: AdamW + linear warmup.
         eval_k: the cut-off of the logged ``ndcg@k`` / ``mrr@k``.
 
@@ -54,6 +58,7 @@ class TeacherRankSFT(RankingEvalMixin, L.LightningModule):
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.05,
         lora_target_modules: list[str] | None = None,
+        train_last_layers: int | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.01,
         warmup_steps: int = 0,
@@ -65,6 +70,11 @@ class TeacherRankSFT(RankingEvalMixin, L.LightningModule):
         self.save_hyperparameters()
         base = load_backbone(backbone, task="encoder", config=backbone_config, dtype=dtype, quantization=quantization)
         hidden = int(base.config.hidden_size)
+        if train_last_layers is not None:
+            if lora_rank > 0:
+                raise ConfigError("model.init_args.train_last_layers: full training of the last layers "
+                                  f"needs lora_rank=0, got lora_rank={lora_rank}")
+            train_only_last_layers(base, train_last_layers)
         base = apply_lora(base, lora_rank, lora_alpha, lora_dropout, lora_target_modules, "FEATURE_EXTRACTION")
         self.ranker = DecoderRanker(base, hidden)
         self.val_metrics = RankingMetrics(k=eval_k)
