@@ -19,7 +19,9 @@ An ablation file::
     goals: {val/loss: minimize}        # default: maximize
 
 ``{setup.NAME}`` anywhere in an argument, or inside a config file passed with ``--config``, is
-replaced by that setup run's directory (e.g. ``{setup.teacher}/model``). Run directories are
+replaced by that setup run's directory (e.g. ``{setup.teacher}/model``); ``{seed}`` in a variant's
+or the base's argument by the run's seed (e.g. ``--data.init_args.seed={seed}``: the data order
+follows the seed too, which matters where nothing else is random, such as greedy rollouts). Run directories are
 ``ROOT/NAME/<variant>/seed<k>``: a rerun skips finished runs, and the tables depend only on the
 metrics, so the same ablation on the same machine gives byte-identical tables.
 """
@@ -158,7 +160,8 @@ def run_ablation(config_path: str, root: str = "runs/ablations", jobs: int = 1) 
 
     def one(cell: tuple[str, int]) -> dict[str, float]:
         variant, seed = cell
-        args = _render_args([*spec.base, *spec.variants[variant], f"--seed_everything={seed}"], setup_dirs,
+        cell_args = [arg.replace("{seed}", str(seed)) for arg in [*spec.base, *spec.variants[variant]]]
+        args = _render_args([*cell_args, f"--seed_everything={seed}"], setup_dirs,
                             out_dir / "configs")
         return launch_run(args, out_dir / slug(variant) / f"seed{seed}", command=spec.command,
                           label=f"{spec.name}: {variant}, seed {seed}")

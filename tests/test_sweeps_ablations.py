@@ -129,3 +129,22 @@ def test_summary_and_paired_test_by_hand() -> None:
     assert paired_p_value([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]) == pytest.approx(0.07418, abs=1e-4)
     assert paired_p_value([1.0, 2.0], [1.0, 2.0]) != paired_p_value([1.0, 2.0], [1.0, 2.0])  # NaN: no difference
 
+
+
+def test_ablation_substitutes_the_seed_into_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``{seed}`` in the base or a variant becomes the run's seed (e.g. the data order's seed)."""
+    import kdlab.ablations as ablations
+
+    launched: list[list[str]] = []
+
+    def record(args: list[str], run_dir: Path, **_: object) -> dict[str, float]:
+        launched.append(args)
+        return {"val/loss": float(len(launched))}
+
+    monkeypatch.setattr(ablations, "launch_run", record)
+    spec = tmp_path / "abl.yaml"
+    spec.write_text(yaml.safe_dump({"name": "s", "base": ["--data.init_args.seed={seed}"], "seeds": [3, 7],
+                                    "variants": {"a": ["--x={seed}{seed}"]}, "metrics": ["val/loss"]}))
+    ablations.run_ablation(str(spec), root=str(tmp_path / "out"))
+    assert launched == [["--data.init_args.seed=3", "--x=33", "--seed_everything=3"],
+                        ["--data.init_args.seed=7", "--x=77", "--seed_everything=7"]]
