@@ -1,5 +1,5 @@
 """TeacherRankSFT's CPU-budget options: training only the last layers, and the training-time clock
-logged beside each validation (learning curves against seconds, docs/rank_sft_cpu.md)."""
+logged beside each validation (learning curves against seconds, scripts/plot_curves.py)."""
 
 from __future__ import annotations
 

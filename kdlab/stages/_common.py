@@ -155,7 +155,7 @@ class RankingEvalMixin:
         self._eval_update(self.val_metrics, batch)  # type: ignore[attr-defined]
 
     # Seconds spent in training batches so far (validation excluded), logged beside each validation:
-    # learning curves against compute, not only against steps (docs/rank_sft_cpu.md).
+    # learning curves against compute, not only against steps (scripts/plot_curves.py).
     _train_seconds: float = 0.0
     _batch_start: float | None = None
 
