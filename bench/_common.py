@@ -7,6 +7,15 @@
 * :func:`export_student_init` — the student's initial weights (a one-label ``*ForSequenceClassification``
   + tokenizer) saved to a directory, so two trainers start from the *same* weights.
 * :func:`run_child` — run this script again in a subprocess and read its JSON result (last stdout line).
+* :func:`matmul_peak_gflops`, :func:`forward_flops`, :func:`flops_line` — the achieved FLOP/s of a
+  benchmark and its fraction of this machine's fp32 matmul peak, measured in the same run.
+
+FLOP accounting (every benchmark counts the same way, so a ratio of FLOP/s equals the ratio of
+throughputs; see :func:`forward_flops`): the *useful* work of the real tokens only, padding not
+counted (so padding a side feeds its model shows as a lower fraction of peak), multiply-adds as 2
+FLOPs; a training step (forward + backward) = 3 × the forward (backward ≈ 2 × forward: gradients of
+activations and of weights); embedding look-ups, norms, activations, softmax, dropout and the
+optimizer are not counted (a few % of a transformer's matmuls).
 """
 
 from __future__ import annotations
@@ -50,6 +59,134 @@ def set_threads(threads: int) -> None:
 
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+# ------------------------------------------------------------------------------------------ FLOP/s
+def matmul_peak_gflops(threads: int | None = None, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """This machine's fp32 matmul peak as measured now: ``torch.matmul`` of two ``n × n`` fp32
+    matrices (``2·n³`` FLOPs each; 17.2 GFLOP at n = 2048), best of ``repeats`` after one untimed
+    warm-up, with ``threads`` intra-op threads (default: as set) on ``device`` (CUDA: plain fp32,
+    TF32 off for the measurement). GFLOP/s."""
+    import time
+
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        g = torch.Generator(device="cpu").manual_seed(0)
+        a = torch.randn(n, n, generator=g).to(device)
+        b = torch.randn(n, n, generator=g).to(device)
+        cuda = torch.device(device).type == "cuda"
+        best = float("inf")
+        for i in range(repeats + 1):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            if cuda:
+                torch.cuda.synchronize()
+            if i:  # the first is the warm-up
+                best = min(best, time.perf_counter() - start)
+        return 2.0 * n**3 / best / 1e9
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.set_num_threads(previous)
+
+
+PER_ROW_MODULES = ("pooler", "classifier", "score")
+"""Linear layers under a module whose name contains one of these run once per row (the ``[CLS]``
+pooler and head of a cross-encoder, a last-token score head), not once per token."""
+
+
+def matmul_weights(model: Any) -> tuple[int, int]:
+    """``(per-token, per-row)`` weight counts of ``model``'s matmuls: every ``nn.Linear`` (and GPT-2
+    ``Conv1D``) weight, split by :data:`PER_ROW_MODULES`. A tied LM head counts (it is a matmul per
+    token); embeddings do not (look-ups)."""
+    from torch import nn
+
+    per_token = per_row = 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
+            continue
+        if any(part in name for part in PER_ROW_MODULES):
+            per_row += weight.numel()
+        else:
+            per_token += weight.numel()
+    return per_token, per_row
+
+
+def attention_shape(config: Any) -> tuple[int, int]:
+    """``(layers, d_attn)`` of a transformer config: layers with self-attention and the width of
+    their queries (heads × head size)."""
+    config = getattr(config, "text_config", None) or config
+    layers = next((getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, k)), None)
+    heads = next((getattr(config, k) for k in ("num_attention_heads", "n_head", "num_heads") if hasattr(config, k)), None)
+    hidden = next((getattr(config, k) for k in ("hidden_size", "n_embd", "d_model") if hasattr(config, k)), None)
+    if layers is None or heads is None or hidden is None:
+        raise ValueError(f"cannot read layers / heads / hidden size from {type(config).__name__}")
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or hidden // heads
+    return int(layers), int(heads) * int(head_dim)
+
+
+def forward_flops(model: Any, lengths: Any, *, causal: bool = False) -> float:
+    """FLOPs of one forward pass of ``model`` (a transformers model, or anything with ``.config``
+    and ``nn.Linear`` layers) over rows of these *real* lengths (tokens, padding excluded):
+
+    ``Σ_rows [ 2·W_tok·n + 2·W_row + 2·2·layers·d_attn·A(n) ]``
+
+    * ``W_tok``, ``W_row``: the matmul weights run per token / per row (:func:`matmul_weights`), so
+      ``2·W·n`` are the linear layers (Q, K, V, output, feed-forward, an LM head) and ``2·W_row``
+      the pooler / score head;
+    * attention: ``Q·Kᵀ`` and ``softmax·V`` are ``n_keys · d_attn`` multiply-adds each per query and
+      layer, so ``2·2·layers·d_attn`` per (query, key) pair; ``A(n) = n²`` pairs for a bidirectional
+      encoder, ``n(n+1)/2`` for a causal decoder (each token attends to itself and those before it;
+      a KV-cache generation does the same work).
+
+    For a training step multiply by 3 (:data:`TRAIN_FACTOR`)."""
+    per_token, per_row = matmul_weights(model)
+    layers, d_attn = attention_shape(model.config)
+    total = 0.0
+    for n in lengths:
+        n = float(n)
+        pairs = n * (n + 1) / 2 if causal else n * n
+        total += 2.0 * per_token * n + 2.0 * per_row + 4.0 * layers * d_attn * pairs
+    return total
+
+
+TRAIN_FACTOR = 3.0
+"""A training step's FLOPs over its forward's: forward 1 + backward 2 (activation and weight gradients)."""
+
+
+def meta_model(directory: str, task: str = "encoder") -> Any:
+    """``directory``'s model built on the meta device (weights not read, no memory), for
+    :func:`forward_flops` where the measuring process does not hold the model: ``encoder`` =
+    ``AutoModel`` (no head), ``seq-cls`` = ``AutoModelForSequenceClassification``, ``causal-lm``."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    cls = {"encoder": transformers.AutoModel, "seq-cls": transformers.AutoModelForSequenceClassification,
+           "causal-lm": transformers.AutoModelForCausalLM}[task]
+    with torch.device("meta"):
+        return cls.from_config(config)
+
+
+def flops_line(flops: float, seconds: float, peak_gflops: float) -> str:
+    """``achieved X GFLOP/s = Y% of the measured fp32 matmul peak Z GFLOP/s``."""
+    achieved = flops / seconds / 1e9
+    return (f"achieved {achieved:.1f} GFLOP/s = {100.0 * achieved / peak_gflops:.1f}% of the measured fp32 matmul "
+            f"peak {peak_gflops:.1f} GFLOP/s")
+
+
+def peak_line(gflops: float, threads: int, device: str = "cpu", n: int = 2048) -> str:
+    """How the peak was measured, for the settings block."""
+    return (f"fp32 matmul peak measured in this run: {gflops:.1f} GFLOP/s on {device} (torch.matmul {n}x{n} fp32, "
+            f"best of 5, {threads} threads)")
 
 
 def synthetic_teacher_file(src: str | Path, dst: str | Path, num_negatives: int, seed: int = 0) -> dict[str, int]:

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, machine, run_child  # noqa: E402
+from _common import emit, flops_line, machine, matmul_peak_gflops, peak_line, run_child  # noqa: E402
 
 VOCAB_SIZE = 50_000
 WORDS_PER_PASSAGE = (35, 76)  # uniform in [35, 75]: mean 55
@@ -239,9 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--with-dict-peer", action="store_true", help="also measure the dict reader (GBs of RAM)")
     ap.add_argument("--trace", action="store_true",
                     help="also rerun the TextCollection child under tracemalloc and print where the heap goes")
-    ap.add_argument("--child", choices=["write", "index", "dict", "trace"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["write", "index", "dict", "trace", "peak"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    if args.child == "peak":  # in a child: torch in this (parent) process would raise the children's ru_maxrss
+        import torch
+
+        emit({"peak": matmul_peak_gflops(), "threads": torch.get_num_threads()})
+        return 0
     if args.child == "write":
         emit(write_dataset(args.workdir, args.passages, args.queries, args.top_k, args.seed))
         return 0
@@ -301,7 +306,13 @@ def main(argv: list[str] | None = None) -> int:
             a, b = results
             print(f"\nratios index/dict: total time {a['total_s'] / b['total_s']:.2f}x, "
                   f"peak RSS {a['peak_rss_kib'] / b['peak_rss_kib']:.3f}x")
-        emit({"collection_bytes": size, "results": results})
+        # Every benchmark reports its FLOP/s against this machine's fp32 matmul peak, measured in the
+        # same run (here in a child, after the measurements); this one runs no model.
+        matmul = run_child(__file__, ["--child", "peak"])
+        print(f"\n{peak_line(matmul['peak'], matmul['threads'])}")
+        print(f"FLOP/s: no model runs here (reading, validating and indexing text only): "
+              f"{flops_line(0.0, 1.0, matmul['peak'])}")
+        emit({"collection_bytes": size, "results": results, "peak_gflops": round(matmul["peak"], 2)})
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

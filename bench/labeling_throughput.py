@@ -30,7 +30,10 @@ imports are paid once; repeat r runs the sides back to back (order flipped every
 Reported: wall-clock pairs/s (median), the ratio of the medians, the median of the per-repeat
 ratios ("paired": on a machine shared with other jobs, load hits both sides of a repeat alike)
 and the ratio per CPU-second. The outputs are compared score by score: ``max |diff|`` must be
-< 1e-4, else the sides did not do the same work.
+< 1e-4, else the sides did not do the same work. Each side's achieved FLOP/s (the forward FLOPs of
+the real tokens, ``_common.forward_flops``, over its end-to-end seconds: load, read and write
+included) is printed as a fraction of the fp32 matmul peak that the parent measures (same threads)
+at the start and at the end of the run.
 
     python bench/labeling_throughput.py                                   # minilm-l6 + tiny-llama-h256, 1600 pairs
     python bench/labeling_throughput.py --model tiny-bert --decoder tiny-llama-h32 --pairs 200   # quick
@@ -69,6 +72,16 @@ LABELS = {
     "hf-dec": "HF loop, batches of B padded to longest",
 }
 TARGET = 1.3
+peaks: list[float] = []  # the fp32 matmul peak measured at the start (and at the end) of the run
+
+
+def peak() -> float:
+    return max(peaks)
+
+
+def _flops_later(flops_per_s: float) -> Any:
+    """A result line, rendered at the end (against the larger of the two peaks)."""
+    return lambda: f"    {_common.flops_line(flops_per_s, 1.0, peak())}"
 
 
 # ------------------------------------------------------------------------------------------ teachers
@@ -287,7 +300,7 @@ def token_stats(teacher: str, input_path: str, batch_size: int, max_length: int,
 
     file_order = sum(max(lens[i:i + batch_size]) * len(lens[i:i + batch_size]) for i in range(0, n, batch_size)) / n
     (eq, eq_rows), (de, de_rows) = budget(batch_size * max_length), budget(LABEL_BATCH_TOKENS)
-    return {"real": sum(lens) / n, "budget": eq, "budget_rows": eq_rows, "default": de, "default_rows": de_rows,
+    return {"lengths": lens, "real": sum(lens) / n, "budget": eq, "budget_rows": eq_rows, "default": de, "default_rows": de_rows,
             "file_order": file_order, "st": st, **({"tokens": budget(extra_budget)[0]} if extra_budget else {})}
 
 
@@ -339,7 +352,7 @@ def start(sides: dict[str, tuple[str, Path]], warm: Path, work: Path, args: argp
 
 
 def compare(title: str, sides: tuple[str, ...], procs: dict[str, Side], work: Path,
-            args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+            args: argparse.Namespace, flops: float) -> dict[str, list[dict[str, Any]]]:
     """Every side's runs: repeat r runs the sides back to back (order flipped every other repeat)."""
     print(f"\n{title}", flush=True)
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
@@ -350,7 +363,7 @@ def compare(title: str, sides: tuple[str, ...], procs: dict[str, Side], work: Pa
             split = (f"  (load {res['load_s']:.2f} s, scoring {res['predict_s']:.2f} s)" if "load_s" in res else "")
             print(f"  run {r + 1} {side:>13}: {res['pairs']} pairs in {res['seconds']:6.2f} s = "
                   f"{res['pairs_per_s']:7.1f} pairs/s  (CPU {res['cpu_s']:6.1f} s = {res['pairs_per_cpu_s']:6.1f} "
-                  f"pairs/CPU-s){split}", flush=True)
+                  f"pairs/CPU-s)  {flops / res['seconds'] / 1e9:.1f} GFLOP/s{split}", flush=True)
     return runs
 
 
@@ -388,16 +401,19 @@ def measure(args: argparse.Namespace, procs: dict[str, Side], seq_sides: tuple[s
     result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": _common.machine(), "pairs": count_pairs(data),
                               "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads,
                               "repeats": args.repeats}
-    lines: list[str] = []
+    lines: list[Any] = []  # strings, or callables: FLOP/s lines, rendered once the end-of-run peak is measured
     if do_seq:
         same_budget = args.batch_size * args.max_length == LABEL_BATCH_TOKENS
         sides = seq_sides
         t = token_stats(seq_dir, str(data), args.batch_size, args.max_length, args.kdlab_max_tokens)
+        lengths = t.pop("lengths")
+        flops = _common.forward_flops(_common.meta_model(seq_dir, "seq-cls"), lengths)
         print(f"  {args.model} tokens/pair fed: real {t['real']:.1f}, kdlab budget {t['budget']:.1f} "
               f"({t['budget_rows']:.0f} rows/batch)"
               + ("" if same_budget else f", kdlab default {t['default']:.1f} ({t['default_rows']:.0f} rows/batch)")
               + f", ST {t['st']:.1f} ({args.batch_size} rows/batch)")
-        runs = compare(f"cross-encoder teacher ({args.model}): kdlab vs sentence-transformers", sides, procs, work, args)
+        runs = compare(f"cross-encoder teacher ({args.model}): kdlab vs sentence-transformers", sides, procs, work, args,
+                       flops)
         st = read_scores(work / "st.jsonl")
         kd_sides = [s for s in sides if s != "st"]
         diff = max(max(abs(a - b) for a, b in zip(read_scores(work / f"{s}.jsonl"), st)) for s in kd_sides)
@@ -407,6 +423,7 @@ def measure(args: argparse.Namespace, procs: dict[str, Side], seq_sides: tuple[s
             label = (LABELS[s] + (" = default" if same_budget and s == "kdlab" else "")).replace(
                 "--kdlab-max-tokens", str(args.kdlab_max_tokens))
             lines.append(f"  {label:<56} {r[s]:8.1f} pairs/s")
+            lines.append(f"    {_common.flops_line(flops * r[s] / len(lengths), 1.0, peak())}")
             lines.append(f"  {'  ratio to ST: of medians':<56} {r['ratio']:8.2f}x   paired {r['paired']:.2f}x   "
                          f"per CPU-second {r['cpu']:.2f}x")
             short = {"kdlab": f"max_tokens {args.batch_size * args.max_length}", "kdlab-default": "default max_tokens",
@@ -414,7 +431,10 @@ def measure(args: argparse.Namespace, procs: dict[str, Side], seq_sides: tuple[s
             verdicts.append(f"{short}: {'met' if r['paired'] >= TARGET else 'NOT met'} ({r['paired']:.2f}x)")
             result.update({f"{s}_pairs_per_s": round(r[s], 2), f"{s}_ratio_vs_st": round(r["ratio"], 3),
                            f"{s}_paired_ratio_vs_st": round(r["paired"], 3), f"{s}_cpu_ratio_vs_st": round(r["cpu"], 3)})
-        lines.append(f"  {LABELS['st']:<56} {statistics.median(x['pairs_per_s'] for x in runs['st']):8.1f} pairs/s")
+        st_rate = statistics.median(x['pairs_per_s'] for x in runs['st'])
+        lines.append(f"  {LABELS['st']:<56} {st_rate:8.1f} pairs/s")
+        lines.append(_flops_later(flops * st_rate / len(lengths)))
+        result["seq_forward_gflop"] = round(flops / 1e9, 3)
         lines.append(f"  target kdlab/ST >= {TARGET}x (paired): " + "; ".join(verdicts))
         lines.append(f"  padded tokens/pair: ST {t['st']:.1f} / kdlab {t['budget']:.1f} = {t['st'] / t['budget']:.2f}"
                      + (f"; kdlab max_tokens {args.kdlab_max_tokens}: {t['tokens']:.1f}" if args.kdlab_max_tokens else ""))
@@ -424,22 +444,30 @@ def measure(args: argparse.Namespace, procs: dict[str, Side], seq_sides: tuple[s
                        "max_abs_diff_vs_st": diff, "tokens_per_pair": {k: round(v, 1) for k, v in t.items()}})
     if do_dec:
         t = token_stats(dec_dir, str(dec_data), args.batch_size, args.max_length)
+        lengths = t.pop("lengths")
+        flops = _common.forward_flops(_common.meta_model(dec_dir, "encoder"), lengths, causal=True)
         print(f"\n  {args.decoder} tokens/pair fed: real {t['real']:.1f}, kdlab budget {t['budget']:.1f}, "
               f"HF loop (file order) {t['file_order']:.1f}")
         runs = compare(f"decoder teacher (TeacherRankSFT {args.decoder}): kdlab vs padded HF loop", DEC_SIDES,
-                       procs, work, args)
+                       procs, work, args, flops)
         diff = max(abs(a - b) for a, b in zip(read_scores(work / "kdlab-dec.jsonl"), read_scores(work / "hf-dec.jsonl")))
         r = summarize(runs, "kdlab-dec", "hf-dec")
         for s in DEC_SIDES:
             lines.append(f"  {LABELS[s]:<56} {r[s]:8.1f} pairs/s   [decoder {args.decoder}]")
+            lines.append(_flops_later(flops * r[s] / len(lengths)))
+        result["dec_forward_gflop"] = round(flops / 1e9, 3)
         lines.append(f"  ratio kdlab/HF loop: of medians {r['ratio']:.2f}x   paired {r['paired']:.2f}x   "
                      f"per CPU-second {r['cpu']:.2f}x;  max |score diff| {diff:.2e} ({'OK' if diff < 1e-4 else 'DIFFERENT WORK'})")
         result.update({"decoder": args.decoder, **{f"{s}_pairs_per_s": round(r[s], 2) for s in DEC_SIDES},
                        "ratio_dec_vs_hf": round(r["ratio"], 3), "paired_ratio_dec_vs_hf": round(r["paired"], 3),
                        "cpu_ratio_dec_vs_hf": round(r["cpu"], 3), "max_abs_diff_dec": diff,
                        "dec_pairs": count_pairs(dec_data), "dec_tokens_per_pair": {k: round(v, 1) for k, v in t.items()}})
+    peaks.append(_common.matmul_peak_gflops(args.threads))
     print("\nresult (median of runs, end-to-end pairs/s: load, read, tokenize, score, write):")
-    print("\n".join(lines))
+    print("\n".join(line() if callable(line) else line for line in lines))
+    print(f"  fp32 matmul peak: {peaks[0]:.1f} GFLOP/s at the start, {peaks[-1]:.1f} at the end (the larger is the "
+          "reference; a gap means the machine's load changed); FLOPs: the forward over the real tokens")
+    result["peak_gflops"] = round(peak(), 2)
     return result
 
 
@@ -497,6 +525,8 @@ def main() -> None:
     if do_dec:
         print(f"  decoder teacher: TeacherRankSFT({args.decoder}) exported to {dec_dir}")
     print(f"  machine: {_common.machine()}")
+    peaks.append(_common.matmul_peak_gflops(args.threads))
+    print(f"  {_common.peak_line(peaks[0], args.threads)}")
     if args.profile:
         profile(args, *((seq_dir, data) if args.profile in SEQ_SIDES else (dec_dir, dec_data)), warm, work)
         return

@@ -11,7 +11,13 @@ loss and backpropagate (TRL: ``GKDTrainer.training_step``; kdlab: ``RLDistillKSt
 ``backward``); the optimiser step is excluded from both.
 
 Printed: generated tokens per second of the whole step (valid generated tokens up to and including
-EOS, divided by the step's wall time) and of generation alone, for each, and the ratio kdlab / TRL.
+EOS, divided by the step's wall time) and of generation alone, for each, and the ratio kdlab / TRL;
+and each side's achieved FLOP/s as a fraction of the fp32 matmul peak measured in the same run on
+the same device and threads (``bench/_common.py``). A step's nominal FLOPs, per row of prompt
+length p and g generated tokens (n = p + g; ``F(n)`` = a causal forward over n real tokens, LM head
+included, ``_common.forward_flops``): the student's KV-cache generation ≈ ``F_s(n)``, the teacher's
+scoring ``F_t(n)``, the student's loss forward + backward ``3·F_s(n)``: ``4·F_s(n) + F_t(n)``
+(g = the side's mean generated tokens per row).
 Usage::
 
     python bench/rl_step_vs_trl.py [--steps 5] [--batch-size 8] [--max-new-tokens 32] \
@@ -34,6 +40,7 @@ from typing import Any
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -41,6 +48,8 @@ from kdlab.data import sample_path  # noqa: E402
 from kdlab.models.backbones import load_backbone, load_tokenizer  # noqa: E402
 from kdlab.models.export import load_teacher, save_served_model  # noqa: E402
 from kdlab.stages.rl_distill_kstep import RLDistillKStep  # noqa: E402
+
+import _common  # noqa: E402
 
 
 def prompts(tok: Any, n: int, max_src: int) -> list[list[int]]:
@@ -166,6 +175,17 @@ def _summary(counts: list[int], times: list[float], gen: list[float]) -> dict[st
             "tokens_per_s": tokens / sum(times), "gen_tokens_per_s": tokens / sum(gen)}
 
 
+def step_flops(student: torch.nn.Module, teacher: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+               tokens: int) -> float:
+    """Nominal FLOPs of the timed steps (``batches[1:]``) that generated ``tokens`` tokens in all
+    (module docstring): ``Σ_rows 4·F_s(p + g) + F_t(p + g)``, g = mean generated tokens per row."""
+    prompt_lengths = [int(n) for _, mask in batches[1:] for n in mask.sum(dim=1)]
+    mean_generated = tokens / max(len(prompt_lengths), 1)
+    lengths = [p + mean_generated for p in prompt_lengths]
+    return (4.0 * _common.forward_flops(student, lengths, causal=True)
+            + _common.forward_flops(teacher, lengths, causal=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="measured steps (one extra warm-up step)")
@@ -195,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device={ns.device} threads={torch.get_num_threads()} batch={ns.batch_size} max_new_tokens={ns.max_new_tokens} "
           f"steps={ns.steps} (+1 warm-up) student={sum(p.numel() for p in student.parameters()):,} params "
           f"teacher={sum(p.numel() for p in teacher.parameters()):,} params")
+    peak_start = _common.matmul_peak_gflops(device=ns.device)
+    print(f"machine: {_common.machine()}")
+    print(_common.peak_line(peak_start, torch.get_num_threads(), ns.device))
     torch.manual_seed(1)
     ours = bench_kdlab(student_dir, teacher, batches, ns.max_new_tokens, ns.k, ns.device, ns.kdlab_sampler)
     torch.manual_seed(1)
@@ -202,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in ((f"kdlab RLDistillKStep ({ns.kdlab_sampler})", ours), ("TRL GKDTrainer (lmbda=1, beta=0)", theirs)):
         print(f"{name:36s} tokens={r['tokens']:5d}  step median {r['step_s_median'] * 1000:7.1f} ms  "
               f"step tokens/s {r['tokens_per_s']:8.1f}  generation-only tokens/s {r['gen_tokens_per_s']:8.1f}")
+    peak = max(peak_start, _common.matmul_peak_gflops(device=ns.device))
+    for name, r in (("kdlab", ours), ("TRL", theirs)):
+        flops = step_flops(student, teacher, batches, r["tokens"])
+        print(f"{name:>6}: {_common.flops_line(flops, r['tokens'] / r['tokens_per_s'], peak)}"
+              f"  ({flops / r['tokens'] / 1e6:.2f} MFLOP per generated token)")
     print(f"torch threads inside TRL's generation: {int(theirs['threads_during_generation'])}")
     print(f"ratio kdlab/TRL: step tokens/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x   "
           f"generation-only {ours['gen_tokens_per_s'] / theirs['gen_tokens_per_s']:.2f}x   (target >= 1.2x)")

@@ -2,7 +2,10 @@
 
 Why: an 8-bit teacher is worth it only if it keeps the teacher's predictions while costing less
 memory; this prints the figures a user needs to decide (footprint ratio, perplexity ratio, top-1
-next-token agreement, forward-time ratio), on CPU and, when a GPU is present, on CUDA too.
+next-token agreement, forward-time ratio), on CPU and, when a GPU is present, on CUDA too; and
+each forward's achieved FLOP/s as a fraction of the device's fp32 matmul peak measured in the same
+run (``bench/_common.py``: ``forward_flops`` of the fp32 model over the real tokens, causal, LM
+head included; the 8-bit model is credited with the same FLOPs).
 
     python -m kdlab models prepare smollm2-135m   # once
     python bench/teacher_8bit.py [--n 8] [--max-len 128] [--model smollm2-135m]
@@ -19,13 +22,11 @@ from typing import Any
 
 import torch
 
-try:
-    from kdlab.models.backbones import load_backbone, load_tokenizer
-except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
-    import sys
+import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kdlab.models.backbones import load_backbone, load_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402  (puts the repo root on sys.path)
+from kdlab.models.backbones import load_backbone, load_tokenizer  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "kdlab" / "data" / "sample" / "seq2seq_val.jsonl"
 
@@ -70,6 +71,8 @@ def compare(name: str, device: str, batch: dict[str, torch.Tensor], repeats: int
     batch = {k: v.to(device) for k, v in batch.items()}
     fp32 = load_backbone(name, "causal-lm", device=device).eval()
     ref = evaluate(fp32, batch, repeats)
+    flops = _common.forward_flops(fp32, batch["attention_mask"].sum(dim=1).tolist(), causal=True)
+    peak = _common.matmul_peak_gflops(device=device)
     fp32_bytes = fp32.get_memory_footprint()
     del fp32
     int8 = load_backbone(name, "causal-lm", quantization="8bit", device=device).eval()
@@ -87,6 +90,11 @@ def compare(name: str, device: str, batch: dict[str, torch.Tensor], repeats: int
         "fp32 forward s": ref["seconds"],
         "8-bit forward s": out["seconds"],
         "forward time ratio (8-bit/fp32)": out["seconds"] / ref["seconds"],
+        "fp32 matmul peak GFLOP/s": peak,
+        "fp32 forward GFLOP/s": flops / ref["seconds"] / 1e9,
+        "fp32 forward % of fp32 peak": 100.0 * flops / ref["seconds"] / 1e9 / peak,
+        "8-bit forward GFLOP/s": flops / out["seconds"] / 1e9,
+        "8-bit forward % of fp32 peak": 100.0 * flops / out["seconds"] / 1e9 / peak,
     }
 
 
@@ -113,6 +121,12 @@ def main(argv: list[str] | None = None) -> None:
     print("|" + "-" * 34 + "|" + "|".join("-" * 12 for _ in devices) + "|")
     for key in results["cpu"]:
         print(f"| {key:<32} | " + " | ".join(f"{results[d][key]:>10.3f}" for d in devices) + " |")
+    for d in devices:
+        r = results[d]
+        for kind in ("fp32", "8-bit"):
+            print(f"{d} {kind} forward: achieved {r[kind + ' forward GFLOP/s']:.1f} GFLOP/s = "
+                  f"{r[kind + ' forward % of fp32 peak']:.1f}% of the measured fp32 matmul peak "
+                  f"{r['fp32 matmul peak GFLOP/s']:.1f} GFLOP/s")
 
 
 if __name__ == "__main__":
