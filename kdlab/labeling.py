@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -28,19 +28,17 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kdlab.data.collators import RankingCollator
+from kdlab.data.collators import RankingCollator, TextFormat
 from kdlab.data.readers import ranking_group_to_json, with_scores
 from kdlab.data.sources import RankingSource, as_source, read_source
 from kdlab.defaults import LABEL_BATCH_TOKENS, PAIR_MAX_LENGTH
 from kdlab.errors import ConfigError
 from kdlab.models.backbones import Quantization, load_tokenizer
-from kdlab.models.export import SCORE_HEAD_META, check_teacher_options, load_teacher
+from kdlab.models.export import check_teacher_options, load_teacher, text_format_of
 from kdlab.protocols import attach_unregistered
 from kdlab.runs import atomic_path
 
 __all__ = ["score_file", "token_budget_batches"]
-
-TextFormat = Literal["cross-encoder", "decoder"]
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -215,7 +213,9 @@ def score_file(
             or a ranker module (``DecoderRanker`` / ``SequenceClassificationRanker``) with ``tokenizer``.
         max_tokens: padded tokens per forward pass; max_length: tokens per (query, doc) text.
         text_format: override the teacher's input format (``decoder``: ``query: … document: …`` +
-            EOS; ``cross-encoder``: tokenizer pair) — the same encoding as the ranking collator.
+            EOS; ``decoder-prompt``: the yes/no relevance prompt of ``TeacherRankSFT(head_init="prompt")``;
+            ``cross-encoder``: tokenizer pair) — the same encoding as the ranking collator. By default
+            the teacher's own: the format its export records (``kdlab_score_head.json``).
         on_batch: called with the number of batches this process has written (tests use it to
             simulate an interruption).
 
@@ -229,7 +229,7 @@ def score_file(
                         "(kdlab.models.heads.DecoderRanker / SequenceClassificationRanker) and tokenizer=NAME")
     check_teacher_options("ranker", quantization)
     tok = load_tokenizer(str(tokenizer or teacher))
-    fmt = text_format or (teacher.text_format if isinstance(teacher, nn.Module) else _export_text_format(str(teacher)))
+    fmt = text_format or (teacher.text_format if isinstance(teacher, nn.Module) else text_format_of(str(teacher)))
     encoder = RankingCollator(tok, text_format=fmt, max_length=max_length)
     rows = [(g, j, encoder.encode(group.query, doc.text)) for g, group in enumerate(groups)
             for j, doc in enumerate(group.docs)]
@@ -292,8 +292,3 @@ def _several(devices: int | str) -> bool:
     text = str(devices).strip()
     return text == "-1" or (text.isdigit() and int(text) > 1) or "," in text.strip(",")
 
-
-def _export_text_format(model_dir: str) -> str:
-    """An export directory's ranker text format, without loading its weights: a score-head export
-    is a decoder ranker, anything else a cross-encoder (as :func:`load_rank_teacher` decides)."""
-    return "decoder" if (Path(model_dir) / SCORE_HEAD_META).is_file() else "cross-encoder"

@@ -21,6 +21,39 @@ from torch.utils.data import BatchSampler, Sampler
 from kdlab.defaults import IGNORE_INDEX
 from kdlab.models.backbones import pad_token_id
 
+#: The text formats of ranking inputs (:class:`RankingCollator`).
+TextFormat = Literal["cross-encoder", "decoder", "decoder-prompt"]
+TEXT_FORMATS: tuple[str, ...] = ("cross-encoder", "decoder", "decoder-prompt")
+
+#: The ``decoder-prompt`` text: a relevance question whose answer is one token, scored at the
+#: prompt's last position (the ``:`` after ``Answer``); no EOS is appended.
+RELEVANCE_PROMPT = ("Query: {query}\nDocument: {document}\n"
+                    "Is the document relevant to the query? Answer yes or no.\nAnswer:")
+#: Spellings of the (yes, no) answer tried in order by :func:`prompt_answer_ids`.
+PROMPT_ANSWERS: tuple[tuple[str, str], ...] = ((" yes", " no"), ("yes", "no"), (" Yes", " No"), ("Yes", "No"))
+
+
+def prompt_answer_ids(tokenizer: Any) -> tuple[int, int, str, str]:
+    """``(yes_id, no_id, yes_spelling, no_spelling)``: the answer tokens of :data:`RELEVANCE_PROMPT`.
+
+    The first pair of :data:`PROMPT_ANSWERS` whose two spellings are one token each (SmolLM2:
+    ``" yes"`` / ``" no"``). A tokenizer without such a pair (kdlab's small sample tokenizer splits
+    ``" yes"`` into ``" y" + "es"``) falls back to the *first* token of ``" yes"`` and ``" no"``: the
+    logit of starting the answer with each word.
+    """
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    for yes, no in PROMPT_ANSWERS:
+        y, n = ids(yes), ids(no)
+        if len(y) == 1 and len(n) == 1 and y != n:
+            return y[0], n[0], yes, no
+    yes, no = PROMPT_ANSWERS[0]
+    y, n = ids(yes), ids(no)
+    if not y or not n or y[0] == n[0]:
+        raise ValueError(f"the tokenizer cannot tell the answers {yes!r} and {no!r} apart by their first token")
+    return y[0], n[0], tokenizer.convert_ids_to_tokens(y[0]), tokenizer.convert_ids_to_tokens(n[0])
+
 
 class EpochSequentialSampler(Sampler[int]):
     """Indices ``0..n-1`` in order, with an ``epoch`` attribute that Lightning sets each epoch
@@ -207,12 +240,16 @@ class RankingCollator:
     ``cross-encoder`` text: ``tokenizer(query, title + " " + body)`` (``[CLS] q [SEP] d [SEP]``,
     with token_type_ids). ``decoder`` text: ``query: {q} document: {title} {body}`` + EOS, encoded
     without special tokens; rows are right-padded, so the score token is at ``attention_mask.sum(-1) - 1``.
+    ``decoder-prompt`` text (``TeacherRankSFT(head_init="prompt")``): :data:`RELEVANCE_PROMPT` with the
+    query and ``{title} {body}``, encoded without special tokens and with no EOS, so the score token is
+    the prompt's last one; a prompt over ``max_length`` tokens has its document cut (never the question
+    after it), see :meth:`encode`.
     """
 
-    def __init__(self, tokenizer: Any, text_format: Literal["cross-encoder", "decoder"] = "cross-encoder",
+    def __init__(self, tokenizer: Any, text_format: TextFormat = "cross-encoder",
                  max_length: int = 128, group_size: int | None = None, with_teacher_scores: bool = False) -> None:
-        if text_format not in ("cross-encoder", "decoder"):
-            raise ValueError(f"text_format must be 'cross-encoder' or 'decoder', got {text_format!r}")
+        if text_format not in TEXT_FORMATS:
+            raise ValueError(f"text_format must be one of {', '.join(map(repr, TEXT_FORMATS))}, got {text_format!r}")
         if text_format == "decoder" and tokenizer.eos_token_id is None:
             raise ValueError("the decoder text format needs a tokenizer with an EOS token")
         self.tokenizer = tokenizer
@@ -229,10 +266,38 @@ class RankingCollator:
             if "token_type_ids" in enc:
                 out["token_type_ids"] = list(enc["token_type_ids"])
             return out
+        if self.text_format == "decoder-prompt":
+            return {"input_ids": self._prompt_ids(query, doc_text)}
         text = f"query: {query} document: {doc_text}".rstrip()
         ids = self.tokenizer(text, add_special_tokens=False, truncation=True,
                              max_length=max(1, self.max_length - 1))["input_ids"]
         return {"input_ids": list(ids) + [self.tokenizer.eos_token_id]}
+
+    def _prompt_ids(self, query: str, doc_text: str) -> list[int]:
+        """Ids of :data:`RELEVANCE_PROMPT` (no special tokens), at most ``max_length``.
+
+        A prompt that is too long keeps its question: the document is cut to its first ``k`` tokens
+        (decoded back to text, so the ids stay the plain tokenization of one string) with ``k``
+        lowered until the whole prompt fits; only when even an empty document does not fit (a very
+        long query) are the prompt's last ``max_length`` tokens kept.
+        """
+        tok = self.tokenizer
+
+        def ids_of(document: str) -> list[int]:
+            text = RELEVANCE_PROMPT.format(query=query, document=document)
+            return list(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+        ids = ids_of(doc_text)
+        over = len(ids) - self.max_length
+        if over <= 0:
+            return ids
+        doc_ids = list(tok(doc_text, add_special_tokens=False, verbose=False)["input_ids"])
+        keep = len(doc_ids)
+        while over > 0 and keep > 0:
+            keep = max(0, keep - over)
+            ids = ids_of(tok.decode(doc_ids[:keep], skip_special_tokens=True).strip() if keep else "")
+            over = len(ids) - self.max_length
+        return ids if over <= 0 else ids[-self.max_length:]
 
     def pad(self, encodings: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         """``input_ids`` / ``attention_mask`` (and ``token_type_ids`` when every encoding has them)
@@ -280,6 +345,6 @@ class RankingCollator:
 
 
 __all__ = [
-    "IGNORE_INDEX", "BucketBatchSampler", "CausalLMCollator", "EpochSequentialSampler",
-    "RankingCollator", "pad_sequences", "split_key",
+    "IGNORE_INDEX", "PROMPT_ANSWERS", "RELEVANCE_PROMPT", "TEXT_FORMATS", "BucketBatchSampler", "CausalLMCollator",
+    "EpochSequentialSampler", "RankingCollator", "TextFormat", "pad_sequences", "prompt_answer_ids", "split_key",
 ]

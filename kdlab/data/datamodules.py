@@ -25,6 +25,7 @@ from kdlab.data.collators import (
     CausalLMCollator,
     EpochSequentialSampler,
     RankingCollator,
+    TextFormat,
     split_key,
 )
 from kdlab.data.readers import (
@@ -157,6 +158,9 @@ class RankingDataModule(L.LightningDataModule):
     ``world_size_invariant``: under DDP the W ranks together train on exactly the batches of one
     process with ``batch_size · W`` (:class:`~kdlab.data.collators.BucketBatchSampler`), e.g. to
     check that 1 and 2 ranks agree.
+    ``text_format`` (:class:`~kdlab.data.collators.RankingCollator`): ``cross-encoder`` (a BERT pair),
+    ``decoder`` (``query: … document: …`` + EOS) or ``decoder-prompt`` (the yes/no relevance prompt
+    that ``TeacherRankSFT(head_init="prompt")`` reads).
     """
 
     def __init__(
@@ -166,7 +170,7 @@ class RankingDataModule(L.LightningDataModule):
         test: RankingSource | str | None = None,
         predict: RankingSource | str | None = None,
         tokenizer: str = "tiny-bert",
-        text_format: Literal["cross-encoder", "decoder"] = "cross-encoder",
+        text_format: TextFormat = "cross-encoder",
         num_negatives: int = 7,
         train_group_sampling: Literal["positive-vs-negatives", "all"] = "positive-vs-negatives",
         eval_max_docs: int | None = None,

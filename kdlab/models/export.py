@@ -33,7 +33,7 @@ __all__ = [
     "SCORE_HEAD_META", "TeacherConfigError", "TeacherTask", "check_teacher_options", "default_export_dir",
     "distinct_pad_token_id", "export_model", "freeze", "load_rank_teacher",
     "load_score_head", "load_teacher", "merge_lora", "model_card", "read_export_source", "save_score_head",
-    "save_served_model",
+    "save_served_model", "text_format_of",
 ]
 
 SCORE_HEAD_FILE = "score_head.safetensors"
@@ -98,8 +98,13 @@ def save_served_model(model: nn.Module, tokenizer: str, directory: str | Path, *
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(model, DecoderRanker):
         merge_lora(model.backbone).save_pretrained(str(out))
-        save_score_head(model.head, out, {"kind": "decoder-last-token", "hidden_size": model.head.hidden_size,
-                                          "text_format": model.text_format, "stage": stage})
+        meta = {"kind": "decoder-last-token", "hidden_size": model.head.hidden_size,
+                "text_format": model.text_format, "stage": stage}
+        if model.text_format == "decoder-prompt":
+            from kdlab.data.collators import RELEVANCE_PROMPT
+
+            meta["prompt"] = RELEVANCE_PROMPT  # the text it reads, recorded beside the format
+        save_score_head(model.head, out, meta)
     elif isinstance(model, SequenceClassificationRanker):
         merge_lora(model.model).save_pretrained(str(out))
     else:
@@ -117,7 +122,7 @@ def load_rank_teacher(
     :class:`~kdlab.models.heads.DecoderRanker` (base model + last-token head); any other directory is
     loaded as a one-label ``*ForSequenceClassification`` cross-encoder
     (:class:`~kdlab.models.heads.SequenceClassificationRanker`). The ranker's ``text_format`` says
-    how its inputs are built.
+    how its inputs are built (a decoder's is the one its ``kdlab_score_head.json`` records).
     """
     d = Path(directory)
     ranker: DecoderRanker | SequenceClassificationRanker
@@ -125,7 +130,9 @@ def load_rank_teacher(
     placed = {"quantization": quantization, "device": device} if quantization else {}
     if (d / SCORE_HEAD_META).is_file():
         meta = json.loads((d / SCORE_HEAD_META).read_text())
-        ranker = DecoderRanker(load_backbone(str(d), task="encoder", dtype=dtype, **placed), int(meta["hidden_size"]))
+        text_format = _decoder_text_format(meta, d)
+        ranker = DecoderRanker(load_backbone(str(d), task="encoder", dtype=dtype, **placed), int(meta["hidden_size"]),
+                               text_format=text_format)
         load_score_head(ranker.head, d)
         if quantization:  # the score head stays full precision, beside the quantized base
             ranker.head.to(next(ranker.backbone.parameters()).device)
@@ -135,6 +142,30 @@ def load_rank_teacher(
     if device is not None and not quantization:
         ranker = ranker.to(device)
     return freeze(ranker)
+
+
+def _decoder_text_format(meta: dict[str, Any], directory: Path) -> str:
+    """The text format a score-head export records (``decoder`` for exports older than the field).
+    A ``decoder-prompt`` export must record the prompt kdlab builds today, or it would be scored on
+    another text than it was trained on."""
+    text_format = str(meta.get("text_format", "decoder"))
+    if text_format == "decoder-prompt":
+        from kdlab.data.collators import RELEVANCE_PROMPT
+
+        if meta.get("prompt", RELEVANCE_PROMPT) != RELEVANCE_PROMPT:
+            raise ValueError(f"{directory / SCORE_HEAD_META}: the ranker was trained on the prompt {meta['prompt']!r}, "
+                             f"but this kdlab builds {RELEVANCE_PROMPT!r}")
+    return text_format
+
+
+def text_format_of(model_dir: str | Path) -> str:
+    """An export directory's ranker text format without loading its weights: a score-head export's
+    recorded format (``decoder`` / ``decoder-prompt``), anything else ``cross-encoder``
+    (as :func:`load_rank_teacher` decides)."""
+    d = Path(model_dir)
+    if not (d / SCORE_HEAD_META).is_file():
+        return "cross-encoder"
+    return _decoder_text_format(json.loads((d / SCORE_HEAD_META).read_text()), d)
 
 
 def load_teacher(
@@ -339,19 +370,23 @@ def _append_eos_template(tokenizer: Any) -> bool:
     return True
 
 
-def _save_tokenizer(source: ExportSource, out: Path, max_length: int, *, decoder_text: bool,
+def _save_tokenizer(source: ExportSource, out: Path, max_length: int, *, text_format: str,
                     tokenizer: Any = None) -> bool:
-    """Save the ranker's tokenizer to ``out`` with ``model_max_length = max_length``. For decoder
+    """Save the ranker's tokenizer to ``out`` with ``model_max_length = max_length``. For ``decoder``
     text, try to make plain ``tokenizer(text)`` append the EOS (checked by reloading); returns whether
-    it does (else users append ``eos_token_id`` themselves, as the card then says)."""
+    it does (else users append ``eos_token_id`` themselves, as the card then says). ``decoder-prompt``
+    text is encoded with ``add_special_tokens=False`` and nothing appended (the card says so): False."""
     from transformers import AutoTokenizer
 
     tok = tokenizer if tokenizer is not None else load_tokenizer(str(source.model_dir))
     tok.model_max_length = max_length
-    if not decoder_text:
+    if text_format == "cross-encoder":
         tok.save_pretrained(str(out))
         return False
     tok.model_input_names = ["input_ids", "attention_mask"]  # decoders take no token_type_ids
+    if text_format == "decoder-prompt":
+        tok.save_pretrained(str(out))
+        return False
     reference = copy.deepcopy(tok)
     templated = _append_eos_template(tok)
     tok.save_pretrained(str(out))
@@ -374,7 +409,7 @@ def _save_seq_cls(source: ExportSource, out: Path, max_length: int) -> dict[str,
     model.config.sentence_transformers = {"activation_fn": ST_IDENTITY}
     model.config.sbert_ce_default_activation_function = ST_IDENTITY
     model.save_pretrained(str(out))
-    _save_tokenizer(source, out, max_length, decoder_text=False)
+    _save_tokenizer(source, out, max_length, text_format="cross-encoder")
     return {"max_length": max_length, "activation": "identity", "score_bias_shift": 0.0}
 
 
@@ -435,10 +470,10 @@ def _export_hf(source: ExportSource, out: Path, *, max_length: int, opset: int) 
     tokenizer = load_tokenizer(str(source.model_dir))
     model, details = _decoder_classifier(source, ranker, tokenizer)
     model.save_pretrained(str(out))
-    eos_appended = _save_tokenizer(source, out, max_length, decoder_text=True, tokenizer=tokenizer)
+    eos_appended = _save_tokenizer(source, out, max_length, text_format=ranker.text_format, tokenizer=tokenizer)
     # Proof, as a user loads it: transformers' own classes on kdlab's inputs padded with the export's pad id.
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
-    encoder = _pair_encoder(load_tokenizer(str(source.model_dir)), "decoder", max_length)
+    encoder = _pair_encoder(load_tokenizer(str(source.model_dir)), ranker.text_format, max_length)
     batch = _probe_batch(encoder)
     ids = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, details["pad_token_id"])
     with torch.no_grad():
@@ -520,7 +555,7 @@ def _export_onnx(source: ExportSource, out: Path, *, max_length: int, opset: int
     """
     onnx, ort = _onnx_modules()
     ranker = load_rank_teacher(str(source.model_dir))
-    encoder = _pair_encoder(load_tokenizer(str(source.model_dir)), source.kind, max_length)
+    encoder = _pair_encoder(load_tokenizer(str(source.model_dir)), ranker.text_format, max_length)
     batch = _probe_batch(encoder)
     names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in batch]
     scorer = _OnnxScorer(ranker, "token_type_ids" in names).eval()
@@ -565,7 +600,7 @@ def _export_onnx(source: ExportSource, out: Path, *, max_length: int, opset: int
                "pytorch_ms": round(torch_ms, 3), "onnxruntime_ms": round(ort_ms, 3)}
     print(f"[kdlab] onnx latency, batch {shape[0]} x {shape[1]} tokens, median of 10 on {latency['threads']} "
           f"thread(s): PyTorch {torch_ms:.2f} ms | onnxruntime {ort_ms:.2f} ms", flush=True)
-    eos_appended = _save_tokenizer(source, out, max_length, decoder_text=source.kind == "decoder")
+    eos_appended = _save_tokenizer(source, out, max_length, text_format=ranker.text_format)
     return {"max_length": max_length, "opset": written_opset, "exporter": exporter, "exporter_failures": failures,
             "inputs": names, "output": "scores", "max_abs_diff": diff, "latency": latency,
             "eos_appended_by_tokenizer": eos_appended, "score_bias_shift": 0.0}
@@ -701,6 +736,10 @@ _TEXT_FORMAT = {
     "decoder": ("One sequence: `query: {{query}} document: {{title}} {{body}}` (trailing spaces stripped), "
                 "encoded without the tokenizer's special tokens, then the EOS token appended ({eos}); at most {L} "
                 "tokens including the EOS. The score is read at that final EOS token (last-token pooling)."),
+    "decoder-prompt": ("One sequence, a yes/no relevance question (`TeacherRankSFT(head_init=\"prompt\")`): `{prompt}` "
+                       "with the document `{{title}} {{body}}`, encoded without the tokenizer's special tokens and with "
+                       "nothing appended; at most {L} tokens (a longer prompt has its document cut, never the question). "
+                       "The score is read at the prompt's last token (last-token pooling)."),
 }
 
 
@@ -708,7 +747,7 @@ _HF_IMPORT = "from transformers import AutoModelForSequenceClassification, AutoT
 _PAIRS_LINE = 'pairs = [("what is python", "Python is a language."), ("what is python", "A python is a snake.")]'
 
 
-def _snippets(format: str, kind: str, eos_appended: bool, shift: float) -> list[str]:
+def _snippets(format: str, kind: str, eos_appended: bool, shift: float, text_format: str = "") -> list[str]:
     if format == "cross-encoder":
         return ["```python", "from sentence_transformers import CrossEncoder", "",
                 'model = CrossEncoder("path/to/this/directory")',
@@ -723,7 +762,13 @@ def _snippets(format: str, kind: str, eos_appended: bool, shift: float) -> list[
                 "with torch.no_grad():", "    scores = model(**batch).logits[:, 0]", "```",
                 "It is also a sentence-transformers `CrossEncoder` directory (identity activation)."]
     texts = '[f"query: {q} document: {d}".rstrip() for q, d in pairs]'
-    if eos_appended:
+    if text_format == "decoder-prompt":
+        from kdlab.data.collators import RELEVANCE_PROMPT
+
+        encode = [f"prompt = {RELEVANCE_PROMPT!r}",
+                  "texts = [prompt.format(query=q, document=d) for q, d in pairs]",
+                  'batch = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")  # no EOS']
+    elif eos_appended:
         encode = [f"texts = {texts}",
                   'batch = tok(texts, padding=True, truncation=True, return_tensors="pt")  # appends EOS']
     else:
@@ -808,10 +853,14 @@ def _card(source: ExportSource, format: str, details: dict[str, Any]) -> str:
         lines.append("No metrics recorded (no run record beside this model).")
     eos = details.get("eos_appended_by_tokenizer", False)
     L = details.get("max_length")
-    lines += ["", "## Input format", "", _TEXT_FORMAT[source.kind].format(
-        L=L, eos="the saved tokenizer appends it itself" if eos else "append `tokenizer.eos_token_id` yourself")]
+    text_format = text_format_of(source.model_dir)
+    from kdlab.data.collators import RELEVANCE_PROMPT
+
+    lines += ["", "## Input format", "", _TEXT_FORMAT[text_format].format(
+        L=L, eos="the saved tokenizer appends it itself" if eos else "append `tokenizer.eos_token_id` yourself",
+        prompt=RELEVANCE_PROMPT.replace("\n", "\\n"))]
     shift = float(details.get("score_bias_shift", 0.0))
-    lines += ["", "## How to load", "", *_snippets(format, source.kind, bool(eos), shift)]
+    lines += ["", "## How to load", "", *_snippets(format, source.kind, bool(eos), shift, text_format)]
     lines += ["", "## Fidelity", ""]
     measured = details.get("max_abs_diff") == details.get("max_abs_diff")  # NaN: a card written without an export
     if format == "cross-encoder" or (format == "hf" and source.kind == "cross-encoder"):
@@ -821,8 +870,10 @@ def _card(source: ExportSource, format: str, details: dict[str, Any]) -> str:
         lines.append("HF's logit is kdlab's score minus the score head's bias (`config.kdlab_score_bias`, 0 unless a "
                      "pointwise loss trained it): the standard `score` layer has no bias.")
     if format == "hf" and source.kind == "decoder" and measured:
+        scored = ("the prompt's last token is the one it scores" if text_format == "decoder-prompt"
+                  else "not EOS, so the EOS is the token it scores")
         lines.append(f"Checked at export: transformers' `{_family(source)}ForSequenceClassification`, padded with token id "
-                     f"{details['pad_token_id']} (not EOS, so the EOS is the token it scores), matches kdlab: max |Δ| = "
+                     f"{details['pad_token_id']} ({scored}), matches kdlab: max |Δ| = "
                      f"{details['max_abs_diff']:.2g}" + (" once the bias is added back." if shift else "."))
         if shift:
             lines.append(f"kdlab's score head has a trained bias ({shift:.6g}) and the standard `score` layer has none: "

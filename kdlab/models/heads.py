@@ -1,7 +1,8 @@
 """Score heads: last-token scoring for decoder rankers, and RRADistill's Term Control Layer.
 
 ``LastTokenScore`` (DisRanker / RankLLaMA): ``s(q, d) = w · h_last + b`` where ``h_last`` is the
-last-layer hidden state of the final non-padding token (the appended EOS).
+last-layer hidden state of the final non-padding token (the appended EOS; in the ``decoder-prompt``
+text format the relevance prompt's last token, see :meth:`LastTokenScore.init_from_answers`).
 
 ``TermControlLayer`` (RRADistill, arXiv 2410.18097) — **our reading** of the paper, which names the
 layer and says it injects term-matching signals and can be dropped at inference but does not give
@@ -54,6 +55,23 @@ class LastTokenScore(nn.Module):
         self.hidden_size = hidden_size
         self.dense = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.dense.bias)
+
+    @torch.no_grad()
+    def init_from_answers(self, output_embeddings: nn.Module, yes_id: int, no_id: int) -> None:
+        """Start the head at the LM's own yes/no judgement: ``w = E_out[yes] − E_out[no]`` and
+        ``b = b_out[yes] − b_out[no]`` (0 for an LM head without bias, as Llama / SmolLM2).
+
+        ``output_embeddings`` is the causal LM's ``get_output_embeddings()`` (the LM-head rows, tied to
+        the input embeddings or not). A base decoder's last hidden state is taken after the final norm,
+        so on the same hidden state ``s = logit(yes) − logit(no)`` of the untouched causal LM
+        (up to float rounding; not for LMs that transform logits after the head, e.g. Gemma-2's soft cap).
+        """
+        weight = output_embeddings.weight
+        diff = weight[yes_id].float() - weight[no_id].float()
+        self.dense.weight.copy_(diff.reshape(1, -1).to(device=self.dense.weight.device, dtype=self.dense.weight.dtype))
+        bias = getattr(output_embeddings, "bias", None)
+        shift = float(bias[yes_id].float() - bias[no_id].float()) if bias is not None else 0.0
+        self.dense.bias.fill_(shift)
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor) -> Tensor:
         pooled = last_token_pool(hidden_states, attention_mask)
@@ -115,16 +133,20 @@ class TermControlLayer(nn.Module):
 class DecoderRanker(nn.Module):
     """The served decoder ranker: a base decoder (no LM head) + :class:`LastTokenScore`.
 
-    ``forward(input_ids, attention_mask) -> [B]`` scores (the inputs end with EOS, any padding side).
+    ``forward(input_ids, attention_mask) -> [B]`` scores (any padding side) at each row's last real
+    token: the appended EOS (``decoder`` text) or the relevance prompt's last token (``decoder-prompt``).
     ``text_format`` names how its inputs are built (:class:`kdlab.data.collators.RankingCollator`).
     """
 
     text_format = "decoder"
 
-    def __init__(self, backbone: nn.Module, hidden_size: int) -> None:
+    def __init__(self, backbone: nn.Module, hidden_size: int, text_format: str = "decoder") -> None:
         super().__init__()
+        if text_format not in ("decoder", "decoder-prompt"):
+            raise ValueError(f"a decoder ranker reads 'decoder' or 'decoder-prompt' text, got {text_format!r}")
         self.backbone = backbone
         self.head = LastTokenScore(hidden_size)
+        self.text_format = text_format
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, **_: Tensor) -> Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
