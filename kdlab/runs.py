@@ -8,13 +8,16 @@ Layout of one run::
                          vector extensions, torch CPU capability: kdlab.machine), times,
                          command line, status
         metrics.json     final validation/test metrics (merged across fit → validate → test)
+        progress.json    where the run is (stage, step, total, epoch, time), rewritten about once a
+                         second while it runs; :func:`launch_run` turns it into a progress bar
         checkpoints/     Lightning checkpoints (``last.ckpt`` for resuming)
         model/           the served model as a Hugging Face directory, when the stage exports one
 
 Every file is written atomically (temp file in the same directory + ``os.replace``), so a run
 killed at any moment leaves either the previous version of a file or the new one, never half.
 The writers here are the project's only ones. The callback that writes a run's record is
-:class:`kdlab.callbacks.RunRecord`. This module imports nothing beyond the standard library.
+:class:`kdlab.callbacks.RunRecord`. This module imports nothing beyond the standard library
+(``tqdm`` only inside :func:`launch_run`, for its progress bar).
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import os
 import platform
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -38,6 +43,9 @@ RUN_DIR_ENV = "KDLAB_RUN_DIR"
 """Set by the process that created a run directory, so DDP child ranks (which re-run the CLI)
 resolve the same directory instead of creating their own."""
 
+PROGRESS_FILE = "progress.json"
+"""A running run's position (see :func:`read_progress`), in its run directory."""
+
 TRACKED_PACKAGES = (
     "kdlab", "torch", "lightning", "transformers", "tokenizers", "torchmetrics", "jsonargparse",
     "peft", "bitsandbytes", "wandb", "einops", "numpy",
@@ -46,31 +54,35 @@ TRACKED_PACKAGES = (
 
 # ----------------------------------------------------------------------------- atomic writes
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename."""
+def atomic_path(path: str | os.PathLike[str], durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename.
+
+    ``durable=False`` skips the ``fsync`` (readers still see the old or the whole new file, but a
+    power cut may lose the new one): for files rewritten every second, such as ``progress.json``."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+def write_text_atomic(path: str | os.PathLike[str], text: str, durable: bool = True) -> None:
     """Write ``text`` to ``path`` so that readers only ever see the old or the complete new file."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=durable) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, durable: bool = True) -> None:
     """Atomic, pretty, key-sorted JSON (sorted so equal records are byte-identical)."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", durable=durable)
 
 
 def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> None:
@@ -196,12 +208,158 @@ def finished_metrics(run_dir: str | os.PathLike[str]) -> dict[str, float] | None
     return json.loads(metrics.read_text())
 
 
+def read_progress(run_dir: str | os.PathLike[str], since: float = 0.0) -> dict[str, Any] | None:
+    """A run's ``progress.json`` if it was written at or after unix time ``since``, else None.
+
+    Its fields: ``stage`` (``fit``, or ``validate`` / ``test`` / ``predict``, also for the
+    validation inside a fit), ``step`` (optimizer steps done; batches done for an evaluation),
+    ``total`` (the expected count, None when unknown), ``epoch`` and ``time`` (unix seconds).
+    """
+    try:
+        progress = json.loads((Path(run_dir) / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(progress, dict) or not isinstance(progress.get("step"), int):
+        return None
+    if not isinstance(progress.get("time"), (int, float)) or progress["time"] < since:
+        return None  # left by an earlier attempt in this run directory
+    return progress
+
+
+POLL_SECONDS = 0.5
+"""How often :func:`launch_run` reads a running child's ``progress.json``."""
+
+BAR_REDRAW_SECONDS = {"tty": 0.5, "file": 10.0}
+"""The progress bar's ``mininterval`` when stderr is a terminal, and when it is a file or pipe."""
+
+INTERRUPT_GRACE_SECONDS = (2.0, 60.0, 10.0)
+"""On Ctrl-C: seconds for the child to stop on the terminal's own SIGINT, then after ours (Lightning
+shuts down gracefully: the manifest says ``interrupted``), then after SIGTERM, before SIGKILL."""
+
+_STAGE_WORDS = {"fit": ("", " steps"), "validate": (" (validation)", " batches"),
+                "test": (" (test)", " batches"), "predict": (" (predict)", " batches")}
+
+
+class _ProgressBar:
+    """One ``tqdm`` bar on stderr for a launched run, fed from its ``progress.json``.
+
+    On a terminal it redraws twice a second; when stderr is a file (``nohup``, SLURM) it writes at
+    most one update every 10 s, so a long run's log gets a heartbeat without being flooded
+    (``disable=None`` would hide all progress there). The rate and ETA of a stage count from the
+    first state the bar saw of it (a fit's ETA thus includes its validations; a resumed fit counts
+    from the step it resumed at); an evaluation's count again each time it begins.
+    """
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+        self.stage: str | None = None
+        self.starts: dict[str, tuple[float, int]] = {}  # stage -> (unix time, step) its clock counts from
+        self.steps: dict[str, int] = {}  # stage -> the last step seen
+
+    def show(self, progress: Mapping[str, Any]) -> None:
+        stage, step, total = str(progress.get("stage") or "fit"), int(progress["step"]), progress.get("total")
+        total = int(total) if isinstance(total, (int, float)) and 0 < total < float("inf") else None
+        # An evaluation's clock restarts each time it begins (a fit validates every epoch); a fit's
+        # runs on through its validations, so that its ETA includes them.
+        restart = (stage not in self.starts or step < self.steps[stage]
+                   or (stage != "fit" and stage != self.stage))
+        if restart:  # the clock starts when the child wrote this state (e.g. at its first step)
+            written = progress.get("time")
+            now = time.time()
+            self.starts[stage] = (min(float(written), now) if isinstance(written, (int, float)) else now, step)
+        self.steps[stage] = step
+        suffix, unit = _STAGE_WORDS.get(stage, (f" ({stage})", " steps"))
+        bar_format = ("{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{unit} [{elapsed}<{remaining}, "
+                      "{rate_fmt}]") if total else None  # None: tqdm's "N steps [elapsed, rate]"
+        if self.bar is None:
+            from tqdm.std import tqdm
+
+            tty = sys.stderr.isatty()
+            self.bar = tqdm(file=sys.stderr, desc=self.label + suffix, unit=unit, total=total, initial=step,
+                            bar_format=bar_format, mininterval=BAR_REDRAW_SECONDS["tty" if tty else "file"],
+                            miniters=0, smoothing=0, dynamic_ncols=tty, leave=True)
+            self.stage = stage
+            return
+        bar = self.bar
+        if stage != self.stage or restart:
+            self.stage = stage
+            bar.set_description_str(self.label + suffix, refresh=False)
+            bar.unit = unit
+            bar.start_t, bar.initial = self.starts[stage]  # smoothing=0: rate = (n - initial) / elapsed
+        bar.total, bar.bar_format = total, bar_format
+        bar.update(step - bar.n)  # draws when the last draw is `mininterval` old (also for a step of 0)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _stop_child(proc: subprocess.Popen[bytes], label: str) -> None:
+    """Stop a child after Ctrl-C without leaving it (or its DDP ranks) running: wait for it to act
+    on the terminal's SIGINT, send SIGINT (Lightning's graceful shutdown), then SIGTERM, SIGKILL."""
+    if proc.poll() is not None:
+        return
+    print(f"[kdlab] {label}: interrupted, stopping the run (Ctrl-C again to kill it) ...", file=sys.stderr,
+          flush=True)
+    first, after_int, after_term = INTERRUPT_GRACE_SECONDS
+    try:
+        for send, grace in ((None, first), (signal.SIGINT, after_int), (signal.SIGTERM, after_term)):
+            if send is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(send)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace)
+                return
+    except KeyboardInterrupt:  # Ctrl-C again: no more patience
+        pass
+    proc.kill()
+    proc.wait()
+
+
+def _run_child(cmd: list[str], log: Any, env: Mapping[str, str], run_dir: Path, label: str,
+               quiet: bool) -> int:
+    """Run ``cmd`` to its end and return its exit status; while it runs, show a progress bar (quiet
+    runs) from ``run_dir``'s ``progress.json``. Any exception here (Ctrl-C) stops the child first."""
+    started = time.time()
+    proc = subprocess.Popen(cmd, stdout=log if quiet else None, stderr=subprocess.STDOUT if quiet else None,
+                            env=dict(env))
+    bar: _ProgressBar | None = _ProgressBar(label) if quiet else None
+    try:
+        while True:
+            try:
+                returncode = proc.wait(timeout=POLL_SECONDS if quiet else None)
+            except subprocess.TimeoutExpired:
+                returncode = None
+            progress = read_progress(run_dir, since=started - 1.0) if bar is not None else None
+            if progress is not None:
+                try:
+                    bar.show(progress)
+                except Exception as error:  # a display problem must not stop a training run
+                    print(f"[kdlab] {label}: no progress bar ({error!r})", file=sys.stderr, flush=True)
+                    bar.close()
+                    bar = None
+            if returncode is not None:
+                return returncode
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        _stop_child(proc, label)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()  # the last state stays on screen
+
+
 def launch_run(args: list[str], run_dir: str | os.PathLike[str], *, label: str | None = None,
                command: str = "fit", quiet: bool = True) -> dict[str, float]:
     """Run ``python -m kdlab <command> ARGS --run.dir RUN_DIR`` in a subprocess, unless already finished.
 
     A subprocess per run keeps runs isolated (memory, global RNG, W&B state) and lets Lightning's
-    DDP launcher re-run the exact command. Output goes to ``RUN_DIR.log`` beside the run directory.
+    DDP launcher re-run the exact command. Output goes to ``RUN_DIR.log`` beside the run directory
+    (``quiet=False``: to this terminal instead), and a progress bar labelled ``label`` on stderr
+    follows the run's ``progress.json``. Ctrl-C stops the run before it is raised again.
     Returns the run's ``metrics.json``.
     """
     run_dir = Path(run_dir)
@@ -221,10 +379,10 @@ def launch_run(args: list[str], run_dir: str | os.PathLike[str], *, label: str |
     env = dict(os.environ)
     env.pop(RUN_DIR_ENV, None)
     with open(log_path, "w") as log:
-        proc = subprocess.run(full, stdout=log if quiet else None, stderr=subprocess.STDOUT if quiet else None, env=env)
-    if proc.returncode != 0:
+        returncode = _run_child(full, log, env, run_dir, label, quiet)
+    if returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").strip().splitlines()[-8:])
-        raise RunFailed(f"{label} failed (exit {proc.returncode}): {' '.join(full[2:])}\nlog: {log_path}\n{tail}")
+        raise RunFailed(f"{label} failed (exit {returncode}): {' '.join(full[2:])}\nlog: {log_path}\n{tail}")
     metrics = finished_metrics(run_dir)
     if metrics is None:
         raise RunFailed(f"{label} exited 0 but left no finished record in {run_dir}")
