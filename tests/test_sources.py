@@ -168,14 +168,14 @@ def test_duplicate_document_fails_the_pipeline_before_any_step_naming_the_users_
     lines[21] = json.dumps(bad)
     train = tmp_path / "mine.jsonl"
     train.write_text("\n".join(lines) + "\n")
-    line = _one_line(capsys, ["pipeline", "--config", str(REPO / "experiments" / "quickstart" / "disranker.yaml"),
+    line = _one_line(capsys, ["pipeline", "--config", str(REPO / "experiments" / "quickstart" / "disranker_tiny.yaml"),
                               f"--root={tmp_path / 'runs'}", f"--train={train}", "--max_train_queries=30"])
     assert line.startswith(f"error: {train}:22: field 'docs[3].id': duplicate document id")
     assert not (tmp_path / "runs").exists()
 
 
 def test_pipeline_step_mistake_fails_before_the_first_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    line = _one_line(capsys, ["pipeline", "--config", str(REPO / "experiments" / "quickstart" / "disranker.yaml"),
+    line = _one_line(capsys, ["pipeline", "--config", str(REPO / "experiments" / "quickstart" / "disranker_tiny.yaml"),
                               f"--root={tmp_path / 'runs'}", '--variants={"bad": ["--model.init_args.beta=-2"]}'])
     assert "beta: a loss weight must be >= 0, got -2.0" in line
     assert not (tmp_path / "runs").exists()
