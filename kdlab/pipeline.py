@@ -69,6 +69,9 @@ class PipelineConfig:
         max_train_queries / max_eval_queries: use only the first N queries of the training /
             validation and test files (the subsets are written into the pipeline directory and
             their sizes printed in the report) — to fit a large teacher into a time budget.
+        max_val_queries: the validation split's own cut when it should differ from the test split's
+            (e.g. a small validation split that the teacher labels quickly and a large test split
+            whose per-query significance test has power); None: ``max_eval_queries``.
         test_query_offset: skip this many queries of the test file before taking
             ``max_eval_queries`` (e.g. a fresh held-out slice for a confirmation run after an
             earlier run's test queries were looked at).
@@ -103,6 +106,7 @@ class PipelineConfig:
     test: RankingSource | str | None = None
     max_train_queries: int | None = None
     max_eval_queries: int | None = None
+    max_val_queries: int | None = None
     test_query_offset: int = 0
     label_max_tokens: int = LABEL_BATCH_TOKENS
     label_max_length: int = PAIR_MAX_LENGTH
@@ -207,7 +211,8 @@ def read_ranking_data(config: PipelineConfig) -> PreparedData:
         source = as_source(value, split, sample=f"ranking_{split}.jsonl")
         data = read_source(source, split)
         groups, info = data.groups, dict(data.first_stage)
-        limit = config.max_train_queries if split == "train" else config.max_eval_queries
+        limit = {"train": config.max_train_queries, "test": config.max_eval_queries,
+                 "val": config.max_eval_queries if config.max_val_queries is None else config.max_val_queries}[split]
         offset = config.test_query_offset if split == "test" else 0
         if limit is not None or offset:
             groups = groups[offset:None if limit is None else offset + limit]

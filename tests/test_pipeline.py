@@ -125,6 +125,14 @@ def _splits_only(config: PipelineConfig, monkeypatch: pytest.MonkeyPatch) -> Pat
     return Path(str(config.pipeline_dir)) / "data"
 
 
+def test_max_val_queries_cuts_the_validation_split_apart_from_the_test_split(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _splits_only(PipelineConfig(pipeline_dir=str(tmp_path / "p"), max_eval_queries=7, max_val_queries=3),
+                        monkeypatch)
+    lines = {split: (data / f"ranking_{split}.jsonl").read_text().splitlines() for split in ("val", "test")}
+    assert (len(lines["val"]), len(lines["test"])) == (3, 7)
+
+
 def test_test_query_offset_takes_a_fresh_slice_of_the_test_file(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from kdlab.data import sample_path
