@@ -24,19 +24,9 @@ from kdlab.callbacks import run_record
 from kdlab.callbacks.run_record import RunRecord
 from kdlab.runs import PROGRESS_FILE, RunFailed, launch_run, read_progress
 
-# 64 examples in batches of 8: 8 steps an epoch, 16 in 2 epochs; 8 validation batches.
-TOY = """
-model:
-  class_path: toy_stage.ToyRegression
-  init_args: {hidden: 8}
-data:
-  class_path: toy_stage.ToyData
-trainer:
-  max_epochs: 2
-  logger: false
-  enable_progress_bar: false
-  enable_model_summary: false
-"""
+# The toy run of the CLI tests: 64 examples in batches of 8, 8 steps an epoch, 16 in 2 epochs;
+# 8 validation batches.
+from test_cli_runs import TOY  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- child side
