@@ -103,8 +103,10 @@ def score_per_query(model_dir: str | Path, test: str | Sequence[RankingGroup], m
 def evaluate_models(models: Mapping[str, str | Path], test: str | Sequence[RankingGroup],
                     max_length: int = PAIR_MAX_LENGTH, k: int = EVAL_K, gain: Gain = "linear",
                     scores_out: dict[str, list[list[float]]] | None = None, device: str | torch.device = "cpu",
-                    dtype: str = "float32") -> list[dict[str, Any]]:
+                    dtype: str = "float32", max_lengths: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
     """One row per model: ``ndcg@k``, ``mrr@k``, ``pnr``, ``parameters``, ``ms_per_query`` (median).
+
+    Every model reads at most ``max_length`` tokens per pair, except those named in ``max_lengths``.
 
     ``test`` is a kdlab JSONL path or the groups themselves. ``scores_out``, when given, receives
     each scored model's per-document scores (not the random ordering's), e.g. for a TREC run file.
@@ -126,7 +128,8 @@ def evaluate_models(models: Mapping[str, str | Path], test: str | Sequence[Ranki
             row = _metrics_row(name, list(zip(scores, labels)), k, gain)
             row.update(parameters=None, ms_per_query=None)
         else:
-            scores, latencies, parameters = score_per_query(spec, groups, max_length=max_length, device=device,
+            length = (max_lengths or {}).get(name, max_length)
+            scores, latencies, parameters = score_per_query(spec, groups, max_length=length, device=device,
                                                             dtype=dtype)
             row = _metrics_row(name, list(zip(scores, labels)), k, gain)
             row.update(parameters=parameters, ms_per_query=statistics.median(latencies) if latencies else None,

@@ -69,6 +69,14 @@ class PipelineConfig:
         max_train_queries / max_eval_queries: use only the first N queries of the training /
             validation and test files (the subsets are written into the pipeline directory and
             their sizes printed in the report) — to fit a large teacher into a time budget.
+        label_val: the teacher also labels the validation split, and the students validate on
+            that file (True, as before); False: the students validate on the validation split as
+            it is — their validation metrics read only its relevance labels, so this saves the
+            teacher's pass over it.
+        max_label_queries: the teacher labels, and the students train on, only the first N of the
+            training queries the teacher was trained on (None: all of them). Rank SFT costs the
+            same per step whatever the number of queries, labeling and student training cost per
+            query: a teacher that sees more distinct queries overfits less, at no cost in time.
         max_val_queries: the validation split's own cut when it should differ from the test split's
             (e.g. a small validation split that the teacher labels quickly and a large test split
             whose per-query significance test has power); None: ``max_eval_queries``.
@@ -81,7 +89,10 @@ class PipelineConfig:
             teacher labels the candidates (several devices run data parallel through
             ``python -m kdlab label``; the file is the same as one device's).
         eval_device / eval_dtype: where the held-out evaluation scores every model.
-        eval_max_length: tokens per (query, doc) when evaluating.
+        eval_max_length: tokens per (query, doc) when evaluating the students.
+        teacher_eval_max_length: tokens per (query, doc) when evaluating the teachers; None:
+            ``eval_max_length``. Each model is timed at the length it was trained for when these
+            differ (e.g. a teacher trained on 96 tokens, students on 64); the report says so.
         min_student_ratio: the report checks student NDCG@10 ≥ this × teacher NDCG@10.
         min_student_speedup: ... and the student ≥ this many times faster per query than the teacher.
         significance_level: the p-value below which the report calls a difference significant.
@@ -107,10 +118,13 @@ class PipelineConfig:
     max_train_queries: int | None = None
     max_eval_queries: int | None = None
     max_val_queries: int | None = None
+    max_label_queries: int | None = None
+    label_val: bool = True
     test_query_offset: int = 0
     label_max_tokens: int = LABEL_BATCH_TOKENS
     label_max_length: int = PAIR_MAX_LENGTH
     eval_max_length: int = PAIR_MAX_LENGTH
+    teacher_eval_max_length: int | None = None
     label_accelerator: str = "auto"
     label_devices: int | str = 1
     label_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -217,7 +231,10 @@ def read_ranking_data(config: PipelineConfig) -> PreparedData:
         if limit is not None or offset:
             groups = groups[offset:None if limit is None else offset + limit]
             if not groups:
-                raise ConfigError(f"{source.label()}: no queries left after test_query_offset={offset}")
+                field_name = {"train": "max_train_queries", "test": "max_eval_queries",
+                              "val": "max_eval_queries" if config.max_val_queries is None else "max_val_queries"}[split]
+                cut = f"test_query_offset={offset}, {field_name}={limit}" if offset else f"{field_name}={limit}"
+                raise ConfigError(f"{source.label()}: no queries left after {cut}; expected at least one")
         if split == "test" and any(d.first_stage_score is None for g in groups for d in g.docs):
             from kdlab.data.first_stage import BM25Options, bm25_candidate_scores, describe
 
@@ -230,8 +247,17 @@ def read_ranking_data(config: PipelineConfig) -> PreparedData:
         first_stage[split] = info
         prepared[split] = groups
         user_files[split] = str(source.path) if source.format == "jsonl" and groups is data.groups else None
+    if config.max_label_queries is not None:
+        if config.max_label_queries < 1:
+            raise ConfigError(f"max_label_queries: expected an integer >= 1 or null, got {config.max_label_queries}")
+        prepared[LABELED_TRAIN] = prepared["train"][:config.max_label_queries]
+        user_files[LABELED_TRAIN] = None
+        first_stage[LABELED_TRAIN] = first_stage["train"]
     name = config.pre_ranker_name or _pre_ranker_name(first_stage["test"])
     return PreparedData(prepared, user_files, first_stage, name)
+
+
+LABELED_TRAIN = "train_labeled"  # the training queries the teacher labels (max_label_queries)
 
 
 def _pre_ranker_name(info: dict[str, Any]) -> str:
@@ -289,8 +315,9 @@ def _step_commands(config: PipelineConfig, pipeline_dir: Path, splits: dict[str,
     """Each step's ``fit`` command line, in the order the steps run."""
     common = list(config.step_args.get("all", []))
     last = list(config.step_args.get("all_after", []))
-    data_args = [f"--data.init_args.{split}={path}" for split, path in splits.items()]
-    label_args = [f"--data.init_args.{split}={path}" for split, path in {**splits, **_label_files(pipeline_dir)}.items()]
+    data_args = [f"--data.init_args.{split}={path}" for split, path in splits.items() if split != LABELED_TRAIN]
+    label_args = [f"--data.init_args.{split}={path}" for split, path in {**splits, **_label_files(pipeline_dir, config)}.items()
+                  if split != LABELED_TRAIN]
     cpt_model = pipeline_dir / "cpt" / "model"
     sft_args = [*common, "--config", config.rank_sft_config, *data_args, *config.step_args.get("rank_sft", []), *last]
     step_args: dict[str, list[str]] = {}
@@ -304,8 +331,10 @@ def _step_commands(config: PipelineConfig, pipeline_dir: Path, splits: dict[str,
     return step_args
 
 
-def _label_files(pipeline_dir: Path) -> dict[str, Path]:
-    return {split: pipeline_dir / "labels" / f"{split}.jsonl" for split in ("train", "val")}
+def _label_files(pipeline_dir: Path, config: PipelineConfig) -> dict[str, Path]:
+    """The teacher-labeled files: the training split's, and the validation split's when ``label_val``."""
+    return {split: pipeline_dir / "labels" / f"{split}.jsonl" for split in ("train", "val")
+            if split == "train" or config.label_val}
 
 
 def run_pipeline(config: PipelineConfig) -> Path:
@@ -330,14 +359,15 @@ def run_pipeline(config: PipelineConfig) -> Path:
     write_json_atomic(pipeline_dir / "pipeline.json", asdict(config))
     started = time.perf_counter()
     steps: dict[str, StepResult] = {}
-    labels = _label_files(pipeline_dir)
+    labels = _label_files(pipeline_dir, config)
     for name in ("rank_sft_no_cpt", "cpt", "rank_sft_cpt"):
         if name in step_args:
             steps[name] = run_step(name, pipeline_dir, step_args[name])
     teacher_dir = pipeline_dir / "rank_sft_cpt" / "model"
     for split, output in labels.items():
         with _timed_step(pipeline_dir, f"labels_{split}", steps, output):
-            label_split(teacher_dir, splits[split], output, config)
+            label_split(teacher_dir, splits[LABELED_TRAIN if split == "train" and LABELED_TRAIN in splits else split],
+                        output, config)
     for variant in config.variants:
         step = f"student_{slug(variant)}"
         steps[step] = run_step(step, pipeline_dir, step_args[step])
@@ -352,11 +382,23 @@ def run_pipeline(config: PipelineConfig) -> Path:
         models[f"student, {variant}"] = pipeline_dir / f"student_{slug(variant)}" / "model"
     scores: dict[str, list[list[float]]] = {}
     with _timed_step(pipeline_dir, "evaluation", steps, pipeline_dir / "report.md", always=True):
-        rows = evaluate_models(models, splits["test"], max_length=config.eval_max_length, gain=config.gain,
+        teacher_length = config.teacher_eval_max_length or config.eval_max_length
+        lengths = {name: teacher_length for name in models if name.startswith("teacher")}
+        rows = evaluate_models(models, splits["test"], max_length=config.eval_max_length, max_lengths=lengths,
+                               gain=config.gain,
                                scores_out=scores, device=config.eval_device, dtype=config.eval_dtype)
     evidence = review_figures(rows, scores, splits["test"], pipeline_dir, config, prepared.pre_ranker_name)
     total = time.perf_counter() - started
     return write_report(pipeline_dir, config, rows, steps, total, data_sizes(splits), evidence)
+
+
+def _length_sentence(config: PipelineConfig) -> str:
+    """The report's statement of how many tokens of each (query, document) pair each model read."""
+    teacher = config.teacher_eval_max_length or config.eval_max_length
+    if teacher == config.eval_max_length:
+        return f"Every model reads at most {teacher} tokens per (query, document) pair."
+    return (f"The teachers read at most {teacher} tokens per (query, document) pair, the students "
+            f"{config.eval_max_length} (each at the length it was trained on; ms / query is timed so).")
 
 
 def review_figures(rows: list[dict[str, Any]], scores: dict[str, list[list[float]]], test_path: str,
@@ -429,7 +471,8 @@ def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str
              "(the pre-ranker's ranking is strict: its score, then its own order); "
              "PNR = concordant / discordant pairs of one query with different labels (score ties count neither way). "
              f"p = per-query paired {'randomisation test (10 000 sign flips)' if config.significance == 'randomization' else 't-test'} "
-             "on NDCG@10, two-sided.",
+             "on NDCG@10, two-sided. "
+             f"{_length_sentence(config)}",
              "", "| model | NDCG@10 | MRR@10 | PNR | p vs teacher | p vs pre-ranker | parameters | ms / query |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -441,7 +484,10 @@ def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str
     lines += ["", "## Checks", "", *review_checks(rows, config, evidence)]
     if sizes:
         lines += ["", "## Data", "", "| split | queries | (query, doc) pairs |", "|---|---|---|"]
-        lines += [f"| {split} | {q} | {d} |" for split, (q, d) in sizes.items()]
+        names = {"train": "train (teacher rank SFT)", LABELED_TRAIN: "train, labeled by the teacher (students)"}
+        if LABELED_TRAIN not in sizes:
+            names["train"] = "train"
+        lines += [f"| {names.get(split, split)} | {q} | {d} |" for split, (q, d) in sizes.items()]
         if config.test_query_offset:
             lines += ["", f"The test split is queries {config.test_query_offset + 1}–"
                           f"{config.test_query_offset + sizes['test'][0]} of its file (`test_query_offset`)."]

@@ -165,3 +165,16 @@ def test_model_row_metrics_come_from_the_model_scores(exported: tuple[Path, Path
     assert row["ndcg@10"] == pytest.approx(expected, abs=1e-5)
     assert row["queries"] == 4 and row["parameters"] == count_parameters(load_rank_teacher(str(model_dir)))
     assert row["ms_per_query"] > 0 and row["ms_per_query_mean"] > 0
+
+
+def test_a_model_named_in_max_lengths_reads_its_own_length(exported: tuple[Path, Path]) -> None:
+    """``max_lengths`` cuts one model's pairs to its own length (a teacher trained on other lengths
+    than its students) and leaves the rest at ``max_length``."""
+    model_dir, test_path = exported
+    full, cut = evaluate_models({"full": model_dir, "cut": model_dir}, str(test_path), max_length=PAIR_MAX_LENGTH,
+                                max_lengths={"cut": 8}, scores_out=(scores := {}))
+    for got, want in zip(scores["full"], _direct_scores(model_dir, test_path)):
+        assert got == pytest.approx(want, abs=1e-5)
+    assert scores["full"] != scores["cut"]
+    only_cut = evaluate_models({"cut": model_dir}, str(test_path), max_length=8, scores_out=(again := {}))
+    assert again["cut"] == scores["cut"] and only_cut[0]["ndcg@10"] == cut["ndcg@10"]

@@ -144,8 +144,10 @@ def test_test_query_offset_takes_a_fresh_slice_of_the_test_file(tmp_path: Path,
     val = [json.loads(line)["query"] for line in (data / "ranking_val.jsonl").read_text().splitlines()]
     assert test == queries[50:55] and len(val) == 5
     assert not (data / "ranking_train.jsonl").exists()  # no limit: the training file is used as it is
-    with pytest.raises(ValueError, match="no queries left"):
+    with pytest.raises(ValueError, match="no queries left after test_query_offset=100, max_eval_queries=None"):
         run_pipeline(PipelineConfig(pipeline_dir=str(tmp_path / "empty"), test_query_offset=len(queries)))
+    with pytest.raises(ValueError, match=r"ranking_val\.jsonl.*no queries left after max_val_queries=0; expected"):
+        run_pipeline(PipelineConfig(pipeline_dir=str(tmp_path / "no-val"), max_val_queries=0))
 
 
 def _row(model: str, ndcg: float, ms: float | None = None, **extra: float) -> dict:
@@ -177,3 +179,50 @@ def test_checks_say_plainly_when_the_teacher_or_a_student_is_below_the_pre_ranke
                        _row("student, hybrid", 0.61, 10.0)]
     text = "\n".join(review_checks(not_significant, config, evidence))
     assert "**The CPT teacher is above BM25, but NOT significantly** (NDCG@10 0.6200 vs 0.6000, p = 0.3)" in text and "every check passes" not in text
+
+
+def test_max_label_queries_labels_a_prefix_of_the_teachers_training_queries(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The teacher trains on ``max_train_queries``; only the first ``max_label_queries`` of them are
+    labeled, and the students train on those labels."""
+    launched: dict[str, list[str]] = {}
+    labeled: dict[str, str] = {}
+
+    def fake_run(name: str, pipeline_dir: Path, args: list[str]) -> pipeline.StepResult:
+        launched[name] = list(args)
+        if name.startswith("student_"):
+            raise _Stop
+        return pipeline.StepResult(name, pipeline_dir / name, {}, 0.0)
+
+    def fake_label(teacher_dir: Path, source: str, output: Path, config: PipelineConfig) -> Path:
+        labeled[output.stem] = source
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text("")
+        return output
+
+    monkeypatch.setattr(pipeline, "run_step", fake_run)
+    monkeypatch.setattr(pipeline, "label_split", fake_label)
+    config = PipelineConfig(pipeline_dir=str(tmp_path / "p"), max_train_queries=6, max_label_queries=4,
+                            max_eval_queries=2)
+    with pytest.raises(_Stop):
+        run_pipeline(config)
+    data = tmp_path / "p" / "data"
+    sft_train = [a for a in launched["rank_sft_cpt"] if a.startswith("--data.init_args.train=")]
+    assert sft_train == [f"--data.init_args.train={data / 'ranking_train.jsonl'}"]
+    assert labeled["train"] == str(data / "ranking_train_labeled.jsonl")
+    train = (data / "ranking_train.jsonl").read_text().splitlines()
+    assert len(train) == 6 and (data / "ranking_train_labeled.jsonl").read_text().splitlines() == train[:4]
+    student = next(args for name, args in launched.items() if name.startswith("student_"))
+    assert f"--data.init_args.train={tmp_path / 'p' / 'labels' / 'train.jsonl'}" in student
+    assert not any("train_labeled" in a for a in student)
+    assert f"--data.init_args.val={tmp_path / 'p' / 'labels' / 'val.jsonl'}" in student and "val" in labeled
+
+    launched.clear(), labeled.clear()
+    with pytest.raises(_Stop):  # label_val=False: the students validate on the split itself
+        run_pipeline(PipelineConfig(pipeline_dir=str(tmp_path / "r"), max_eval_queries=2, max_train_queries=3,
+                                    label_val=False))
+    student = next(args for name, args in launched.items() if name.startswith("student_"))
+    assert f"--data.init_args.val={tmp_path / 'r' / 'data' / 'ranking_val.jsonl'}" in student
+    assert set(labeled) == {"train"}
+    with pytest.raises(ValueError, match="max_label_queries: expected an integer >= 1 or null, got 0"):
+        run_pipeline(PipelineConfig(pipeline_dir=str(tmp_path / "q"), max_label_queries=0))

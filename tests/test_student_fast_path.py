@@ -58,7 +58,7 @@ def test_fast_scores_equal_the_plain_forward(fast: dict[str, Any], monkeypatch: 
     batch = _batch()
     plain, stage = _pair(BERT_CONFIG, **fast)
     calls = {"packed": 0, "chunked": 0}
-    for name, key in (("_packed_bert", "packed"), ("_length_chunked", "chunked")):
+    for name, key in (("_packed_bert", "packed"), ("length_chunked_scores", "chunked")):
         original = getattr(rds, name)
 
         def counted(*args: Any, _original: Any = original, _key: str = key, **kw: Any) -> Any:

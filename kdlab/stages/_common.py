@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from kdlab.errors import ConfigError
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
@@ -39,23 +42,41 @@ def global_token_mean(module: Any, total: Tensor, count: Tensor) -> Tensor:
     return total * world / global_count.clamp(min=1)
 
 
-def linear_warmup(warmup_steps: int):  # type: ignore[no-untyped-def]
-    """LR multiplier ``f(step) = min(1, (step + 1) / warmup_steps)`` (constant 1 when
-    ``warmup_steps <= 0``): linear warmup, then the base learning rate."""
+def linear_warmup(warmup_steps: int, total_steps: int | None = None):  # type: ignore[no-untyped-def]
+    """LR multiplier: ``min(1, (step + 1) / warmup_steps)`` (constant 1 when ``warmup_steps <= 0``),
+    then the base learning rate; with ``total_steps``, after the warmup it decays linearly,
+    ``(total_steps − step) / (total_steps − warmup_steps)``, reaching 0 at ``total_steps``."""
 
     def factor(step: int) -> float:
-        if warmup_steps <= 0:
-            return 1.0
-        return min(1.0, (step + 1) / warmup_steps)
+        rise = 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+        if not total_steps or step < warmup_steps:
+            return rise
+        return rise * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return factor
 
 
+LR_SCHEDULES = ("constant", "linear")
+
+
+def scheduled_steps(module: Any, lr_schedule: str) -> int | None:
+    """The step count a ``linear`` schedule decays over (the trainer's estimate of the optimizer
+    steps of the whole fit), or None for ``constant``."""
+    if lr_schedule == "constant":
+        return None
+    if lr_schedule != "linear":
+        raise ConfigError(f"model.init_args.lr_schedule: expected one of {list(LR_SCHEDULES)}, got {lr_schedule!r}")
+    return max(1, int(module.trainer.estimated_stepping_batches))
+
+
 def build_optimizer(
-    module: nn.Module, lr: float, weight_decay: float, warmup_steps: int, *, decay_biases_and_norms: bool = False
+    module: nn.Module, lr: float, weight_decay: float, warmup_steps: int, *, decay_biases_and_norms: bool = False,
+    total_steps: int | None = None, lr_by_prefix: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """AdamW over trainable parameters with a per-step linear-warmup ``LambdaLR``; the Lightning
-    ``configure_optimizers`` dict.
+    """AdamW over trainable parameters with a per-step linear-warmup ``LambdaLR`` (and a linear
+    decay to 0 at ``total_steps`` when given); the Lightning ``configure_optimizers`` dict.
+    ``lr_by_prefix`` gives the parameters whose names start with a prefix their own learning rate
+    (e.g. a freshly initialised head), in groups of their own.
 
     Biases and norm weights (tensors with ``ndim < 2``) get no weight decay, in a second parameter
     group, unless ``decay_biases_and_norms``: then one group in the module's parameter order, as a
@@ -70,8 +91,19 @@ def build_optimizer(
             {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
         ]
+    if lr_by_prefix:
+        names = {id(p): n for n, p in module.named_parameters()}
+        split = []
+        for group in groups:
+            for prefix, rate in lr_by_prefix.items():
+                mine = [p for p in group["params"] if names[id(p)].startswith(prefix)]
+                if mine:
+                    split.append({**group, "params": mine, "lr": rate})
+                group = {**group, "params": [p for p in group["params"] if not names[id(p)].startswith(prefix)]}
+            split.append(group)
+        groups = split
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(warmup_steps, total_steps))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
@@ -98,6 +130,53 @@ def apply_lora(
         task_type=getattr(TaskType, task_type),
     )
     return get_peft_model(model, config)
+
+
+def right_padded_lengths(attention_mask: Tensor) -> tuple[Tensor, bool]:
+    """``(lengths [B], every row is ones then zeros)``: the collators' layout, which the fast forwards need."""
+    lengths = attention_mask.sum(dim=1)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    prefix = positions.unsqueeze(0) < lengths.unsqueeze(1)
+    return lengths, bool(torch.equal(prefix, attention_mask.bool()))
+
+
+def length_chunked_scores(ranker: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                    token_type_ids: Tensor | None, chunk: int) -> Tensor:
+    """``ranker`` scores ``[B]`` computed on rows sorted by real length, in chunks of ``chunk`` rows,
+    each cut to its longest row (right padding: the collator's layout), then put back in order."""
+    lengths = attention_mask.sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    pieces = []
+    for start in range(0, order.numel(), chunk):
+        idx = order[start:start + chunk]
+        width = max(int(lengths[idx].max()), 1)
+        tt = None if token_type_ids is None else token_type_ids[idx, :width]
+        pieces.append(ranker(input_ids=input_ids[idx, :width], attention_mask=attention_mask[idx, :width],
+                             token_type_ids=tt))
+    return torch.cat(pieces)[torch.argsort(order)]
+
+
+def keep_first_layers(model: nn.Module, n_layers: int) -> nn.Module:
+    """Drop every transformer layer of a decoder backbone above the first ``n_layers`` (the final
+    norm stays, so the truncated model's output is the norm of layer ``n_layers``' hidden state),
+    and record ``num_hidden_layers = n_layers`` in its config so that ``save_pretrained`` writes a
+    checkpoint every loader reads back as the same truncated model. Returns ``model``.
+
+    Why: per (query, document) pair a decoder ranker's cost is linear in its depth; on a CPU budget
+    a ranker made of the first layers of a pretrained LLM trains and scores proportionally faster.
+    """
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no `layers` ModuleList: num_layers needs a decoder")
+    if not 1 <= n_layers <= len(layers):
+        raise ConfigError(f"model.init_args.num_layers: expected an integer in [1, {len(layers)}] for this "
+                          f"backbone, got {n_layers}")
+    model.layers = nn.ModuleList(list(layers)[:n_layers])
+    model.config.num_hidden_layers = n_layers
+    layer_types = getattr(model.config, "layer_types", None)
+    if isinstance(layer_types, list):
+        model.config.layer_types = layer_types[:n_layers]
+    return model
 
 
 def train_only_last_layers(model: nn.Module, n_layers: int) -> nn.Module:

@@ -29,7 +29,10 @@ from kdlab.models.backbones import load_backbone, load_tokenizer
 from kdlab.models.heads import DecoderRanker, SequenceClassificationRanker, TermControlLayer, select_term_tokens
 from kdlab.models.export import save_served_model
 from kdlab.protocols import attach_unregistered
-from kdlab.stages._common import RankingEvalMixin, build_optimizer, group_scores, linear_warmup
+from kdlab.stages._common import (
+    RankingEvalMixin, build_optimizer, group_scores, length_chunked_scores, linear_warmup, right_padded_lengths,
+    scheduled_steps, LR_SCHEDULES,
+)
 
 __all__ = ["RankDistillStudent"]
 
@@ -55,30 +58,6 @@ def _data_teacher_scores(batch: dict[str, Any]) -> Tensor:
             "train/val at the output, or set model.init_args.teacher_source=live"
         )
     return batch["teacher_scores"]
-
-
-def _right_padded(attention_mask: Tensor) -> tuple[Tensor, bool]:
-    """``(lengths [B], every row is ones then zeros)``: the collator's layout, which both fast paths need."""
-    lengths = attention_mask.sum(dim=1)
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    prefix = positions.unsqueeze(0) < lengths.unsqueeze(1)
-    return lengths, bool(torch.equal(prefix, attention_mask.bool()))
-
-
-def _length_chunked(ranker: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                    token_type_ids: Tensor | None, chunk: int) -> Tensor:
-    """``ranker`` scores ``[B]`` computed on rows sorted by real length, in chunks of ``chunk`` rows,
-    each cut to its longest row (right padding: the collator's layout), then put back in order."""
-    lengths = attention_mask.sum(dim=1)
-    order = torch.argsort(lengths, stable=True)
-    pieces = []
-    for start in range(0, order.numel(), chunk):
-        idx = order[start:start + chunk]
-        width = max(int(lengths[idx].max()), 1)
-        tt = None if token_type_ids is None else token_type_ids[idx, :width]
-        pieces.append(ranker(input_ids=input_ids[idx, :width], attention_mask=attention_mask[idx, :width],
-                             token_type_ids=tt))
-    return torch.cat(pieces)[torch.argsort(order)]
 
 
 def _packable(model: nn.Module) -> bool:
@@ -233,6 +212,8 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
             ``length_chunk_size: 0``, the plain forward (the behaviour before the fast path was the
             default). Batches that are not right-padded take the plain forward; under strategies
             that shard parameters (FSDP, DeepSpeed) the packed forward gives way to length chunks.
+        lr, weight_decay, warmup_steps: AdamW + linear warmup; ``lr_schedule`` then keeps the rate
+            ``constant`` (default, as before) or decays it ``linear``-ly to 0 at the fit's last step.
         fused_adamw: AdamW as one fused kernel per parameter group (``torch.optim.AdamW(fused=True)``,
             CPU and CUDA) instead of PyTorch's per-tensor loop, its default off a GPU: the same update
             to float rounding, ~7x less optimizer time on a CPU (MiniLM-L6: ~20 vs ~150 ms a step on
@@ -261,6 +242,7 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
         lr: float = 5e-5,
         weight_decay: float = 0.01,
         warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "linear"] = "constant",
         eval_k: int = EVAL_K,
         dtype: str = "float32",
         length_chunk_size: int = 16,
@@ -312,6 +294,9 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
                 raise ConfigError(f"model.init_args.{name}: expected an integer >= {least}, got {a[name]}")
         if not a["lr"] > 0.0:
             raise ConfigError(f"model.init_args.lr: expected a learning rate > 0, got {a['lr']}")
+        if a.get("lr_schedule", "constant") not in LR_SCHEDULES:
+            raise ConfigError(f"model.init_args.lr_schedule: expected one of {list(LR_SCHEDULES)}, "
+                              f"got {a['lr_schedule']!r}")
         if a["use_tcl"] and a["architecture"] != "cross-encoder":
             raise ConfigError("model.init_args.use_tcl needs architecture='cross-encoder' "
                               "(token selection uses token_type_ids)")
@@ -402,12 +387,12 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
                   and _packable(model) and not self._sharded())
         if not packed and (hidden or input_ids.shape[0] <= chunk):
             return None
-        lengths, right_padded = _right_padded(attention_mask)
+        lengths, right_padded = right_padded_lengths(attention_mask)
         if not right_padded:
             return None
         if packed:
             return _packed_bert(model, input_ids, attention_mask, token_type_ids, lengths, chunk, return_hidden=hidden)
-        return _length_chunked(self.ranker, input_ids, attention_mask, token_type_ids, chunk), None
+        return length_chunked_scores(self.ranker, input_ids, attention_mask, token_type_ids, chunk), None
 
     def _sharded(self) -> bool:
         """Under a strategy that shards parameters (FSDP, DeepSpeed, model parallel), whose hooks
@@ -472,7 +457,8 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        config = build_optimizer(self, hp.lr, hp.weight_decay, hp.warmup_steps)
+        total = scheduled_steps(self, hp.get("lr_schedule", "constant"))
+        config = build_optimizer(self, hp.lr, hp.weight_decay, hp.warmup_steps, total_steps=total)
         if not hp.get("fused_adamw", True):
             return config
         loop = config["optimizer"]
@@ -480,7 +466,7 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
         if not all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]):
             return config
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, fused=True)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(hp.warmup_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(hp.warmup_steps, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---------------------------------------------------------------- export

@@ -29,7 +29,10 @@ from kdlab.metrics import RankingMetrics
 from kdlab.models.backbones import load_backbone, load_tokenizer
 from kdlab.models.heads import DecoderRanker
 from kdlab.models.export import save_served_model
-from kdlab.stages._common import RankingEvalMixin, apply_lora, build_optimizer, group_scores, train_only_last_layers
+from kdlab.stages._common import (
+    RankingEvalMixin, apply_lora, build_optimizer, group_scores, keep_first_layers, length_chunked_scores,
+    right_padded_lengths, scheduled_steps, train_only_last_layers, LR_SCHEDULES,
+)
 
 __all__ = ["TeacherRankSFT"]
 
@@ -40,6 +43,10 @@ class TeacherRankSFT(RankingEvalMixin, L.LightningModule):
     Args:
         backbone: ``tiny-llama``, an alias, a hub id, or the directory a :class:`TeacherCPT` exported.
         backbone_config: tiny-model config overrides.
+        num_layers: keep only the first n transformer layers of the backbone (and its final norm);
+            None keeps them all (the papers). **[reading]**, beyond the papers: a ranker built from
+            the lower layers of the LLM trains and scores in proportion to its depth, which is what
+            a CPU budget buys (``docs/rank_sft_cpu.md``). The export is the truncated model.
         loss: ``hinge`` | ``ranknet`` | ``listwise``; ``margin`` is the hinge margin ``m``.
         lora_rank: 0 = full fine-tune; > 0 = LoRA (``lora_alpha``, ``lora_dropout``,
             ``lora_target_modules``) on the backbone; the score head is always trained fully.
@@ -47,7 +54,18 @@ class TeacherRankSFT(RankingEvalMixin, L.LightningModule):
             final norm) in full and freeze the rest; None trains everything. Cheaper per step than
             full fine-tuning on a CPU: no gradients below the trained layers.
         lr, weight_decay, warmup_steps: AdamW + linear warmup.
+        lr_schedule: after the warmup, ``constant`` (default, as before) or ``linear`` decay to 0 at
+            the fit's last optimizer step (``trainer.estimated_stepping_batches``).
+        head_lr: the score head's own learning rate (None: ``lr``). **[reading]**, beyond the papers:
+            the head starts random while LoRA starts at zero, and with Adam each weight moves about
+            ``lr`` a step, so a head at the LoRA rate takes tens of steps to find the relevance
+            direction before the loss leaves ``ln N`` (``docs/rank_sft_cpu.md``).
         eval_k: the cut-off of the logged ``ndcg@k`` / ``mrr@k``.
+        length_chunk_size: 0 (default, as before) runs each batch as one padded tensor; n > 0 sorts
+            its rows by real length and runs them in chunks of n rows, each cut to its own longest
+            row (training, validation and testing; the scores equal the padded forward's). Why: a
+            batch of 32 documents pads to its longest, ~1.4× the real tokens at 96 tokens on the
+            embedded sample, and a causal LM's cost is in its tokens.
         head_init: how the score head starts. ``zero`` (default, as before): a random weight and a
             zero bias, on ``decoder`` text (``query: … document: …`` + EOS). ``prompt``
             (**[reading]**: our option, beyond the DisRanker / RankLLaMA papers): the ranker reads the
@@ -75,6 +93,7 @@ class TeacherRankSFT(RankingEvalMixin, L.LightningModule):
         self,
         backbone: str = "tiny-llama",
         backbone_config: dict[str, Any] | None = None,
+        num_layers: int | None = None,
         loss: Literal["hinge", "ranknet", "listwise"] = "hinge",
         margin: float = 1.0,
         lora_rank: int = 0,
@@ -85,10 +104,13 @@ class TeacherRankSFT(RankingEvalMixin, L.LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 0.01,
         warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "linear"] = "constant",
+        head_lr: float | None = None,
         eval_k: int = EVAL_K,
         dtype: str = "float32",
         quantization: str | None = None,
         head_init: Literal["zero", "prompt"] = "zero",
+        length_chunk_size: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -104,6 +126,8 @@ class TeacherRankSFT(RankingEvalMixin, L.LightningModule):
         else:
             base = load_backbone(backbone, task="encoder", config=backbone_config, dtype=dtype,
                                  quantization=quantization)
+        if num_layers is not None:
+            keep_first_layers(base, num_layers)
         hidden = int(base.config.hidden_size)
         if train_last_layers is not None:
             if lora_rank > 0:
@@ -130,6 +154,15 @@ class TeacherRankSFT(RankingEvalMixin, L.LightningModule):
         head_init = init_args.get("head_init", "zero")
         if head_init not in ("zero", "prompt"):
             raise ConfigError(f"model.init_args.head_init: expected 'zero' or 'prompt', got {head_init!r}")
+        if init_args.get("lr_schedule", "constant") not in LR_SCHEDULES:
+            raise ConfigError(f"model.init_args.lr_schedule: expected one of {list(LR_SCHEDULES)}, "
+                              f"got {init_args['lr_schedule']!r}")
+        head_lr = init_args.get("head_lr")
+        if head_lr is not None and not head_lr > 0.0:
+            raise ConfigError(f"model.init_args.head_lr: expected a learning rate > 0 or null, got {head_lr}")
+        chunk = init_args.get("length_chunk_size", 0)
+        if not isinstance(chunk, int) or chunk < 0:
+            raise ConfigError(f"model.init_args.length_chunk_size: expected an integer >= 0, got {chunk!r}")
 
     @classmethod
     def check_data(cls, init_args: Mapping[str, Any], datamodule: Any) -> None:
@@ -155,6 +188,9 @@ class TeacherRankSFT(RankingEvalMixin, L.LightningModule):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Scores ``[B]`` for tokenized (query, document) texts (``decoder``: ending in EOS;
         ``decoder-prompt``: the relevance prompt, scored at its last token)."""
+        chunk = int(self.hparams.get("length_chunk_size", 0) or 0)
+        if 0 < chunk < input_ids.shape[0] and right_padded_lengths(attention_mask)[1]:
+            return length_chunked_scores(self.ranker, input_ids, attention_mask, None, chunk)
         return self.ranker(input_ids=input_ids, attention_mask=attention_mask)
 
     def score_groups(self, batch: dict[str, Any]) -> Tensor:
@@ -173,7 +209,10 @@ class TeacherRankSFT(RankingEvalMixin, L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        return build_optimizer(self, hp.lr, hp.weight_decay, hp.warmup_steps)
+        head_lr = hp.get("head_lr")
+        return build_optimizer(self, hp.lr, hp.weight_decay, hp.warmup_steps,
+                               total_steps=scheduled_steps(self, hp.get("lr_schedule", "constant")),
+                               lr_by_prefix=None if head_lr is None else {"ranker.head.": head_lr})
 
     def export_pretrained(self, directory: str) -> None:
         """Backbone (LoRA merged) + tokenizer + score head, reloadable with ``load_rank_teacher``."""
