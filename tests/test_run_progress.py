@@ -7,6 +7,7 @@ from __future__ import annotations
 import _thread
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -178,7 +179,8 @@ def test_unknown_total_and_quiet_false(tmp_path: Path, capfd: pytest.CaptureFixt
 
 @pytest.mark.parametrize("ignores_sigint", [False, True])
 def test_ctrl_c_stops_the_child_and_is_raised_again(tmp_path: Path, capfd: pytest.CaptureFixture[str],
-                                                    monkeypatch: pytest.MonkeyPatch, ignores_sigint: bool) -> None:
+                                                    monkeypatch: pytest.MonkeyPatch, ignores_sigint: bool,
+                                                    request: pytest.FixtureRequest) -> None:
     monkeypatch.setattr(runs, "INTERRUPT_GRACE_SECONDS", (0.2, 0.5, 5.0))
     monkeypatch.setattr(runs, "POLL_SECONDS", 0.05)
     marker = tmp_path / "stopped"
@@ -191,6 +193,10 @@ def test_ctrl_c_stops_the_child_and_is_raised_again(tmp_path: Path, capfd: pytes
         progress("fit", 1, 10)
         time.sleep(60)
     """)
+    # interrupt_main does nothing while SIGINT is ignored or default, which an earlier test of the
+    # session (or a launcher) may have left behind: give this process Python's own Ctrl-C handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     threading.Timer(1.0, _thread.interrupt_main).start()  # Ctrl-C in the parent only
     started = time.monotonic()
     procs: list[subprocess.Popen] = []

@@ -64,8 +64,8 @@ class TeacherRankSFT(RankingEvalMixin, L.LightningModule):
         length_chunk_size: 0 (default, as before) runs each batch as one padded tensor; n > 0 sorts
             its rows by real length and runs them in chunks of n rows, each cut to its own longest
             row (training, validation and testing; the scores equal the padded forward's). Why: a
-            batch of 32 documents pads to its longest, ~1.4× the real tokens at 96 tokens on the
-            embedded sample, and a causal LM's cost is in its tokens.
+            batch pads every row to its longest, most rows are much shorter, and a causal LM's
+            cost is in its tokens (a step at 96 tokens: ~9 s → 6.5 s, ``docs/rank_sft_cpu.md``).
         head_init: how the score head starts. ``zero`` (default, as before): a random weight and a
             zero bias, on ``decoder`` text (``query: … document: …`` + EOS). ``prompt``
             (**[reading]**: our option, beyond the DisRanker / RankLLaMA papers): the ranker reads the
