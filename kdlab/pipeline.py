@@ -378,12 +378,13 @@ def run_pipeline(config: PipelineConfig) -> Path:
     if config.run_no_cpt_baseline:
         models["teacher, no CPT"] = pipeline_dir / "rank_sft_no_cpt" / "model"
     models["teacher, CPT"] = teacher_dir
+    # The teachers read the length they were trained on; everything added below reads eval_max_length.
+    teacher_length = config.teacher_eval_max_length or config.eval_max_length
+    lengths = {name: teacher_length for name, spec in models.items() if spec not in (RANDOM, PRE_RANKER)}
     for variant in config.variants:
         models[f"student, {variant}"] = pipeline_dir / f"student_{slug(variant)}" / "model"
     scores: dict[str, list[list[float]]] = {}
     with _timed_step(pipeline_dir, "evaluation", steps, pipeline_dir / "report.md", always=True):
-        teacher_length = config.teacher_eval_max_length or config.eval_max_length
-        lengths = {name: teacher_length for name in models if name.startswith("teacher")}
         rows = evaluate_models(models, splits["test"], max_length=config.eval_max_length, max_lengths=lengths,
                                gain=config.gain,
                                scores_out=scores, device=config.eval_device, dtype=config.eval_dtype)
