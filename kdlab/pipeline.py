@@ -139,6 +139,20 @@ class PipelineConfig:
     gain: Literal["linear", "exponential"] = "linear"
     significance: Literal["randomization", "t-test"] = "randomization"
 
+    def __post_init__(self) -> None:
+        from kdlab.errors import ConfigError
+
+        for name in ("label_max_length", "eval_max_length", "teacher_eval_max_length", "max_label_queries"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                optional = " or null" if name in ("teacher_eval_max_length", "max_label_queries") else ""
+                raise ConfigError(f"{name}: expected an integer >= 1{optional}, got {value!r}")
+
+    @property
+    def teacher_length(self) -> int:
+        """Tokens per (query, document) pair the teachers are evaluated at."""
+        return self.eval_max_length if self.teacher_eval_max_length is None else self.teacher_eval_max_length
+
 
 @dataclass
 class StepResult:
@@ -192,6 +206,23 @@ class PreparedData:
     user_files: dict[str, str | None]
     first_stage: dict[str, dict[str, Any]]
     pre_ranker_name: str
+    labeled_train: list[Any] | None = None  # the first max_label_queries training groups (None: all)
+
+    def label_sources(self, pipeline_dir: Path, splits: dict[str, str], label_val: bool) -> dict[str, str]:
+        """The file the teacher labels for each split the students read its scores from: the
+        training split (or its first ``max_label_queries`` queries, written once into ``data/``),
+        and the validation split when ``label_val``."""
+        from kdlab.data.readers import write_ranking_jsonl
+
+        sources = {"train": splits["train"]}
+        if self.labeled_train is not None:
+            subset = pipeline_dir / "data" / f"ranking_{LABELED_TRAIN}.jsonl"
+            if not subset.exists():
+                write_ranking_jsonl(subset, self.labeled_train)
+            sources["train"] = str(subset)
+        if label_val:
+            sources["val"] = splits["val"]
+        return sources
 
     def write(self, pipeline_dir: Path) -> dict[str, str]:
         """The file of each split: the user's, or a copy written (once, atomically) into ``data/``."""
@@ -247,17 +278,18 @@ def read_ranking_data(config: PipelineConfig) -> PreparedData:
         first_stage[split] = info
         prepared[split] = groups
         user_files[split] = str(source.path) if source.format == "jsonl" and groups is data.groups else None
+    labeled_train = None
     if config.max_label_queries is not None:
-        if config.max_label_queries < 1:
-            raise ConfigError(f"max_label_queries: expected an integer >= 1 or null, got {config.max_label_queries}")
-        prepared[LABELED_TRAIN] = prepared["train"][:config.max_label_queries]
-        user_files[LABELED_TRAIN] = None
-        first_stage[LABELED_TRAIN] = first_stage["train"]
+        available = len(prepared["train"])
+        if config.max_label_queries > available:
+            raise ConfigError(f"max_label_queries: expected at most {available} (the training queries the teacher "
+                              f"is trained on) or null, got {config.max_label_queries}")
+        labeled_train = prepared["train"][:config.max_label_queries]
     name = config.pre_ranker_name or _pre_ranker_name(first_stage["test"])
-    return PreparedData(prepared, user_files, first_stage, name)
+    return PreparedData(prepared, user_files, first_stage, name, labeled_train)
 
 
-LABELED_TRAIN = "train_labeled"  # the training queries the teacher labels (max_label_queries)
+LABELED_TRAIN = "train_labeled"  # the training queries the teacher labels (max_label_queries): their data/ file, report row
 
 
 def _pre_ranker_name(info: dict[str, Any]) -> str:
@@ -315,9 +347,8 @@ def _step_commands(config: PipelineConfig, pipeline_dir: Path, splits: dict[str,
     """Each step's ``fit`` command line, in the order the steps run."""
     common = list(config.step_args.get("all", []))
     last = list(config.step_args.get("all_after", []))
-    data_args = [f"--data.init_args.{split}={path}" for split, path in splits.items() if split != LABELED_TRAIN]
-    label_args = [f"--data.init_args.{split}={path}" for split, path in {**splits, **_label_files(pipeline_dir, config)}.items()
-                  if split != LABELED_TRAIN]
+    data_args = [f"--data.init_args.{split}={path}" for split, path in splits.items()]
+    label_args = [f"--data.init_args.{split}={path}" for split, path in {**splits, **_label_files(pipeline_dir, config)}.items()]
     cpt_model = pipeline_dir / "cpt" / "model"
     sft_args = [*common, "--config", config.rank_sft_config, *data_args, *config.step_args.get("rank_sft", []), *last]
     step_args: dict[str, list[str]] = {}
@@ -345,6 +376,7 @@ def run_pipeline(config: PipelineConfig) -> Path:
     pipeline_dir.mkdir(parents=True, exist_ok=True)
     try:
         splits = prepared.write(pipeline_dir)
+        label_sources = prepared.label_sources(pipeline_dir, splits, config.label_val)
         step_args = _step_commands(config, pipeline_dir, splits)
         check_steps(config, step_args)
     except BaseException:
@@ -366,8 +398,7 @@ def run_pipeline(config: PipelineConfig) -> Path:
     teacher_dir = pipeline_dir / "rank_sft_cpt" / "model"
     for split, output in labels.items():
         with _timed_step(pipeline_dir, f"labels_{split}", steps, output):
-            label_split(teacher_dir, splits[LABELED_TRAIN if split == "train" and LABELED_TRAIN in splits else split],
-                        output, config)
+            label_split(teacher_dir, label_sources[split], output, config)
     for variant in config.variants:
         step = f"student_{slug(variant)}"
         steps[step] = run_step(step, pipeline_dir, step_args[step])
@@ -379,7 +410,7 @@ def run_pipeline(config: PipelineConfig) -> Path:
         models["teacher, no CPT"] = pipeline_dir / "rank_sft_no_cpt" / "model"
     models["teacher, CPT"] = teacher_dir
     # The teachers read the length they were trained on; everything added below reads eval_max_length.
-    teacher_length = config.teacher_eval_max_length or config.eval_max_length
+    teacher_length = config.teacher_length
     lengths = {name: teacher_length for name, spec in models.items() if spec not in (RANDOM, PRE_RANKER)}
     for variant in config.variants:
         models[f"student, {variant}"] = pipeline_dir / f"student_{slug(variant)}" / "model"
@@ -390,12 +421,13 @@ def run_pipeline(config: PipelineConfig) -> Path:
                                scores_out=scores, device=config.eval_device, dtype=config.eval_dtype)
     evidence = review_figures(rows, scores, splits["test"], pipeline_dir, config, prepared.pre_ranker_name)
     total = time.perf_counter() - started
-    return write_report(pipeline_dir, config, rows, steps, total, data_sizes(splits), evidence)
+    sizes = data_sizes(splits if prepared.labeled_train is None else {**splits, LABELED_TRAIN: label_sources["train"]})
+    return write_report(pipeline_dir, config, rows, steps, total, sizes, evidence)
 
 
 def _length_sentence(config: PipelineConfig) -> str:
     """The report's statement of how many tokens of each (query, document) pair each model read."""
-    teacher = config.teacher_eval_max_length or config.eval_max_length
+    teacher = config.teacher_length
     if teacher == config.eval_max_length:
         return f"Every model reads at most {teacher} tokens per (query, document) pair."
     return (f"The teachers read at most {teacher} tokens per (query, document) pair, the students "

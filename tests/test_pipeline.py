@@ -13,6 +13,7 @@ from conftest import REPO, subprocess_env
 import kdlab.pipeline as pipeline
 from kdlab.data.fixtures import write_fixtures
 from kdlab.evaluation import PRE_RANKER, RANDOM, evaluate_models
+from kdlab.errors import ConfigError
 from kdlab.pipeline import PipelineConfig, run_pipeline
 
 QUICK = REPO / "experiments" / "quickstart" / "disranker"
@@ -224,5 +225,18 @@ def test_max_label_queries_labels_a_prefix_of_the_teachers_training_queries(
     student = next(args for name, args in launched.items() if name.startswith("student_"))
     assert f"--data.init_args.val={tmp_path / 'r' / 'data' / 'ranking_val.jsonl'}" in student
     assert set(labeled) == {"train"}
-    with pytest.raises(ValueError, match="max_label_queries: expected an integer >= 1 or null, got 0"):
-        run_pipeline(PipelineConfig(pipeline_dir=str(tmp_path / "q"), max_label_queries=0))
+    with pytest.raises(ConfigError, match=r"^max_label_queries: expected at most 3 \(the training queries the "
+                                          r"teacher is trained on\) or null, got 4$"):
+        run_pipeline(PipelineConfig(pipeline_dir=str(tmp_path / "q"), max_train_queries=3, max_label_queries=4))
+    assert not (tmp_path / "q").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("field,value", [("max_label_queries", 0), ("teacher_eval_max_length", 0),
+                                         ("eval_max_length", -1), ("label_max_length", 0)])
+def test_lengths_and_label_queries_are_checked_when_the_config_is_made(field: str, value: int) -> None:
+    """0 is not "unset": a length or query count below 1 is refused with a one-line error naming the field."""
+    optional = " or null" if field in ("max_label_queries", "teacher_eval_max_length") else ""
+    with pytest.raises(ConfigError, match=f"^{field}: expected an integer >= 1{optional}, got {value}$"):
+        PipelineConfig(**{field: value})
+    assert PipelineConfig(teacher_eval_max_length=96, eval_max_length=64).teacher_length == 96
+    assert PipelineConfig(eval_max_length=64).teacher_length == 64
