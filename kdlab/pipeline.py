@@ -421,7 +421,8 @@ def run_pipeline(config: PipelineConfig) -> Path:
                                scores_out=scores, device=config.eval_device, dtype=config.eval_dtype)
     evidence = review_figures(rows, scores, splits["test"], pipeline_dir, config, prepared.pre_ranker_name)
     total = time.perf_counter() - started
-    sizes = data_sizes(splits if prepared.labeled_train is None else {**splits, LABELED_TRAIN: label_sources["train"]})
+    sizes = data_sizes(prepared.groups if prepared.labeled_train is None
+                       else {**prepared.groups, LABELED_TRAIN: prepared.labeled_train})
     return write_report(pipeline_dir, config, rows, steps, total, sizes, evidence)
 
 
@@ -477,15 +478,9 @@ def review_figures(rows: list[dict[str, Any]], scores: dict[str, list[list[float
     return evidence
 
 
-def data_sizes(splits: dict[str, str]) -> dict[str, tuple[int, int]]:
-    """(queries, documents) of each split's ranking file."""
-    from kdlab.data.readers import read_ranking_jsonl
-
-    sizes = {}
-    for split, path in splits.items():
-        groups = read_ranking_jsonl(path)
-        sizes[split] = (len(groups), sum(len(g.docs) for g in groups))
-    return sizes
+def data_sizes(groups: dict[str, list[Any]]) -> dict[str, tuple[int, int]]:
+    """(queries, documents) of each split's groups (as read and cut before the first step)."""
+    return {split: (len(rows), sum(len(g.docs) for g in rows)) for split, rows in groups.items()}
 
 
 def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str, Any]],
