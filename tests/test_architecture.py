@@ -83,10 +83,11 @@ def test_no_top_level_callbacks_module_is_installed() -> None:
 
     # Outside the repository (the working directory would shadow site-packages), `callbacks` must
     # not be found while `kdlab.callbacks` resolves to the callbacks/ folder (found, not imported:
-    # importing it would load Lightning for nothing).
+    # finding a submodule would import the package, and with it Lightning, for nothing).
     code = ("import importlib.util; print(importlib.util.find_spec('callbacks') is None, "
-            "importlib.util.find_spec('kdlab.callbacks.teacher').origin)")
+            "*importlib.util.find_spec('kdlab.callbacks').submodule_search_locations)")
     out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True)
-    missing, origin = out.stdout.split()
-    assert missing == "True" and origin == str(REPO / "callbacks" / "teacher.py")
+    missing, location = out.stdout.split()
+    assert missing == "True" and location == str(REPO / "callbacks")
+    assert (Path(location) / "teacher.py").is_file()
     assert importlib.util.find_spec("kdlab.callbacks") is not None
