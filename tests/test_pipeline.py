@@ -85,7 +85,10 @@ def test_tiny_pipeline_writes_complete_report_and_resumes(tmp_path: Path, monkey
                                                 or "less than 5× faster" in ratio_line)
     assert ("Verdict: every check passes" in text) != ("Verdict: the recipe did NOT fully work" in text)
     times = json.loads((p / "step_times.json").read_text())
-    assert set(times) == {"labels_train", "labels_val", "evaluation"} and all(t > 0 for t in times.values())
+    fit_steps = {d.name for d in p.iterdir() if (d / "manifest.json").exists()}  # each with its start-up
+    assert "cpt" in fit_steps and "student_hybrid_TCL" in fit_steps
+    assert set(times) == {"labels_train", "labels_val", "evaluation", *fit_steps}
+    assert all(t > 0 for t in times.values())
     assert "| labels_train |" in text and "| evaluation |" in text
     assert (p / "report.png").stat().st_size > 5000
 
@@ -110,6 +113,8 @@ def test_tiny_pipeline_writes_complete_report_and_resumes(tmp_path: Path, monkey
     capsys.readouterr()
     run_pipeline(config)  # every step finished: the rerun only re-evaluates
     assert capsys.readouterr().out.count("finished earlier") == 4
+    rerun_times = json.loads((p / "step_times.json").read_text())
+    assert all(rerun_times[step] == times[step] for step in fit_steps), "a reused step keeps its first time"
 
 
 class _Stop(Exception):
