@@ -36,7 +36,7 @@ from typing import Any, Literal
 from kdlab.data.sources import RankingSource
 from kdlab.defaults import LABEL_BATCH_TOKENS, PAIR_MAX_LENGTH
 from kdlab.machine import describe_machine, machine_record
-from kdlab.runs import RunFailed, atomic_path, finished_metrics, launch_run, new_run_dir, slug, write_json_atomic, write_text_atomic
+from kdlab.runs import RunFailed, atomic_path, launch_run, new_run_dir, slug, write_json_atomic, write_text_atomic
 
 DEFAULT_VARIANTS: dict[str, list[str]] = {
     "hybrid": [],
@@ -166,20 +166,12 @@ def run_step(name: str, pipeline_dir: Path, args: Sequence[str]) -> StepResult:
     """Run one ``fit`` step in a subprocess (or reuse its finished record) and time it.
 
     The time is the subprocess's whole wall time, as the user waits for it: start-up, a backbone's
-    first-use preparation and the run itself (its manifest's start and end bracket the run only).
-    It is kept in ``step_times.json`` for a resumed pipeline; a run finished before that record
-    existed falls back to its manifest."""
-    run_dir = pipeline_dir / name
-    record_path = pipeline_dir / STEP_TIMES
-    record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    reused = finished_metrics(run_dir) is not None
-    started = time.perf_counter()
-    metrics = launch_run([*args, f"--run.name={name}"], run_dir, label=f"pipeline step {name}")
-    if not reused:
-        record[name] = time.perf_counter() - started
-        write_json_atomic(record_path, record)
-    seconds = float(record[name]) if name in record else _recorded_seconds(run_dir)
-    return StepResult(name, run_dir, metrics, seconds)
+    first-use preparation and the run itself (its manifest's start and end bracket the run only),
+    kept like every step's in ``step_times.json``."""
+    run_dir, timed = pipeline_dir / name, {}
+    with _timed_step(pipeline_dir, name, timed, run_dir):
+        metrics = launch_run([*args, f"--run.name={name}"], run_dir, label=f"pipeline step {name}")
+    return StepResult(name, run_dir, metrics, timed[name].seconds)
 
 
 STEP_TIMES = "step_times.json"
@@ -188,7 +180,7 @@ STEP_TIMES = "step_times.json"
 @contextlib.contextmanager
 def _timed_step(pipeline_dir: Path, name: str, steps: dict[str, StepResult], output: Path,
                 always: bool = False) -> Iterator[None]:
-    """Time a step that is not a training run (labels, evaluation) and keep its wall time in
+    """Time a step (a training subprocess, labels, evaluation) and keep its wall time in
     ``step_times.json``, so a resumed pipeline still reports the time a reused output took."""
     record_path = pipeline_dir / STEP_TIMES
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
@@ -199,15 +191,6 @@ def _timed_step(pipeline_dir: Path, name: str, steps: dict[str, StepResult], out
         record[name] = time.perf_counter() - started
         write_json_atomic(record_path, record)
     steps[name] = StepResult(name, output, {}, float(record.get(name, 0.0)))
-
-
-def _recorded_seconds(run_dir: Path) -> float:
-    """The step's own wall time from its manifest (also right for a step reused on resume)."""
-    import datetime as dt
-
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    start, end = (dt.datetime.fromisoformat(manifest[k]) for k in ("start_time", "end_time"))
-    return (end - start).total_seconds()
 
 
 @dataclass
