@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from kdlab.data import sample_path
 from kdlab.data.collators import RankingCollator
 from kdlab.data.readers import DataFormatError, read_ranking_jsonl
 from kdlab.defaults import PAIR_MAX_LENGTH, RANDOM_ORDER_DRAWS
-from kdlab.evaluation import PRE_RANKER, RANDOM, evaluate_models, score_per_query
+from kdlab import evaluation
+from kdlab.evaluation import PRE_RANKER, RANDOM, evaluate_models, score_models_per_query, score_per_query
 from kdlab.models.backbones import count_parameters, load_tokenizer
 from kdlab.models.export import load_rank_teacher
 from kdlab.stages.teacher_rank_sft import TeacherRankSFT
@@ -178,3 +180,34 @@ def test_a_model_named_in_max_lengths_reads_its_own_length(exported: tuple[Path,
     assert scores["full"] != scores["cut"]
     only_cut = evaluate_models({"cut": model_dir}, str(test_path), max_length=8, scores_out=(again := {}))
     assert again["cut"] == scores["cut"] and only_cut[0]["ndcg@10"] == cut["ndcg@10"]
+
+
+def test_models_take_each_query_in_turn_and_score_as_if_alone(exported: tuple[Path, Path], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timed query by query, each query by every model in turn (order rotated), so a slow spell of
+    the machine cannot fall on one model's whole pass; the scores equal one-model-at-a-time scoring."""
+    model_dir, test_path = exported
+    other = tmp_path / "other" / "model"
+    shutil.copytree(model_dir, other)
+    calls: list[str] = []
+    real_load = evaluation.load_rank_teacher
+
+    def recording_load(path: str, **kwargs: Any) -> torch.nn.Module:
+        model = real_load(path, **kwargs)
+        forward = model.forward
+        model.forward = lambda *a, **k: (calls.append(path), forward(*a, **k))[1]  # type: ignore[method-assign]
+        return model
+
+    monkeypatch.setattr(evaluation, "load_rank_teacher", recording_load)
+    specs = {"a": (model_dir, PAIR_MAX_LENGTH), "b": (other, 8)}
+    together = score_models_per_query(specs, str(test_path), warmup=1)
+    a, b = str(model_dir), str(other)
+    assert calls == [a, b, b, a, a, b, b, a]
+    calls.clear()
+    apart = score_models_per_query(specs, str(test_path), warmup=1, interleaved=False)
+    assert calls == [a] * 4 + [b] * 4
+    for name in specs:
+        assert together[name][0] == apart[name][0]
+        assert len(together[name][1]) == 3 and together[name][2] == apart[name][2]
+    assert together["a"][0] != together["b"][0]  # each model read its own length
+    assert score_models_per_query({}, str(test_path)) == {}
