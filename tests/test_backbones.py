@@ -628,3 +628,31 @@ def test_prepare_smollm2_from_the_gguf(kdlab_home: Path) -> None:
     student = bb.build_student_from_teacher(model, "every-other")
     assert student.config.num_hidden_layers == 15
     bb.assert_same_vocabulary(tok, bb.load_tokenizer("smollm2-135m"))
+
+
+def test_first_use_preparation_leaves_the_callers_random_draws_unchanged(
+    kdlab_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seeded run that prepares its weights on first use draws the same random numbers afterwards
+    as the same run with the weights already prepared (building a model skeleton draws random
+    initial weights: without this a first run trained from other draws than every later run)."""
+    import random
+
+    import numpy as np
+
+    fake = FakeWeights(tmp_path, monkeypatch, installed=True)
+
+    def drawing_build(out: Path, step) -> dict:  # noqa: ANN001
+        torch.rand(3), random.random(), np.random.rand()
+        return fake._build(out, step)
+
+    monkeypatch.setattr(prep, "fake_builder", drawing_build, raising=False)
+
+    def seeded_run() -> tuple:
+        torch.manual_seed(0), random.seed(0), np.random.seed(0)
+        prep.alias_dir("fake-alias")
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    first = seeded_run()  # prepares the alias
+    assert fake.builds == 1
+    assert seeded_run() == first and fake.builds == 1  # ready: nothing drawn, the same numbers

@@ -393,7 +393,37 @@ def prepare(alias: str, force: bool = False, *, source: Source = "auto", install
         return _prepare_locked(alias, spec, target, source=source, install=install)
 
 
+@contextlib.contextmanager
+def _caller_random_state_kept() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's random generators after the block.
+
+    Building a model skeleton draws random initial weights before the real ones are loaded; on a
+    first use that happens inside the caller's seeded run (after ``seed_everything``), so without
+    this a run that prepared its weights would train from other random draws than the same run with
+    the weights already prepared."""
+    import random
+
+    import torch
+
+    python_state = random.getstate()
+    numpy = sys.modules.get("numpy")
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            if numpy is not None:
+                numpy.random.set_state(numpy_state)
+
+
 def _prepare_locked(alias: str, spec: AliasSpec, target: Path, *, source: Source, install: bool) -> Path:
+    with _caller_random_state_kept():
+        return _build_locked(alias, spec, target, source=source, install=install)
+
+
+def _build_locked(alias: str, spec: AliasSpec, target: Path, *, source: Source, install: bool) -> Path:
     from tqdm.auto import tqdm
 
     pkg_dir = _package_dir(spec.package) if spec.package else None
