@@ -89,6 +89,9 @@ class PipelineConfig:
             teacher labels the candidates (several devices run data parallel through
             ``python -m kdlab label``; the file is the same as one device's).
         eval_device / eval_dtype: where the held-out evaluation scores every model.
+        eval_interleaved: every model loaded at once and timed query by query in turn (fair speed
+            ratios on a shared machine); False loads one model at a time (less memory: large
+            teachers on one GPU).
         eval_max_length: tokens per (query, doc) when evaluating the students.
         teacher_eval_max_length: tokens per (query, doc) when evaluating the teachers; None:
             ``eval_max_length``. Each model is timed at the length it was trained for when these
@@ -131,6 +134,7 @@ class PipelineConfig:
     label_quantization: Literal["8bit", "4bit"] | None = None
     eval_device: str = "cpu"
     eval_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    eval_interleaved: bool = True
     min_student_ratio: float = 0.9
     min_student_speedup: float = 5.0
     significance_level: float = 0.05
@@ -415,7 +419,8 @@ def run_pipeline(config: PipelineConfig) -> Path:
     with _timed_step(pipeline_dir, "evaluation", steps, pipeline_dir / "report.md", always=True):
         rows = evaluate_models(models, splits["test"], max_length=config.eval_max_length, max_lengths=lengths,
                                gain=config.gain,
-                               scores_out=scores, device=config.eval_device, dtype=config.eval_dtype)
+                               scores_out=scores, device=config.eval_device, dtype=config.eval_dtype,
+                               interleaved=config.eval_interleaved)
     evidence = review_figures(rows, scores, splits["test"], pipeline_dir, config, prepared.pre_ranker_name)
     total = time.perf_counter() - started
     sizes = data_sizes(prepared.groups if prepared.labeled_train is None
