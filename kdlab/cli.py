@@ -319,7 +319,7 @@ def pipeline_command(config: PipelineConfig) -> list[Path]:
 def label_command(teacher: str, input: RankingSource | str, output: str,
                   mode: Literal["pointwise", "listwise"] = "pointwise", max_tokens: int = LABEL_BATCH_TOKENS,
                   max_length: int = PAIR_MAX_LENGTH, resume: bool = True, accelerator: str = "auto",
-                  devices: int | str = 1, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+                  devices: int | str = 1, dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32",
                   quantization: Literal["8bit", "4bit"] | None = None, top_k: int = 10, bottom_k: int = 10,
                   queries_per_batch: int = 8, max_new_tokens: int = 64) -> list[Path]:
     """Label ranking candidates with a teacher: pointwise scores, or RRADistill listwise labels.
@@ -339,12 +339,16 @@ def label_command(teacher: str, input: RankingSource | str, output: str,
         accelerator: cpu, gpu/cuda, mps or auto (Lightning's names).
         devices: how many devices (or which, e.g. "0,1"); pointwise runs data parallel on several
             and writes the same file as one.
-        dtype: the teacher's compute dtype.
+        dtype: the teacher's compute dtype; auto: bfloat16 where the GPU or CPU runs it natively
+            (AMX / AVX-512 BF16), else float32 (:func:`kdlab.machine.inference_dtype`).
         quantization: pointwise: load the teacher in 8-bit or 4-bit (bitsandbytes).
         top_k, bottom_k: listwise: the pre-ranker's best and worst documents shown to the LLM.
         queries_per_batch: listwise: prompts generated together.
         max_new_tokens: listwise: the length of the LLM's answer.
     """
+    from kdlab.machine import inference_dtype
+
+    dtype = inference_dtype(dtype, accelerator)[0]  # type: ignore[assignment]
     if mode == "listwise":
         from kdlab.listwise import listwise_label_file
 

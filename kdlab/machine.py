@@ -180,4 +180,43 @@ def describe_machine(record: dict[str, Any] | None) -> str:
     return f"{model} ({'; '.join(parts)})" if parts else model
 
 
-__all__ = ["CPU_FLAGS", "describe_machine", "machine_record"]
+#: CPU features with native bf16 matrix arithmetic (x86: AMX / AVX-512 BF16; ARM: the BF16
+#: extension). Without one, bf16 on a CPU is emulated and far slower than fp32.
+NATIVE_BF16_FLAGS: tuple[str, ...] = ("amx_bf16", "avx512_bf16", "bf16")
+
+
+def has_native_bf16(cpuinfo: Path | None = None) -> bool:
+    """True when this CPU computes bf16 matrix products in hardware (:data:`NATIVE_BF16_FLAGS`)."""
+    return bool(set(NATIVE_BF16_FLAGS) & _cpuinfo(cpuinfo)[1])
+
+
+def inference_dtype(requested: str, accelerator: str = "auto", cpuinfo: Path | None = None) -> tuple[str, str]:
+    """The dtype a frozen model scores in, and why: ``(dtype, reason)``.
+
+    Anything but ``"auto"`` is returned as given. ``"auto"`` means the fastest precision the hardware
+    runs natively: ``bfloat16`` on a CUDA GPU that supports it (when ``accelerator`` may use one) or
+    on a CPU with native bf16 (:func:`has_native_bf16`; with AMX a bf16 matmul runs ~3× the fp32
+    one), else ``float32``. bf16 keeps ~3 significant digits: teacher scores move by about 2 % of their
+    spread, far less than the students' own error, so it suits labeling, not exact reproduction
+    across machines (another CPU may pick the other precision: the report says which was used).
+    """
+    if requested != "auto":
+        return requested, "as configured"
+    if accelerator in ("auto", "gpu", "cuda"):
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                if torch.cuda.is_bf16_supported():
+                    return "bfloat16", "auto: the GPU supports bf16"
+                return "float32", "auto: the GPU has no bf16"
+        except Exception:  # noqa: BLE001 - a broken driver falls back to the CPU's answer
+            pass
+    _, flags = _cpuinfo(cpuinfo)
+    native = [CPU_FLAGS[flag] for flag in NATIVE_BF16_FLAGS if flag in flags]
+    if native:
+        return "bfloat16", f"auto: this CPU has {', '.join(native)}"
+    return "float32", "auto: this CPU has no native bf16"
+
+
+__all__ = ["CPU_FLAGS", "NATIVE_BF16_FLAGS", "describe_machine", "has_native_bf16", "inference_dtype", "machine_record"]

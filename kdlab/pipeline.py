@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from kdlab.data.sources import RankingSource
 from kdlab.defaults import LABEL_BATCH_TOKENS, PAIR_MAX_LENGTH
-from kdlab.machine import describe_machine, machine_record
+from kdlab.machine import describe_machine, inference_dtype, machine_record
 from kdlab.runs import RunFailed, atomic_path, launch_run, new_run_dir, slug, write_json_atomic, write_text_atomic
 
 DEFAULT_VARIANTS: dict[str, list[str]] = {
@@ -87,7 +87,9 @@ class PipelineConfig:
             tokens per pair).
         label_accelerator / label_devices / label_dtype / label_quantization: where and how the
             teacher labels the candidates (several devices run data parallel through
-            ``python -m kdlab label``; the file is the same as one device's).
+            ``python -m kdlab label``; the file is the same as one device's). ``label_dtype: auto``
+            labels in bf16 where the hardware runs it natively (:func:`kdlab.machine.inference_dtype`),
+            else fp32; the report says which.
         eval_device / eval_dtype: where the held-out evaluation scores every model.
         eval_interleaved: every model loaded at once and timed query by query in turn (fair speed
             ratios on a shared machine); False loads one model at a time (less memory: large
@@ -130,7 +132,7 @@ class PipelineConfig:
     teacher_eval_max_length: int | None = None
     label_accelerator: str = "auto"
     label_devices: int | str = 1
-    label_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    label_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     label_quantization: Literal["8bit", "4bit"] | None = None
     eval_device: str = "cpu"
     eval_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -321,16 +323,18 @@ def check_steps(config: PipelineConfig, step_args: dict[str, list[str]]) -> None
             check_inputs_before_loading(cfg, "fit")
 
 
-def label_split(teacher_dir: Path, source: str, output: Path, config: PipelineConfig) -> Path:
+def label_split(teacher_dir: Path, source: str, output: Path, config: PipelineConfig, dtype: str | None = None) -> Path:
     """Teacher scores for one split, written once and reused (resumable, atomic). Several devices
-    label through ``python -m kdlab label`` (Lightning relaunches that command once per rank)."""
+    label through ``python -m kdlab label`` (Lightning relaunches that command once per rank).
+    ``dtype``: the resolved ``config.label_dtype`` (never ``auto``; default: resolved here)."""
     from kdlab.labeling import score_file
 
     if output.exists():
         return output
+    dtype = dtype or inference_dtype(config.label_dtype, config.label_accelerator)[0]
     options = {"max_tokens": config.label_max_tokens, "max_length": config.label_max_length,
                "accelerator": config.label_accelerator, "devices": config.label_devices,
-               "dtype": config.label_dtype, "quantization": config.label_quantization}
+               "dtype": dtype, "quantization": config.label_quantization}
     if str(config.label_devices) in ("1", "auto") or config.label_devices == 1:
         score_file(str(teacher_dir), source, str(output), resume=True, **options)
         return output
@@ -397,9 +401,10 @@ def run_pipeline(config: PipelineConfig) -> Path:
         if name in step_args:
             steps[name] = run_step(name, pipeline_dir, step_args[name])
     teacher_dir = pipeline_dir / "rank_sft_cpt" / "model"
+    label_dtype, label_dtype_reason = inference_dtype(config.label_dtype, config.label_accelerator)
     for split, output in labels.items():
         with _timed_step(pipeline_dir, f"labels_{split}", steps, output):
-            label_split(teacher_dir, label_sources[split], output, config)
+            label_split(teacher_dir, label_sources[split], output, config, label_dtype)
     for variant in config.variants:
         step = f"student_{slug(variant)}"
         steps[step] = run_step(step, pipeline_dir, step_args[step])
@@ -422,6 +427,7 @@ def run_pipeline(config: PipelineConfig) -> Path:
                                scores_out=scores, device=config.eval_device, dtype=config.eval_dtype,
                                interleaved=config.eval_interleaved)
     evidence = review_figures(rows, scores, splits["test"], pipeline_dir, config, prepared.pre_ranker_name)
+    evidence["label_dtype"] = {"dtype": label_dtype, "reason": label_dtype_reason}
     total = time.perf_counter() - started
     sizes = data_sizes(prepared.groups if prepared.labeled_train is None
                        else {**prepared.groups, LABELED_TRAIN: prepared.labeled_train})
@@ -518,6 +524,9 @@ def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str
         if LABELED_TRAIN not in sizes:
             names["train"] = "train"
         lines += [f"| {names.get(split, split)} | {q} | {d} |" for split, (q, d) in sizes.items()]
+        if evidence.get("label_dtype"):
+            chosen = evidence["label_dtype"]
+            lines += ["", f"The teacher labeled the students' training queries in {chosen['dtype']} ({chosen['reason']})."]
         if config.test_query_offset:
             lines += ["", f"The test split is queries {config.test_query_offset + 1}–"
                           f"{config.test_query_offset + sizes['test'][0]} of its file (`test_query_offset`)."]

@@ -105,3 +105,20 @@ def test_run_manifest_records_the_machine(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["machine"] == machine.machine_record() | {"torch_threads": manifest["machine"]["torch_threads"]}
     assert re.match(r".+ \(\d+ logical cores", machine.describe_machine(manifest["machine"]))
+
+
+def test_auto_inference_dtype_is_bf16_only_where_the_cpu_has_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` scores in bf16 on a CPU with native bf16 (AVX-512 BF16 / AMX-BF16 / ARM BF16) and in
+    fp32 elsewhere, where bf16 is emulated; an explicit dtype is never changed."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    x86, arm, amx = tmp_path / "x86", tmp_path / "arm", tmp_path / "amx"
+    x86.write_text(X86_AVX512)
+    arm.write_text(ARM)
+    amx.write_text("model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: avx2 avx512f amx_tile amx_bf16 amx_int8\n")
+    assert machine.inference_dtype("auto", "cpu", x86) == ("bfloat16", "auto: this CPU has AVX-512 BF16")
+    assert machine.inference_dtype("auto", "auto", amx) == ("bfloat16", "auto: this CPU has AMX-BF16")
+    assert machine.inference_dtype("auto", "cpu", arm) == ("float32", "auto: this CPU has no native bf16")
+    assert machine.inference_dtype("auto", "cpu", tmp_path / "missing") == ("float32", "auto: this CPU has no native bf16")
+    assert machine.inference_dtype("float32", "cpu", x86) == ("float32", "as configured")
+    assert machine.inference_dtype("bfloat16", "cpu", arm) == ("bfloat16", "as configured")
+    assert machine.has_native_bf16(x86) and not machine.has_native_bf16(arm)

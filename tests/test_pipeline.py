@@ -200,7 +200,8 @@ def test_max_label_queries_labels_a_prefix_of_the_teachers_training_queries(
             raise _Stop
         return pipeline.StepResult(name, pipeline_dir / name, {}, 0.0)
 
-    def fake_label(teacher_dir: Path, source: str, output: Path, config: PipelineConfig) -> Path:
+    def fake_label(teacher_dir: Path, source: str, output: Path, config: PipelineConfig, dtype: str) -> Path:
+        assert dtype == "float32"  # the default label_dtype, resolved (never "auto") before labeling
         labeled[output.stem] = source
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text("")
