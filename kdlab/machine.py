@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 CPUINFO = Path("/proc/cpuinfo")
+PROC_STAT = Path("/proc/stat")
 
 #: The vector extensions recorded, in display order, with the names ``describe_machine`` prints.
 #: x86 names are the kernel's ``flags``; ARM names are its ``Features`` (``asimd`` is NEON).
@@ -180,6 +181,31 @@ def describe_machine(record: dict[str, Any] | None) -> str:
     return f"{model} ({'; '.join(parts)})" if parts else model
 
 
+def cpu_time_counters(path: Path | None = None) -> dict[str, int] | None:
+    """The whole machine's CPU time counters since boot (``/proc/stat``'s ``cpu`` line, in clock
+    ticks): ``user nice system idle iowait irq softirq steal``; None where there is no such file."""
+    try:
+        first = (path or PROC_STAT).read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    if first[:1] != ["cpu"] or len(first) < 1 + len(names):
+        return None
+    return dict(zip(names, (int(value) for value in first[1:1 + len(names)])))
+
+
+def steal_share(before: dict[str, int] | None, after: dict[str, int] | None) -> float | None:
+    """The share of this machine's CPU time that the hypervisor gave to other guests between two
+    :func:`cpu_time_counters` readings (*steal*: a virtual CPU ready to run but not running).
+
+    A shared host can take a large share for minutes at a time; the same work then takes that
+    much longer on the wall clock, so reports print it beside wall times. None when unknown."""
+    if not before or not after:
+        return None
+    total = sum(after.values()) - sum(before.values())
+    return (after["steal"] - before["steal"]) / total if total > 0 else None
+
+
 #: CPU features with native bf16 matrix arithmetic (x86: AMX / AVX-512 BF16; ARM: the BF16
 #: extension). Without one, bf16 on a CPU is emulated and far slower than fp32.
 NATIVE_BF16_FLAGS: tuple[str, ...] = ("amx_bf16", "avx512_bf16", "bf16")
@@ -219,4 +245,5 @@ def inference_dtype(requested: str, accelerator: str = "auto", cpuinfo: Path | N
     return "float32", "auto: this CPU has no native bf16"
 
 
-__all__ = ["CPU_FLAGS", "NATIVE_BF16_FLAGS", "describe_machine", "has_native_bf16", "inference_dtype", "machine_record"]
+__all__ = ["CPU_FLAGS", "NATIVE_BF16_FLAGS", "cpu_time_counters", "describe_machine", "has_native_bf16",
+           "inference_dtype", "machine_record", "steal_share"]

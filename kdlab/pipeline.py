@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from kdlab.data.sources import RankingSource
 from kdlab.defaults import LABEL_BATCH_TOKENS, PAIR_MAX_LENGTH
-from kdlab.machine import describe_machine, inference_dtype, machine_record
+from kdlab.machine import cpu_time_counters, describe_machine, inference_dtype, machine_record, steal_share
 from kdlab.runs import RunFailed, atomic_path, launch_run, new_run_dir, slug, write_json_atomic, write_text_atomic
 
 DEFAULT_VARIANTS: dict[str, list[str]] = {
@@ -166,6 +166,7 @@ class StepResult:
     run_dir: Path
     metrics: dict[str, float]
     seconds: float
+    steal: float | None = None  # the share of the machine's CPU time the hypervisor took meanwhile
 
 
 def run_step(name: str, pipeline_dir: Path, args: Sequence[str]) -> StepResult:
@@ -177,26 +178,31 @@ def run_step(name: str, pipeline_dir: Path, args: Sequence[str]) -> StepResult:
     run_dir, timed = pipeline_dir / name, {}
     with _timed_step(pipeline_dir, name, timed, run_dir):
         metrics = launch_run([*args, f"--run.name={name}"], run_dir, label=f"pipeline step {name}")
-    return StepResult(name, run_dir, metrics, timed[name].seconds)
+    return StepResult(name, run_dir, metrics, timed[name].seconds, timed[name].steal)
 
 
 STEP_TIMES = "step_times.json"
+STEP_STEAL = "step_steal.json"
 
 
 @contextlib.contextmanager
 def _timed_step(pipeline_dir: Path, name: str, steps: dict[str, StepResult], output: Path,
                 always: bool = False) -> Iterator[None]:
     """Time a step (a training subprocess, labels, evaluation) and keep its wall time in
-    ``step_times.json``, so a resumed pipeline still reports the time a reused output took."""
-    record_path = pipeline_dir / STEP_TIMES
+    ``step_times.json`` (and the CPU share the hypervisor took meanwhile in ``step_steal.json``), so
+    a resumed pipeline still reports the time a reused output took."""
+    record_path, steal_path = pipeline_dir / STEP_TIMES, pipeline_dir / STEP_STEAL
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    steal = json.loads(steal_path.read_text()) if steal_path.exists() else {}
     reused = output.exists() and not always and name in record
-    started = time.perf_counter()
+    counters, started = cpu_time_counters(), time.perf_counter()
     yield
     if not reused:
         record[name] = time.perf_counter() - started
+        steal[name] = steal_share(counters, cpu_time_counters())
+        write_json_atomic(steal_path, steal)
         write_json_atomic(record_path, record)
-    steps[name] = StepResult(name, output, {}, float(record.get(name, 0.0)))
+    steps[name] = StepResult(name, output, {}, float(record.get(name, 0.0)), steal.get(name))
 
 
 @dataclass
@@ -394,7 +400,7 @@ def run_pipeline(config: PipelineConfig) -> Path:
                     break
         raise
     write_json_atomic(pipeline_dir / "pipeline.json", asdict(config))
-    started = time.perf_counter()
+    started, counters = time.perf_counter(), cpu_time_counters()
     steps: dict[str, StepResult] = {}
     labels = _label_files(pipeline_dir, config)
     for name in ("rank_sft_no_cpt", "cpt", "rank_sft_cpt"):
@@ -428,10 +434,10 @@ def run_pipeline(config: PipelineConfig) -> Path:
                                interleaved=config.eval_interleaved)
     evidence = review_figures(rows, scores, splits["test"], pipeline_dir, config, prepared.pre_ranker_name)
     evidence["label_dtype"] = {"dtype": label_dtype, "reason": label_dtype_reason}
-    total = time.perf_counter() - started
+    total, steal = time.perf_counter() - started, steal_share(counters, cpu_time_counters())
     sizes = data_sizes(prepared.groups if prepared.labeled_train is None
                        else {**prepared.groups, LABELED_TRAIN: prepared.labeled_train})
-    return write_report(pipeline_dir, config, rows, steps, total, sizes, evidence)
+    return write_report(pipeline_dir, config, rows, steps, total, sizes, evidence, steal)
 
 
 def _length_sentence(config: PipelineConfig) -> str:
@@ -493,13 +499,16 @@ def data_sizes(groups: dict[str, list[Any]]) -> dict[str, tuple[int, int]]:
 
 def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str, Any]],
                  steps: dict[str, StepResult], total_seconds: float,
-                 sizes: dict[str, tuple[int, int]] | None = None, evidence: dict[str, Any] | None = None) -> Path:
-    """``report.md`` (table + checks), ``report.json`` (the same numbers) and ``report.png``."""
+                 sizes: dict[str, tuple[int, int]] | None = None, evidence: dict[str, Any] | None = None,
+                 steal: float | None = None) -> Path:
+    """``report.md`` (table + checks), ``report.json`` (the same numbers) and ``report.png``.
+    ``steal``: the share of the machine's CPU time the hypervisor took during this invocation."""
     evidence = evidence or {}
     machine = machine_record()
     lines = [f"# {config.name}: DisRanker pipeline report", "",
              f"Pipeline directory: `{pipeline_dir}`; steps {sum(s.seconds for s in steps.values()) / 60:.1f} min "
-             f"(sum of the steps' wall times, each with its process start-up), this invocation {total_seconds / 60:.1f} min, on "
+             f"(sum of the steps' wall times, each with its process start-up), this invocation {total_seconds / 60:.1f} min"
+             f"{f' (the hypervisor took {100 * steal:.0f} % of the CPU time meanwhile: steal)' if steal is not None else ''}, on "
              f"{describe_machine(machine)}. Another CPU (or another number of threads) moves the last digits "
              "of every figure; the same machine reproduces them.", "",
              f"Held-out test split. NDCG@10 with {config.gain} gain "
@@ -543,12 +552,17 @@ def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str
                          f"| {max(n['abs_diff'], m['abs_diff']):.1e} | {check['queries_with_tied_scores']} |")
     elif evidence.get("trec_eval_skipped"):
         lines += ["", f"trec_eval cross-check skipped: {evidence['trec_eval_skipped']}."]
-    lines += ["", "## Steps", "", "| step | wall time | run directory |", "|---|---|---|"]
+    lines += ["", "## Steps", "", "Steal: the share of this machine's CPU time that the hypervisor gave to other "
+              "guests during the step (`/proc/stat`); on a shared host it stretches wall times by about "
+              "1 / (1 − steal).", "", "| step | wall time | steal | run directory |", "|---|---|---|---|"]
     for name, step in steps.items():
-        lines.append(f"| {name} | {step.seconds:.0f} s | `{step.run_dir}` |")
+        steal = f"{100 * step.steal:.0f} %" if step.steal is not None else "–"
+        lines.append(f"| {name} | {step.seconds:.0f} s | {steal} | `{step.run_dir}` |")
     report = pipeline_dir / "report.md"
     write_json_atomic(pipeline_dir / "report.json", {"rows": rows, "total_seconds": total_seconds, "machine": machine,
-                                                     "step_seconds": {n: st.seconds for n, st in steps.items()}, **evidence})
+                                                     "step_seconds": {n: st.seconds for n, st in steps.items()},
+                                                     "step_steal": {n: st.steal for n, st in steps.items()},
+                                                     "steal": steal, **evidence})
     _plot(rows, pipeline_dir / "report.png", title=config.name)
     write_text_atomic(report, "\n".join(lines) + "\n")
     return report

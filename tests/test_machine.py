@@ -122,3 +122,20 @@ def test_auto_inference_dtype_is_bf16_only_where_the_cpu_has_it(tmp_path: Path, 
     assert machine.inference_dtype("float32", "cpu", x86) == ("float32", "as configured")
     assert machine.inference_dtype("bfloat16", "cpu", arm) == ("bfloat16", "as configured")
     assert machine.has_native_bf16(x86) and not machine.has_native_bf16(arm)
+
+
+def test_steal_share_from_two_proc_stat_readings(tmp_path: Path) -> None:
+    """Steal = the steal ticks' share of all ticks between two readings of /proc/stat's cpu line."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 20 800 5 0 5 70 0 0\ncpu0 50 0 10 400 2 0 2 35 0 0\nintr 1\n")
+    before = machine.cpu_time_counters(stat)
+    assert before == {"user": 100, "nice": 0, "system": 20, "idle": 800, "iowait": 5, "irq": 0, "softirq": 5,
+                      "steal": 70}
+    stat.write_text("cpu  250 0 30 820 5 0 5 170 0 0\n")  # +150 user, +10 system, +20 idle, +100 steal
+    after = machine.cpu_time_counters(stat)
+    assert machine.steal_share(before, after) == pytest.approx(100 / 280)
+    assert machine.steal_share(before, before) is None  # no time passed
+    assert machine.steal_share(None, after) is None
+    assert machine.cpu_time_counters(tmp_path / "missing") is None
+    stat.write_text("intr 1\n")
+    assert machine.cpu_time_counters(stat) is None

@@ -89,7 +89,9 @@ def test_tiny_pipeline_writes_complete_report_and_resumes(tmp_path: Path, monkey
     assert "cpt" in fit_steps and "student_hybrid_TCL" in fit_steps
     assert set(times) == {"labels_train", "labels_val", "evaluation", *fit_steps}
     assert all(t > 0 for t in times.values())
-    assert "| labels_train |" in text and "| evaluation |" in text
+    steal = json.loads((p / "step_steal.json").read_text())  # the hypervisor's share, per step
+    assert set(steal) == set(times) and all(share is None or 0 <= share <= 1 for share in steal.values())
+    assert "| labels_train |" in text and "| evaluation |" in text and "| step | wall time | steal |" in text
     assert (p / "report.png").stat().st_size > 5000
 
     # trec_eval (ir_measures), from the TREC run files kdlab wrote, agrees with every scored row.
