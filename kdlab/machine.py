@@ -211,17 +211,12 @@ def steal_share(before: dict[str, int] | None, after: dict[str, int] | None) -> 
 NATIVE_BF16_FLAGS: tuple[str, ...] = ("amx_bf16", "avx512_bf16", "bf16")
 
 
-def has_native_bf16(cpuinfo: Path | None = None) -> bool:
-    """True when this CPU computes bf16 matrix products in hardware (:data:`NATIVE_BF16_FLAGS`)."""
-    return bool(set(NATIVE_BF16_FLAGS) & _cpuinfo(cpuinfo)[1])
-
-
 def inference_dtype(requested: str, accelerator: str = "auto", cpuinfo: Path | None = None) -> tuple[str, str]:
     """The dtype a frozen model scores in, and why: ``(dtype, reason)``.
 
     Anything but ``"auto"`` is returned as given. ``"auto"`` means the fastest precision the hardware
     runs natively: ``bfloat16`` on a CUDA GPU that supports it (when ``accelerator`` may use one) or
-    on a CPU with native bf16 (:func:`has_native_bf16`; with AMX a bf16 matmul runs ~3× the fp32
+    on a CPU with native bf16 (:data:`NATIVE_BF16_FLAGS`; with AMX a bf16 matmul runs ~3× the fp32
     one), else ``float32``. bf16 keeps ~3 significant digits: teacher scores move by about 2 % of their
     spread, far less than the students' own error, so it suits labeling, not exact reproduction
     across machines (another CPU may pick the other precision: the report says which was used).
@@ -245,5 +240,5 @@ def inference_dtype(requested: str, accelerator: str = "auto", cpuinfo: Path | N
     return "float32", "auto: this CPU has no native bf16"
 
 
-__all__ = ["CPU_FLAGS", "NATIVE_BF16_FLAGS", "cpu_time_counters", "describe_machine", "has_native_bf16",
-           "inference_dtype", "machine_record", "steal_share"]
+__all__ = ["CPU_FLAGS", "NATIVE_BF16_FLAGS", "cpu_time_counters", "describe_machine", "inference_dtype",
+           "machine_record", "steal_share"]

@@ -3,9 +3,9 @@
 Before anything trains, every split is read from the user's files in any format
 (:mod:`kdlab.data.sources`; errors name their file and line) and every step's command line is
 parsed and checked (options, click logs); a mistake leaves no pipeline directory. Then the steps
-(each a ``python -m kdlab fit`` subprocess with its own run directory inside the pipeline
-directory, so every step leaves the same record as a hand-run one and DDP launchers re-run the
-right command):
+(each a ``python -m kdlab fit`` process, forked from :func:`kdlab.runs.start_zygote`'s zygote so
+that the imports are paid once, with its own run directory inside the pipeline directory, so every
+step leaves the same record as a hand-run one and DDP launchers re-run the right command):
 
 1. ``rank_sft_no_cpt``  rank fine-tuning of the teacher backbone as it is (the "without CPT" row);
 2. ``cpt``              continued pre-training on click logs (query → clicked title + summary);
@@ -329,15 +329,14 @@ def check_steps(config: PipelineConfig, step_args: dict[str, list[str]]) -> None
             check_inputs_before_loading(cfg, "fit")
 
 
-def label_split(teacher_dir: Path, source: str, output: Path, config: PipelineConfig, dtype: str | None = None) -> Path:
+def label_split(teacher_dir: Path, source: str, output: Path, config: PipelineConfig, dtype: str) -> Path:
     """Teacher scores for one split, written once and reused (resumable, atomic). Several devices
     label through ``python -m kdlab label`` (Lightning relaunches that command once per rank).
-    ``dtype``: the resolved ``config.label_dtype`` (never ``auto``; default: resolved here)."""
+    ``dtype``: the precision :func:`label_precision` chose (never ``auto``)."""
     from kdlab.labeling import score_file
 
     if output.exists():
         return output
-    dtype = dtype or inference_dtype(config.label_dtype, config.label_accelerator)[0]
     options = {"max_tokens": config.label_max_tokens, "max_length": config.label_max_length,
                "accelerator": config.label_accelerator, "devices": config.label_devices,
                "dtype": dtype, "quantization": config.label_quantization}
@@ -352,6 +351,24 @@ def label_split(teacher_dir: Path, source: str, output: Path, config: PipelineCo
     if subprocess.run(args).returncode != 0:
         raise RunFailed(f"labeling {source} failed: {' '.join(args)}")
     return output
+
+
+LABEL_PRECISION = "precision.json"
+
+
+def label_precision(pipeline_dir: Path, config: PipelineConfig) -> dict[str, str]:
+    """The precision the teacher labels in, ``{"dtype", "reason"}``: ``config.label_dtype`` resolved
+    once per pipeline directory (``auto``: :func:`kdlab.machine.inference_dtype`) and kept in
+    ``labels/precision.json``, so that a pipeline resumed elsewhere labels its remaining splits, and
+    reports, in the precision its first labels were made in."""
+    record = pipeline_dir / "labels" / LABEL_PRECISION
+    if record.exists():
+        return json.loads(record.read_text())
+    dtype, reason = inference_dtype(config.label_dtype, config.label_accelerator)
+    chosen = {"dtype": dtype, "reason": reason}
+    record.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record, chosen)
+    return chosen
 
 
 def _step_commands(config: PipelineConfig, pipeline_dir: Path, splits: dict[str, str]) -> dict[str, list[str]]:
@@ -407,10 +424,10 @@ def run_pipeline(config: PipelineConfig) -> Path:
         if name in step_args:
             steps[name] = run_step(name, pipeline_dir, step_args[name])
     teacher_dir = pipeline_dir / "rank_sft_cpt" / "model"
-    label_dtype, label_dtype_reason = inference_dtype(config.label_dtype, config.label_accelerator)
+    precision = label_precision(pipeline_dir, config)
     for split, output in labels.items():
         with _timed_step(pipeline_dir, f"labels_{split}", steps, output):
-            label_split(teacher_dir, label_sources[split], output, config, label_dtype)
+            label_split(teacher_dir, label_sources[split], output, config, precision["dtype"])
     for variant in config.variants:
         step = f"student_{slug(variant)}"
         steps[step] = run_step(step, pipeline_dir, step_args[step])
@@ -433,7 +450,7 @@ def run_pipeline(config: PipelineConfig) -> Path:
                                scores_out=scores, device=config.eval_device, dtype=config.eval_dtype,
                                interleaved=config.eval_interleaved)
     evidence = review_figures(rows, scores, splits["test"], pipeline_dir, config, prepared.pre_ranker_name)
-    evidence["label_dtype"] = {"dtype": label_dtype, "reason": label_dtype_reason}
+    evidence["label_dtype"] = precision
     total, steal = time.perf_counter() - started, steal_share(counters, cpu_time_counters())
     sizes = data_sizes(prepared.groups if prepared.labeled_train is None
                        else {**prepared.groups, LABELED_TRAIN: prepared.labeled_train})

@@ -21,6 +21,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -49,40 +50,44 @@ def alternate(models: list[Any], batches: list[dict[str, Any]], rounds: int = 2)
     return [t / (rounds * len(batches)) for t in totals]
 
 
-def teacher_dropout(run: Path, steps: int) -> None:
+def dropout_ab(what: str, data: dict[str, Any], build: Callable[[Any], Any], dropouts: tuple[Any, Any],
+               names: tuple[str, str], steps: int) -> None:
+    """Print the seconds per training step of a stage built by ``build(dropout)`` for each of the
+    two ``dropouts``, on the main job's first ``steps`` batches (8 groups of 1 + 3 negatives,
+    length-sorted), the two models taking each batch in turn."""
     from kdlab.data import RankingDataModule
+
+    module = RankingDataModule(num_negatives=3, batch_size=8, bucket_by_length=True, **data)
+    module.setup("fit")
+    batches = [b for _, b in zip(range(steps), module.train_dataloader())]
+    models = []
+    for dropout in dropouts:
+        torch.manual_seed(0)
+        models.append(build(dropout))
+    on, off = alternate(models, batches)
+    print(f"{what} step: {names[0]} {on:.3f} s, {names[1]} {off:.3f} s, ratio {off / on:.3f}")
+
+
+def teacher_dropout(run: Path, steps: int) -> None:
     from kdlab.stages import TeacherRankSFT
 
-    data = RankingDataModule(train=str(run / "data/ranking_train.jsonl"), val=str(run / "data/ranking_val.jsonl"),
-                             tokenizer="smollm2-135m", text_format="decoder", num_negatives=3, batch_size=8,
-                             max_length=96, bucket_by_length=True)
-    data.setup("fit")
-    batches = [b for _, b in zip(range(steps), data.train_dataloader())]
-    models = []
-    for dropout in (0.05, 0.0):
-        torch.manual_seed(0)
-        models.append(TeacherRankSFT(backbone=str(run / "cpt/model"), num_layers=16, loss="listwise", lora_rank=16,
-                                     lora_alpha=32.0, lr=1e-3, length_chunk_size=8, lora_dropout=dropout))
-    on, off = alternate(models, batches)
-    print(f"rank SFT step: LoRA dropout 0.05 {on:.3f} s, 0 {off:.3f} s, ratio {off / on:.3f}")
+    dropout_ab("rank SFT", {"train": str(run / "data/ranking_train.jsonl"), "val": str(run / "data/ranking_val.jsonl"),
+                            "tokenizer": "smollm2-135m", "text_format": "decoder", "max_length": 96},
+               lambda dropout: TeacherRankSFT(backbone=str(run / "cpt/model"), num_layers=16, loss="listwise",
+                                              lora_rank=16, lora_alpha=32.0, lr=1e-3, length_chunk_size=8,
+                                              lora_dropout=dropout),
+               (0.05, 0.0), ("LoRA dropout 0.05", "0"), steps)
 
 
 def student_dropout(run: Path, steps: int) -> None:
-    from kdlab.data import RankingDataModule
     from kdlab.stages import RankDistillStudent
 
-    data = RankingDataModule(train=str(run / "labels/train.jsonl"), val=str(run / "data/ranking_val.jsonl"),
-                             tokenizer="minilm-l6", text_format="cross-encoder", num_negatives=3, batch_size=8,
-                             max_length=64, bucket_by_length=True)
-    data.setup("fit")
-    batches = [b for _, b in zip(range(steps), data.train_dataloader())]
-    models = []
-    for config in (None, {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}):
-        torch.manual_seed(0)
-        models.append(RankDistillStudent(backbone="minilm-l6", backbone_config=config, margin_pairs="all",
-                                         length_chunk_size=16, packed_forward=True, fused_adamw=True))
-    on, off = alternate(models, batches)
-    print(f"student step: MiniLM dropout 0.1 {on:.3f} s, 0 {off:.3f} s, ratio {off / on:.3f}")
+    dropout_ab("student", {"train": str(run / "labels/train.jsonl"), "val": str(run / "data/ranking_val.jsonl"),
+                           "tokenizer": "minilm-l6", "text_format": "cross-encoder", "max_length": 64},
+               lambda config: RankDistillStudent(backbone="minilm-l6", backbone_config=config, margin_pairs="all",
+                                                 length_chunk_size=16, packed_forward=True, fused_adamw=True),
+               (None, {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}),
+               ("MiniLM dropout 0.1", "0"), steps)
 
 
 def label_precision(run: Path, queries: int) -> None:

@@ -121,7 +121,6 @@ def test_auto_inference_dtype_is_bf16_only_where_the_cpu_has_it(tmp_path: Path, 
     assert machine.inference_dtype("auto", "cpu", tmp_path / "missing") == ("float32", "auto: this CPU has no native bf16")
     assert machine.inference_dtype("float32", "cpu", x86) == ("float32", "as configured")
     assert machine.inference_dtype("bfloat16", "cpu", arm) == ("bfloat16", "as configured")
-    assert machine.has_native_bf16(x86) and not machine.has_native_bf16(arm)
 
 
 def test_steal_share_from_two_proc_stat_readings(tmp_path: Path) -> None:

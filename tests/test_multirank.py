@@ -136,6 +136,37 @@ def test_ddp_ranks_resolve_one_run_directory_written_once(toy_runs: dict[str, Pa
     assert not list(run.rglob("*.tmp"))
 
 
+def test_a_ddp_run_forked_from_the_zygote_equals_the_plain_one(toy_runs: dict[str, Path],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pipelines, sweeps and ablations launch runs through ``launch_run``, which forks rank 0 from
+    the zygote (kdlab.runs.start_zygote); Lightning then relaunches ``python -m kdlab.__main__`` for
+    rank 1. The run equals the DDP run ``python -m kdlab`` started: the same losses and parameters
+    to the last bit, the same metrics, both ranks in one run directory."""
+    from kdlab import runs
+
+    cwd = toy_runs["cwd"]
+    monkeypatch.chdir(cwd)
+    for key, value in subprocess_env().items():
+        monkeypatch.setenv(key, value)
+    forked: list[runs._ForkedRun] = []
+    real = runs._ForkedRun
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        forked.append(real(*args, **kwargs))
+        return forked[-1]
+
+    monkeypatch.setattr(runs, "_ForkedRun", spy)
+    run = cwd / "runs" / "forked"
+    metrics = runs.launch_run(["--config", "toy.yaml", "--run.name=forked", *DDP, "--data.init_args.batch_size=4",
+                               *_trace_args(cwd / "t3")], run)
+    assert len(forked) == 1 and forked[0].process.exitcode == 0
+    assert _read(cwd / "t3" / "trace.json") == _read(cwd / "t2" / "trace.json")
+    assert metrics == _read(toy_runs["two"] / "metrics.json")
+    ranks = [_read(cwd / "t3" / f"rank{r}.json") for r in (0, 1)]
+    assert ranks[0]["pid"] != ranks[1]["pid"] and [r["world_size"] for r in ranks] == [2, 2]
+    assert [(cwd / r["default_root_dir"]).resolve() for r in ranks] == [run.resolve()] * 2
+
+
 # ------------------------------------------------------------------------------- RankDistillStudent
 @pytest.mark.slow  # ~35 s on 2 cores: three processes importing transformers
 def test_ddp_rank_distill_student_same_trajectory_and_metrics(tmp_path: Path) -> None:

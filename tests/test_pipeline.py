@@ -248,3 +248,15 @@ def test_lengths_and_label_queries_are_checked_when_the_config_is_made(field: st
         PipelineConfig(**{field: value})
     assert PipelineConfig(teacher_eval_max_length=96, eval_max_length=64).teacher_length == 96
     assert PipelineConfig(eval_max_length=64).teacher_length == 64
+
+
+def test_label_precision_is_chosen_once_per_pipeline_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``label_dtype: auto`` is resolved once and kept beside the labels: a pipeline resumed on
+    another machine labels its remaining splits, and reports, in the precision of its first labels."""
+    monkeypatch.setattr(pipeline, "inference_dtype", lambda requested, accelerator: ("bfloat16", "auto: this CPU has AMX-BF16"))
+    first = pipeline.label_precision(tmp_path, PipelineConfig(label_dtype="auto"))
+    assert first == {"dtype": "bfloat16", "reason": "auto: this CPU has AMX-BF16"}
+    assert json.loads((tmp_path / "labels" / pipeline.LABEL_PRECISION).read_text()) == first
+    monkeypatch.setattr(pipeline, "inference_dtype", lambda requested, accelerator: ("float32", "auto: this CPU has no native bf16"))
+    assert pipeline.label_precision(tmp_path, PipelineConfig(label_dtype="auto")) == first
+    assert pipeline.label_precision(tmp_path / "elsewhere", PipelineConfig(label_dtype="auto"))["dtype"] == "float32"
