@@ -36,7 +36,8 @@ from typing import Any, Literal
 from kdlab.data.sources import RankingSource
 from kdlab.defaults import LABEL_BATCH_TOKENS, PAIR_MAX_LENGTH
 from kdlab.machine import cpu_time_counters, describe_machine, inference_dtype, machine_record, steal_share
-from kdlab.runs import RunFailed, atomic_path, launch_run, new_run_dir, slug, write_json_atomic, write_text_atomic
+from kdlab.runs import (RunFailed, atomic_path, launch_run, new_run_dir, slug, start_zygote, write_json_atomic,
+                        write_text_atomic)
 
 DEFAULT_VARIANTS: dict[str, list[str]] = {
     "hybrid": [],
@@ -398,6 +399,7 @@ def _label_files(pipeline_dir: Path, config: PipelineConfig) -> dict[str, Path]:
 
 def run_pipeline(config: PipelineConfig) -> Path:
     """Run every step and write the report; returns the path of ``report.md``."""
+    start_zygote()  # its imports (the steps' start-up) run beside this process's reading and checking
     prepared = read_ranking_data(config)  # every split validated before anything is written
     fresh = not config.pipeline_dir
     pipeline_dir = new_run_dir(config.root, config.name) if fresh else Path(config.pipeline_dir)  # type: ignore[arg-type]
