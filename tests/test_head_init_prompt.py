@@ -173,7 +173,7 @@ def test_export_records_the_prompt_and_labeling_reads_it(prompt_export: Path, tm
     from kdlab.pipeline import PipelineConfig, label_split
 
     piped = label_split(model_dir, str(source), tmp_path / "piped.jsonl",
-                        PipelineConfig(label_accelerator="cpu", label_max_length=96))
+                        PipelineConfig(label_accelerator="cpu", label_max_length=96), "float32")
     assert piped.read_bytes() == out.read_bytes()
 
 
