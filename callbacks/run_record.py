@@ -246,4 +246,6 @@ class RunRecord(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.is_global_zero and self.manifest:
-            self._write_manifest(end_time=now_iso(), status="failed", error=repr(exception)[:500])
+            # Lightning shuts down gracefully on Ctrl-C and reports it here, not through teardown.
+            status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+            self._write_manifest(end_time=now_iso(), status=status, error=repr(exception)[:500])

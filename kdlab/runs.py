@@ -474,12 +474,13 @@ def _run_child(cmd: list[str], log: Any, env: Mapping[str, str], run_dir: Path, 
 
 def launch_run(args: list[str], run_dir: str | os.PathLike[str], *, label: str | None = None,
                command: str = "fit", quiet: bool = True) -> dict[str, float]:
-    """Run ``python -m kdlab <command> ARGS --run.dir RUN_DIR`` in a subprocess, unless already finished.
+    """Run ``python -m kdlab <command> ARGS --run.dir RUN_DIR`` in its own process, unless already finished.
 
     A process per run keeps runs isolated (memory, global RNG, W&B state) and lets Lightning's
     DDP launcher re-run the exact command; a quiet run's process is forked from the zygote, which
-    imported the training stack once (:func:`start_zygote`; the same record as a fresh process). Output goes to ``RUN_DIR.log`` beside the run directory
-    (``quiet=False``: to this terminal instead), and a progress bar labelled ``label`` on stderr
+    imported the training stack once (:func:`start_zygote`; the same record as a fresh process).
+    Output goes to ``RUN_DIR.log`` beside the run directory (``quiet=False``: to this terminal
+    instead), and a progress bar labelled ``label`` on stderr
     follows the run's ``progress.json``. Ctrl-C stops the run before it is raised again.
     Returns the run's ``metrics.json``.
     """

@@ -153,6 +153,37 @@ def test_a_run_forked_from_the_zygote_equals_a_fresh_process(kdlab_env: Path, tm
     assert len(forked) == 2 and runs._zygote_env is not None and runs._zygote_env["KDLAB_TEST_MARK"] == "restart"
 
 
+def test_ctrl_c_stops_a_forked_run_gracefully(kdlab_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             request: pytest.FixtureRequest) -> None:
+    """Ctrl-C while a run forked from the zygote trains: the run stops through Lightning's graceful
+    shutdown (its manifest says ``interrupted``) before KeyboardInterrupt reaches the caller."""
+    monkeypatch.setattr(runs, "INTERRUPT_GRACE_SECONDS", (0.5, 30.0, 5.0))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # see the test above
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
+    forked: list[runs._ForkedRun] = []
+    real = runs._ForkedRun
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        forked.append(real(*args, **kwargs))
+        return forked[-1]
+
+    monkeypatch.setattr(runs, "_ForkedRun", spy)
+    run_dir = tmp_path / "runs" / "long"
+
+    def interrupt_once_it_trains() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and read_progress(run_dir) is None:
+            time.sleep(0.2)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_once_it_trains, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        launch_run(["--config", str(kdlab_env), "--trainer.max_epochs=100000"], run_dir, label="long")
+    assert len(forked) == 1 and forked[0].process.exitcode not in (None, 0)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and "KeyboardInterrupt" in manifest["error"]
+
+
 def _fake_child(tmp_path: Path, body: str) -> list[str]:
     """A stand-in for `python -m kdlab`: a short script that writes progress.json like a run."""
     script = tmp_path / "child.py"
