@@ -201,6 +201,8 @@ def test_ablation_runs_parse_against_cli(tmp_path: Path, monkeypatch: pytest.Mon
         return {metric: float(len(launched)) for metric in spec.metrics}
 
     monkeypatch.setattr(ablations, "launch_run", parse_instead_of_running)
+    # ~1 s of matplotlib per file; the plot is tested in test_sweeps_ablations.py
+    monkeypatch.setattr(ablations, "plot_ablation", lambda *args, **kwargs: None)
     monkeypatch.chdir(REPO)  # ablation files name configs relative to the repository
     for path in sorted(p for p in _all_yamls() if _kind(_load(p)) == "ablation"):
         spec = ablations.load_ablation(path)
