@@ -137,7 +137,8 @@ def test_ddp_ranks_resolve_one_run_directory_written_once(toy_runs: dict[str, Pa
 
 
 def test_a_ddp_run_forked_from_the_zygote_equals_the_plain_one(toy_runs: dict[str, Path],
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              forked_runs: list) -> None:
     """Pipelines, sweeps and ablations launch runs through ``launch_run``, which forks rank 0 from
     the zygote (kdlab.runs.start_zygote); Lightning then relaunches ``python -m kdlab.__main__`` for
     rank 1. The run equals the DDP run ``python -m kdlab`` started: the same losses and parameters
@@ -148,18 +149,10 @@ def test_a_ddp_run_forked_from_the_zygote_equals_the_plain_one(toy_runs: dict[st
     monkeypatch.chdir(cwd)
     for key, value in subprocess_env().items():
         monkeypatch.setenv(key, value)
-    forked: list[runs._ForkedRun] = []
-    real = runs._ForkedRun
-
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        forked.append(real(*args, **kwargs))
-        return forked[-1]
-
-    monkeypatch.setattr(runs, "_ForkedRun", spy)
     run = cwd / "runs" / "forked"
     metrics = runs.launch_run(["--config", "toy.yaml", "--run.name=forked", *DDP, "--data.init_args.batch_size=4",
                                *_trace_args(cwd / "t3")], run)
-    assert len(forked) == 1 and forked[0].process.exitcode == 0
+    assert len(forked_runs) == 1 and forked_runs[0].process.exitcode == 0
     assert _read(cwd / "t3" / "trace.json") == _read(cwd / "t2" / "trace.json")
     assert metrics == _read(toy_runs["two"] / "metrics.json")
     ranks = [_read(cwd / "t3" / f"rank{r}.json") for r in (0, 1)]

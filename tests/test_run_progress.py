@@ -126,48 +126,33 @@ def test_a_failing_child_raises_with_its_log_tail_and_no_bar(kdlab_env: Path, tm
 
 
 def test_a_run_forked_from_the_zygote_equals_a_fresh_process(kdlab_env: Path, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             forked_runs: list) -> None:
     """launch_run forks `python -m kdlab` runs from the zygote, which imported the training stack
     once: the run leaves the record a fresh process leaves (the same metrics to every digit, the same
     command line), KDLAB_ZYGOTE=0 launches a fresh process, and a changed environment starts a new
     zygote (libraries read it as they are imported)."""
-    forked: list[runs._ForkedRun] = []
-    real = runs._ForkedRun
-
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        forked.append(real(*args, **kwargs))
-        return forked[-1]
-
-    monkeypatch.setattr(runs, "_ForkedRun", spy)
     metrics = {"forked": launch_run(["--config", str(kdlab_env)], tmp_path / "runs" / "forked")}
-    assert len(forked) == 1 and forked[0].process.exitcode == 0
+    assert len(forked_runs) == 1 and forked_runs[0].process.exitcode == 0
     monkeypatch.setenv(runs.ZYGOTE_ENV, "0")
     metrics["fresh"] = launch_run(["--config", str(kdlab_env)], tmp_path / "runs" / "fresh")
-    assert len(forked) == 1, "KDLAB_ZYGOTE=0: a plain subprocess"
+    assert len(forked_runs) == 1, "KDLAB_ZYGOTE=0: a plain subprocess"
     assert metrics["forked"] == metrics["fresh"] and "val/loss" in metrics["fresh"]
     argv = {name: json.loads((tmp_path / "runs" / name / "manifest.json").read_text())["argv"] for name in metrics}
     assert argv["forked"][:-1] == argv["fresh"][:-1] and argv["forked"][0].endswith(os.path.join("kdlab", "__main__.py"))
     monkeypatch.delenv(runs.ZYGOTE_ENV)
     monkeypatch.setenv("KDLAB_TEST_MARK", "restart")
     launch_run(["--config", str(kdlab_env), "--trainer.max_epochs=1"], tmp_path / "runs" / "restarted")
-    assert len(forked) == 2 and runs._zygote_env is not None and runs._zygote_env["KDLAB_TEST_MARK"] == "restart"
+    assert len(forked_runs) == 2 and runs._zygote_env is not None and runs._zygote_env["KDLAB_TEST_MARK"] == "restart"
 
 
 def test_ctrl_c_stops_a_forked_run_gracefully(kdlab_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             request: pytest.FixtureRequest) -> None:
+                                             request: pytest.FixtureRequest, forked_runs: list) -> None:
     """Ctrl-C while a run forked from the zygote trains: the run stops through Lightning's graceful
     shutdown (its manifest says ``interrupted``) before KeyboardInterrupt reaches the caller."""
     monkeypatch.setattr(runs, "INTERRUPT_GRACE_SECONDS", (0.5, 30.0, 5.0))
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # see the test above
     request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
-    forked: list[runs._ForkedRun] = []
-    real = runs._ForkedRun
-
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        forked.append(real(*args, **kwargs))
-        return forked[-1]
-
-    monkeypatch.setattr(runs, "_ForkedRun", spy)
     run_dir = tmp_path / "runs" / "long"
 
     def interrupt_once_it_trains() -> None:
@@ -179,7 +164,7 @@ def test_ctrl_c_stops_a_forked_run_gracefully(kdlab_env: Path, tmp_path: Path, m
     threading.Thread(target=interrupt_once_it_trains, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         launch_run(["--config", str(kdlab_env), "--trainer.max_epochs=100000"], run_dir, label="long")
-    assert len(forked) == 1 and forked[0].process.exitcode not in (None, 0)
+    assert len(forked_runs) == 1 and forked_runs[0].process.exitcode not in (None, 0)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "interrupted" and "KeyboardInterrupt" in manifest["error"]
 
