@@ -1,4 +1,4 @@
-"""Shared test setup: offline, quiet, single-threaded, deterministic."""
+"""Shared test setup: offline, quiet, deterministic; one compute thread per pytest-xdist worker."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each xdist worker (and every process it starts) computes on one thread: two workers share the
+    # cores instead of four threads crowding two of them.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def subprocess_env() -> dict[str, str]:
