@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from collections.abc import Iterable, Iterator, Mapping
@@ -328,6 +329,11 @@ ZYGOTE_PRELOAD = ("kdlab.cli",)
 """What the zygote imports once: the CLI and through it Lightning, torch and transformers."""
 
 _zygote_env: dict[str, str] | None = None  # the environment the running zygote imported under
+# Runs forked from the running zygote that have not ended: stopping the zygote under them would
+# lose their exit status (multiprocessing then reports 255), so a launch with another environment
+# while they run starts a plain process instead. Launches come from several threads (a sweep's jobs).
+_zygote_runs = 0
+_zygote_lock = threading.Lock()
 
 
 ZYGOTE_IGNORED_ENV = (RUN_DIR_ENV, "PYTEST_CURRENT_TEST")
@@ -349,6 +355,11 @@ def start_zygote() -> bool:
     imports and runs nothing else, so a forked run starts from the state a fresh process reaches
     after its imports (each run seeds its own generators). Some libraries read the environment as
     they are imported, so a changed environment restarts the zygote."""
+    with _zygote_lock:
+        return _start_zygote_locked()
+
+
+def _start_zygote_locked() -> bool:
     global _zygote_env
     if os.environ.get(ZYGOTE_ENV, "1") == "0":
         return False
@@ -359,6 +370,8 @@ def start_zygote() -> bool:
     if _zygote_env == env:
         return True
     if _zygote_env is not None:
+        if _zygote_runs:  # runs of the running zygote are not finished: leave it, fork nothing new
+            return False
         stop = getattr(forkserver._forkserver, "_stop", None)  # CPython's own, "used by unit tests"
         if stop is None:
             return False
@@ -437,11 +450,23 @@ def _run_child(cmd: list[str], log: Any, env: Mapping[str, str], run_dir: Path, 
     runs) from ``run_dir``'s ``progress.json``. Any exception here (Ctrl-C) stops the child first.
     A quiet ``python -m kdlab`` command is forked from the zygote when it can be (same result,
     without the start-up's imports: :func:`start_zygote`)."""
+    global _zygote_runs
     started = time.time()
     proc: subprocess.Popen[bytes] | _ForkedRun
-    if quiet and cmd[:3] == [sys.executable, "-m", "kdlab"] and start_zygote():
+    forked = False
+    if quiet and cmd[:3] == [sys.executable, "-m", "kdlab"]:
+        with _zygote_lock:
+            forked = _start_zygote_locked()
+            if forked:
+                _zygote_runs += 1
+    if forked:
         log.flush()
-        proc = _ForkedRun(cmd[3:], Path(log.name), env)
+        try:
+            proc = _ForkedRun(cmd[3:], Path(log.name), env)
+        except BaseException:
+            with _zygote_lock:
+                _zygote_runs -= 1
+            raise
     else:
         proc = subprocess.Popen(cmd, stdout=log if quiet else None, stderr=subprocess.STDOUT if quiet else None,
                                 env=dict(env))
@@ -470,6 +495,9 @@ def _run_child(cmd: list[str], log: Any, env: Mapping[str, str], run_dir: Path, 
     finally:
         if bar is not None:
             bar.close()  # the last state stays on screen
+        if forked:
+            with _zygote_lock:
+                _zygote_runs -= 1
 
 
 def launch_run(args: list[str], run_dir: str | os.PathLike[str], *, label: str | None = None,

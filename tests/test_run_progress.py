@@ -146,6 +146,30 @@ def test_a_run_forked_from_the_zygote_equals_a_fresh_process(kdlab_env: Path, tm
     assert len(forked_runs) == 2 and runs._zygote_env is not None and runs._zygote_env["KDLAB_TEST_MARK"] == "restart"
 
 
+def test_a_launch_in_another_environment_leaves_the_zygote_of_a_running_run_alone(
+        kdlab_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forked_runs: list) -> None:
+    """Two threads launch runs (a sweep's jobs) and the environment changes between them: restarting
+    the zygote would orphan the first run (multiprocessing then reports exit 255 for it, though it
+    finished). The second run starts as a plain process instead and the first ends normally."""
+    first_dir, finished = tmp_path / "runs" / "first", {}
+
+    def first() -> None:
+        finished["first"] = launch_run(["--config", str(kdlab_env), "--trainer.max_epochs=8"], first_dir)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and read_progress(first_dir) is None:
+        time.sleep(0.1)
+    assert runs._zygote_runs == 1, "the first run is forked and still training"
+    monkeypatch.setenv("KDLAB_TEST_MARK", "another environment")
+    second = launch_run(["--config", str(kdlab_env)], tmp_path / "runs" / "second")
+    thread.join()
+    assert "val/loss" in second and "val/loss" in finished["first"]
+    assert len(forked_runs) == 1 and forked_runs[0].process.exitcode == 0, "the second run was not forked"
+    assert runs._zygote_runs == 0, "with nothing running, the next launch may start a new zygote"
+
+
 def test_ctrl_c_stops_a_forked_run_gracefully(kdlab_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              request: pytest.FixtureRequest, forked_runs: list) -> None:
     """Ctrl-C while a run forked from the zygote trains: the run stops through Lightning's graceful
