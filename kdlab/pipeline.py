@@ -364,7 +364,16 @@ def label_precision(pipeline_dir: Path, config: PipelineConfig) -> dict[str, str
     reports, in the precision its first labels were made in."""
     record = pipeline_dir / "labels" / LABEL_PRECISION
     if record.exists():
-        return json.loads(record.read_text())
+        from kdlab.errors import ConfigError
+
+        try:
+            kept = json.loads(record.read_text())
+        except ValueError as err:
+            kept = err
+        if not (isinstance(kept, dict) and isinstance(kept.get("dtype"), str) and isinstance(kept.get("reason"), str)):
+            raise ConfigError(f"{record}: expected the JSON object {{\"dtype\": ..., \"reason\": ...}} this pipeline "
+                              "wrote when it first labeled; delete the file to choose the precision again")
+        return kept
     dtype, reason = inference_dtype(config.label_dtype, config.label_accelerator)
     chosen = {"dtype": dtype, "reason": reason}
     record.parent.mkdir(parents=True, exist_ok=True)

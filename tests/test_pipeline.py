@@ -260,3 +260,8 @@ def test_label_precision_is_chosen_once_per_pipeline_directory(tmp_path: Path, m
     monkeypatch.setattr(pipeline, "inference_dtype", lambda requested, accelerator: ("float32", "auto: this CPU has no native bf16"))
     assert pipeline.label_precision(tmp_path, PipelineConfig(label_dtype="auto")) == first
     assert pipeline.label_precision(tmp_path / "elsewhere", PipelineConfig(label_dtype="auto"))["dtype"] == "float32"
+    for broken in ("{not json", '["bfloat16"]', '{"dtype": "bfloat16"}'):  # edited by hand
+        (tmp_path / "labels" / pipeline.LABEL_PRECISION).write_text(broken)
+        with pytest.raises(ConfigError, match=r"precision\.json: expected the JSON object .*delete the file") as info:
+            pipeline.label_precision(tmp_path, PipelineConfig(label_dtype="auto"))
+        assert "\n" not in str(info.value)
