@@ -154,7 +154,7 @@ def test_a_launch_in_another_environment_leaves_the_zygote_of_a_running_run_alon
     first_dir, finished = tmp_path / "runs" / "first", {}
 
     def first() -> None:
-        finished["first"] = launch_run(["--config", str(kdlab_env), "--trainer.max_epochs=8"], first_dir)
+        finished["first"] = launch_run(["--config", str(kdlab_env), "--trainer.max_epochs=40"], first_dir)
 
     thread = threading.Thread(target=first)
     thread.start()
