@@ -455,19 +455,13 @@ def _run_child(cmd: list[str], log: Any, env: Mapping[str, str], run_dir: Path, 
     proc: subprocess.Popen[bytes] | _ForkedRun
     forked = False
     if quiet and cmd[:3] == [sys.executable, "-m", "kdlab"]:
-        with _zygote_lock:
+        with _zygote_lock:  # also around the start: _ForkedRun swaps sys.modules["__main__"] meanwhile
             forked = _start_zygote_locked()
             if forked:
+                log.flush()
+                proc = _ForkedRun(cmd[3:], Path(log.name), env)
                 _zygote_runs += 1
-    if forked:
-        log.flush()
-        try:
-            proc = _ForkedRun(cmd[3:], Path(log.name), env)
-        except BaseException:
-            with _zygote_lock:
-                _zygote_runs -= 1
-            raise
-    else:
+    if not forked:
         proc = subprocess.Popen(cmd, stdout=log if quiet else None, stderr=subprocess.STDOUT if quiet else None,
                                 env=dict(env))
     bar: _ProgressBar | None = _ProgressBar(label) if quiet else None
