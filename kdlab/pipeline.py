@@ -368,8 +368,8 @@ def label_precision(pipeline_dir: Path, config: PipelineConfig) -> dict[str, str
 
         try:
             kept = json.loads(record.read_text())
-        except ValueError as err:
-            kept = err
+        except ValueError:
+            kept = None
         if not (isinstance(kept, dict) and isinstance(kept.get("dtype"), str) and isinstance(kept.get("reason"), str)):
             raise ConfigError(f"{record}: expected the JSON object {{\"dtype\": ..., \"reason\": ...}} this pipeline "
                               "wrote when it first labeled; delete the file to choose the precision again")
