@@ -219,7 +219,7 @@ def export_student_init(model: str, directory: str | Path, seed: int = 0, no_dro
     import lightning as L
 
     from kdlab.models.backbones import load_backbone
-    from kdlab.models.export import save_served_model
+    from kdlab.models.served import save_served_model
 
     L.seed_everything(seed, verbose=False)
     net = load_backbone(model, task="seq-cls", num_labels=1)

@@ -151,7 +151,7 @@ def run_hf_padded(teacher: str, input_path: str, output_path: str, args: argpars
 
     from kdlab.data.readers import read_ranking_jsonl
     from kdlab.models.backbones import load_tokenizer, pad_token_id
-    from kdlab.models.export import load_rank_teacher
+    from kdlab.models.served import load_rank_teacher
 
     t0 = time.perf_counter()
     model = load_rank_teacher(teacher)
@@ -283,7 +283,7 @@ def token_stats(teacher: str, input_path: str, batch_size: int, max_length: int,
     from kdlab.defaults import LABEL_BATCH_TOKENS
     from kdlab.labeling import token_budget_batches
     from kdlab.models.backbones import load_tokenizer
-    from kdlab.models.export import SCORE_HEAD_META
+    from kdlab.models.served import SCORE_HEAD_META
 
     fmt = "decoder" if (Path(teacher) / SCORE_HEAD_META).is_file() else "cross-encoder"
     enc = RankingCollator(load_tokenizer(teacher), text_format=fmt, max_length=max_length)

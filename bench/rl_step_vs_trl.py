@@ -42,14 +42,13 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common  # noqa: E402
 import torch  # noqa: E402
 
 from kdlab.data import sample_path  # noqa: E402
 from kdlab.models.backbones import load_backbone, load_tokenizer  # noqa: E402
-from kdlab.models.export import load_teacher, save_served_model  # noqa: E402
+from kdlab.models.served import load_teacher, save_served_model  # noqa: E402
 from kdlab.stages.rl_distill_kstep import RLDistillKStep  # noqa: E402
-
-import _common  # noqa: E402
 
 
 def prompts(tok: Any, n: int, max_src: int) -> list[list[int]]:

@@ -27,7 +27,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from kdlab.models.backbones import Quantization
-from kdlab.models.export import TeacherConfigError, TeacherTask, check_teacher_options, load_teacher
+from kdlab.models.served import (
+    TeacherConfigError,
+    TeacherTask,
+    check_teacher_options,
+    load_teacher,
+)
 from kdlab.protocols import NeedsTeacher, is_sharded_strategy
 
 log = logging.getLogger(__name__)
@@ -43,7 +48,7 @@ class TeacherLoader(L.Callback):
         task: which head the teacher needs: ``causal-lm`` (token distributions, generation),
             ``encoder`` (last hidden state, no LM head), ``seq-cls``, or ``ranker``: an exported
             ranker directory (a TeacherRankSFT export with its score head, or a cross-encoder),
-            loaded with :func:`kdlab.models.export.load_rank_teacher` so a student can distil from
+            loaded with :func:`kdlab.models.served.load_rank_teacher` so a student can distil from
             live teacher scores (full precision only).
         config: tiny-model config overrides, or config attribute overrides for pretrained models.
         dtype: ``float32`` | ``bfloat16`` | ``float16`` (compute dtype for quantized teachers).

@@ -38,7 +38,13 @@ from typing import Any
 
 import yaml
 
-from kdlab.runs import atomic_path, launch_run, slug, write_json_atomic, write_text_atomic
+from kdlab.runs import (
+    atomic_path,
+    launch_run,
+    slug,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 class AblationError(ValueError):
@@ -279,3 +285,16 @@ def plot_ablation(spec: AblationSpec, table: dict[str, dict[str, list[float]]], 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png", metadata={"Software": None})
     plt.close(fig)
+
+
+def ablate_command(config: str, root: str = "runs/ablations", jobs: int = 1) -> list[Path]:
+    """Run named variants × seeds of a base config and write ablation.md + a bar chart.
+
+    Args:
+        config: an ablation YAML.
+        root: where the ablation's runs go.
+        jobs: runs in parallel.
+    """
+    report = run_ablation(config, root=root, jobs=jobs)
+    print(f"ablation report: {report}")
+    return [report]

@@ -22,11 +22,16 @@ from tqdm.auto import tqdm
 
 from kdlab.data.collators import RankingCollator
 from kdlab.data.readers import DataFormatError, RankingGroup, read_ranking_jsonl
-from kdlab.defaults import EVAL_K, EVAL_WARMUP_QUERIES, PAIR_MAX_LENGTH, RANDOM_ORDER_DRAWS
+from kdlab.defaults import (
+    EVAL_K,
+    EVAL_WARMUP_QUERIES,
+    PAIR_MAX_LENGTH,
+    RANDOM_ORDER_DRAWS,
+)
 from kdlab.metrics import RankingMetrics
 from kdlab.metrics.ranking import Gain
 from kdlab.models.backbones import count_parameters, load_tokenizer
-from kdlab.models.export import load_rank_teacher
+from kdlab.models.served import load_rank_teacher
 
 PRE_RANKER = "first-stage"
 """Model spec naming the first-stage pre-ranker: its scores are each document's ``first_stage_score``."""

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -34,7 +34,7 @@ from kdlab.data.sources import RankingSource, as_source, read_source
 from kdlab.defaults import LABEL_BATCH_TOKENS, PAIR_MAX_LENGTH
 from kdlab.errors import ConfigError
 from kdlab.models.backbones import Quantization, load_tokenizer
-from kdlab.models.export import check_teacher_options, load_teacher, text_format_of
+from kdlab.models.served import check_teacher_options, load_teacher, text_format_of
 from kdlab.protocols import attach_unregistered
 from kdlab.runs import atomic_path
 
@@ -208,7 +208,7 @@ def score_file(
     ``output`` (atomically), so ``output`` is never half-written.
 
     Args:
-        teacher: a ranker export directory (:func:`kdlab.models.export.load_rank_teacher`, loaded
+        teacher: a ranker export directory (:func:`kdlab.models.served.load_rank_teacher`, loaded
             on each process's device with ``dtype`` / ``quantization`` through the teacher loader),
             or a ranker module (``DecoderRanker`` / ``SequenceClassificationRanker``) with ``tokenizer``.
         max_tokens: padded tokens per forward pass; max_length: tokens per (query, doc) text.
@@ -292,3 +292,55 @@ def _several(devices: int | str) -> bool:
     text = str(devices).strip()
     return text == "-1" or (text.isdigit() and int(text) > 1) or "," in text.strip(",")
 
+
+def label_command(teacher: str, input: RankingSource | str, output: str,
+                  mode: Literal["pointwise", "listwise"] = "pointwise", max_tokens: int = LABEL_BATCH_TOKENS,
+                  max_length: int = PAIR_MAX_LENGTH, resume: bool = True, accelerator: str = "auto",
+                  devices: int | str = 1, dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32",
+                  quantization: Literal["8bit", "4bit"] | None = None, top_k: int = 10, bottom_k: int = 10,
+                  queries_per_batch: int = 8, max_new_tokens: int = 64) -> list[Path]:
+    """Label ranking candidates with a teacher: pointwise scores, or RRADistill listwise labels.
+
+    Args:
+        teacher: pointwise: a ranker export directory (TeacherRankSFT, or a one-label cross-encoder);
+            listwise: a causal LLM (alias, local directory or hub name).
+        input: ranking groups: a kdlab JSONL path, or a source in any format
+            (--input.format=beir --input.path=DIR --input.run=RUN, ...).
+        output: where to write the labelled groups (kdlab JSONL).
+        mode: pointwise (a teacher_score on every document) or listwise (the pre-ranker's top_k and
+            bottom_k per query in one prompt; graded labels from the LLM's order, the documents it
+            leaves out as hard negatives).
+        max_tokens: pointwise: padded tokens per forward pass (pairs sorted by length and packed).
+        max_length: pointwise: tokens per (query, doc) text.
+        resume: continue from <output>.partial after an interruption.
+        accelerator: cpu, gpu/cuda, mps or auto (Lightning's names).
+        devices: how many devices (or which, e.g. "0,1"); pointwise runs data parallel on several
+            and writes the same file as one.
+        dtype: the teacher's compute dtype; auto: bfloat16 where the GPU or CPU runs it natively
+            (AMX / AVX-512 BF16), else float32 (:func:`kdlab.machine.inference_dtype`).
+        quantization: pointwise: load the teacher in 8-bit or 4-bit (bitsandbytes).
+        top_k, bottom_k: listwise: the pre-ranker's best and worst documents shown to the LLM.
+        queries_per_batch: listwise: prompts generated together.
+        max_new_tokens: listwise: the length of the LLM's answer.
+    """
+    from kdlab.machine import inference_dtype
+
+    dtype = inference_dtype(dtype, accelerator)[0]  # type: ignore[assignment]
+    if mode == "listwise":
+        from kdlab.listwise import listwise_label_file
+
+        if str(devices) not in ("1", "auto") or quantization is not None:
+            raise ConfigError("listwise labeling runs on one device in full precision or --dtype; "
+                              "drop --devices/--quantization (several devices: label shards of the input)")
+        device = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "mps": "mps"}.get(accelerator)
+        count = listwise_label_file(teacher, input, output, top_k=top_k, bottom_k=bottom_k,
+                                    batch_size=queries_per_batch, max_new_tokens=max_new_tokens, device=device,
+                                    dtype=dtype, resume=resume)
+    else:
+        from kdlab.labeling import score_file
+
+        count = score_file(teacher, input, output, max_tokens=max_tokens, max_length=max_length, resume=resume,
+                           accelerator=accelerator, devices=devices, dtype=dtype, quantization=quantization)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"wrote {count} {mode}-labelled groups to {output}")
+    return [Path(output)]

@@ -12,7 +12,6 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-
 #: Strategy class names that shard parameters across ranks.
 _SHARDED_STRATEGY_NAMES: tuple[str, ...] = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
@@ -40,8 +39,8 @@ class NeedsTeacher(Protocol):
     def attach_teacher(self, teacher: nn.Module) -> None:
         """Keep a reference to ``teacher`` without registering it as a submodule.
 
-        The teacher arrives frozen (eval mode, no gradients: :func:`kdlab.models.export.freeze`,
-        as :func:`kdlab.models.export.load_teacher` returns it); the stage does not change it.
+        The teacher arrives frozen (eval mode, no gradients: :func:`kdlab.models.served.freeze`,
+        as :func:`kdlab.models.served.load_teacher` returns it); the stage does not change it.
         """
 
 

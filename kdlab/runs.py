@@ -17,8 +17,7 @@ Every file is written atomically (temp file in the same directory + ``os.replace
 killed at any moment leaves either the previous version of a file or the new one, never half.
 The writers here are the project's only ones. The callback that writes a run's record is
 :class:`kdlab.callbacks.RunRecord`. This module imports nothing beyond the standard library
-(``tqdm`` only inside :func:`launch_run`, for its progress bar; ``kdlab.cli`` only in the zygote
-that launched runs are forked from).
+(``tqdm`` only inside :func:`launch_run`, for its progress bar).
 """
 
 from __future__ import annotations
@@ -34,9 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import types
 from collections.abc import Iterable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -299,7 +296,7 @@ class _ProgressBar:
             self.bar = None
 
 
-def _stop_child(proc: subprocess.Popen[bytes] | _ForkedRun, label: str) -> None:
+def _stop_child(proc: subprocess.Popen[bytes], label: str) -> None:
     """Stop a child after Ctrl-C without leaving it (or its DDP ranks) running: wait for it to act
     on the terminal's SIGINT, send SIGINT (Lightning's graceful shutdown), then SIGTERM, SIGKILL."""
     if proc.poll() is not None:
@@ -321,149 +318,13 @@ def _stop_child(proc: subprocess.Popen[bytes] | _ForkedRun, label: str) -> None:
     proc.wait()
 
 
-ZYGOTE_ENV = "KDLAB_ZYGOTE"
-"""``0`` starts every launched run as a fresh ``python -m kdlab`` process instead of forking it from
-the zygote (:func:`start_zygote`)."""
-
-ZYGOTE_PRELOAD = ("kdlab.cli",)
-"""What the zygote imports once: the CLI and through it Lightning, torch and transformers."""
-
-_zygote_env: dict[str, str] | None = None  # the environment the running zygote imported under
-# Runs forked from the running zygote that have not ended: stopping the zygote under them would
-# lose their exit status (multiprocessing then reports 255), so a launch with another environment
-# while they run starts a plain process instead. Launches come from several threads (a sweep's jobs).
-_zygote_runs = 0
-_zygote_lock = threading.Lock()
-
-
-ZYGOTE_IGNORED_ENV = (RUN_DIR_ENV, "PYTEST_CURRENT_TEST")
-"""Variables that do not restart the zygote when they change: each run gets them as launched,
-and nothing reads them while importing."""
-
-
-def _comparable(env: Mapping[str, str]) -> dict[str, str]:
-    return {key: value for key, value in env.items() if key not in ZYGOTE_IGNORED_ENV}
-
-
-def start_zygote() -> bool:
-    """Start the zygote, unless it runs already with this process's environment, and say whether
-    runs may be forked from it (``KDLAB_ZYGOTE=0``: no).
-
-    The zygote is multiprocessing's fork server with kdlab's training stack imported
-    (:data:`ZYGOTE_PRELOAD`: ~8 s of imports on a small CPU): :func:`launch_run` forks each run
-    from it, so a pipeline, sweep or ablation pays those imports once instead of once per run. It
-    imports and runs nothing else, so a forked run starts from the state a fresh process reaches
-    after its imports (each run seeds its own generators). Some libraries read the environment as
-    they are imported, so a changed environment restarts the zygote."""
-    with _zygote_lock:
-        return _start_zygote_locked()
-
-
-def _start_zygote_locked() -> bool:
-    global _zygote_env
-    if os.environ.get(ZYGOTE_ENV, "1") == "0":
-        return False
-    import multiprocessing
-    from multiprocessing import forkserver
-
-    env = _comparable(os.environ)
-    if _zygote_env == env:
-        return True
-    if _zygote_env is not None:
-        if _zygote_runs:  # runs of the running zygote are not finished: leave it, fork nothing new
-            return False
-        stop = getattr(forkserver._forkserver, "_stop", None)  # CPython's own, "used by unit tests"
-        if stop is None:
-            return False
-        stop()
-    multiprocessing.get_context("forkserver").set_forkserver_preload(list(ZYGOTE_PRELOAD))
-    forkserver.ensure_running()
-    _zygote_env = env
-    return True
-
-
-def _forked_main(args: list[str], cwd: str, env: dict[str, str], log_path: str) -> None:
-    """A run's process, forked from the zygote: ``python -m kdlab ARGS`` as a fresh process would run
-    it in ``cwd`` with ``env``, its output sent to ``log_path``."""
-    import atexit
-    import runpy
-
-    os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
-    log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
-    # A fresh `python -m` looks for modules in the working directory, then PYTHONPATH, first.
-    front = [os.path.abspath(entry) for entry in [cwd, *env.get("PYTHONPATH", "").split(os.pathsep)] if entry]
-    sys.path[:0] = [entry for i, entry in enumerate(front) if entry not in sys.path and entry not in front[:i]]
-    sys.argv = ["-m", *args]
-    try:
-        # What `python -m kdlab` does: sys.argv[0] and __main__ (with its __spec__, from which
-        # Lightning's DDP launcher builds the other ranks' `python -m kdlab.__main__ ARGS`).
-        runpy.run_module("kdlab", run_name="__main__", alter_sys=True)
-    finally:
-        atexit._run_exitfuncs()  # multiprocessing ends a child with os._exit: W&B and others finish here
-        sys.stdout.flush()
-        sys.stderr.flush()
-
-
-class _ForkedRun:
-    """A run forked from the zygote, behind the part of :class:`subprocess.Popen` that
-    :func:`_run_child` and :func:`_stop_child` use."""
-
-    def __init__(self, args: list[str], log_path: Path, env: Mapping[str, str]) -> None:
-        import multiprocessing
-
-        self.process = multiprocessing.get_context("forkserver").Process(
-            target=_forked_main, args=(args, os.getcwd(), dict(env), str(log_path)), daemon=False)
-        # multiprocessing would re-import the caller's main module in the child (a script without
-        # an `if __name__ == "__main__"` guard would run again): start it as if there were none.
-        caller_main = sys.modules["__main__"]
-        sys.modules["__main__"] = types.ModuleType("__main__")
-        try:
-            self.process.start()
-        finally:
-            sys.modules["__main__"] = caller_main
-        self.pid = self.process.pid
-
-    def poll(self) -> int | None:
-        return self.process.exitcode
-
-    def wait(self, timeout: float | None = None) -> int:
-        self.process.join(timeout)
-        if self.process.exitcode is None:
-            raise subprocess.TimeoutExpired("kdlab run", timeout or 0.0)
-        return self.process.exitcode
-
-    def send_signal(self, signum: int) -> None:
-        os.kill(self.pid, signum)
-
-    def kill(self) -> None:
-        self.process.kill()
-
-
 def _run_child(cmd: list[str], log: Any, env: Mapping[str, str], run_dir: Path, label: str,
                quiet: bool) -> int:
     """Run ``cmd`` to its end and return its exit status; while it runs, show a progress bar (quiet
-    runs) from ``run_dir``'s ``progress.json``. Any exception here (Ctrl-C) stops the child first.
-    A quiet ``python -m kdlab`` command is forked from the zygote when it can be (same result,
-    without the start-up's imports: :func:`start_zygote`)."""
-    global _zygote_runs
+    runs) from ``run_dir``'s ``progress.json``. Any exception here (Ctrl-C) stops the child first."""
     started = time.time()
-    proc: subprocess.Popen[bytes] | _ForkedRun
-    forked = False
-    if quiet and cmd[:3] == [sys.executable, "-m", "kdlab"]:
-        with _zygote_lock:  # also around the start: _ForkedRun swaps sys.modules["__main__"] meanwhile
-            forked = _start_zygote_locked()
-            if forked:
-                log.flush()
-                proc = _ForkedRun(cmd[3:], Path(log.name), env)
-                _zygote_runs += 1
-    if not forked:
-        proc = subprocess.Popen(cmd, stdout=log if quiet else None, stderr=subprocess.STDOUT if quiet else None,
-                                env=dict(env))
+    proc = subprocess.Popen(cmd, stdout=log if quiet else None, stderr=subprocess.STDOUT if quiet else None,
+                            env=dict(env))
     bar: _ProgressBar | None = _ProgressBar(label) if quiet else None
     try:
         while True:
@@ -489,9 +350,6 @@ def _run_child(cmd: list[str], log: Any, env: Mapping[str, str], run_dir: Path, 
     finally:
         if bar is not None:
             bar.close()  # the last state stays on screen
-        if forked:
-            with _zygote_lock:
-                _zygote_runs -= 1
 
 
 def launch_run(args: list[str], run_dir: str | os.PathLike[str], *, label: str | None = None,
@@ -499,8 +357,7 @@ def launch_run(args: list[str], run_dir: str | os.PathLike[str], *, label: str |
     """Run ``python -m kdlab <command> ARGS --run.dir RUN_DIR`` in its own process, unless already finished.
 
     A process per run keeps runs isolated (memory, global RNG, W&B state) and lets Lightning's
-    DDP launcher re-run the exact command; a quiet run's process is forked from the zygote, which
-    imported the training stack once (:func:`start_zygote`; the same record as a fresh process).
+    DDP launcher re-run the exact command.
     Output goes to ``RUN_DIR.log`` beside the run directory (``quiet=False``: to this terminal
     instead), and a progress bar labelled ``label`` on stderr
     follows the run's ``progress.json``. Ctrl-C stops the run before it is raised again.

@@ -179,3 +179,19 @@ def to_csv(rows: list[dict[str, Any]], swept: list[str]) -> str:
     for row in rows:
         writer.writerow({k: (_fmt(v) if k in swept else v) for k, v in row.items()})
     return buffer.getvalue()
+
+
+def sweep_command(sweep_file: str, jobs: int = 1, root: str = "runs/sweeps", dry_run: bool = False) -> list[Path]:
+    """Expand a W&B sweep YAML locally and run it (resumable), writing sweep.csv.
+
+    Args:
+        sweep_file: a W&B sweep YAML.
+        jobs: runs in parallel.
+        root: where the sweep's runs go.
+        dry_run: print the commands only.
+    """
+    csv = run_sweep(sweep_file, root=root, jobs=jobs, dry_run=dry_run)
+    if csv is None:
+        return []
+    print(f"sweep table: {csv}")
+    return [csv]

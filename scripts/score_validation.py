@@ -16,7 +16,7 @@ import torch
 
 from kdlab.data import RankingDataModule
 from kdlab.metrics import RankingMetrics
-from kdlab.models.export import load_rank_teacher
+from kdlab.models.served import load_rank_teacher
 from kdlab.stages._common import group_scores
 
 

@@ -49,19 +49,3 @@ def tiny_ranker_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ranker") / "model"
     TeacherRankSFT(backbone="tiny-llama-h32").export_pretrained(str(out))
     return out
-
-
-@pytest.fixture
-def forked_runs(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Every run ``kdlab.runs.launch_run`` forks from the zygote in this test (a fresh process is not listed)."""
-    from kdlab import runs
-
-    forked: list = []
-    real = runs._ForkedRun
-
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        forked.append(real(*args, **kwargs))
-        return forked[-1]
-
-    monkeypatch.setattr(runs, "_ForkedRun", spy)
-    return forked

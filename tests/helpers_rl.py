@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import Logger
 
 from kdlab.data import sample_path
 from kdlab.models.backbones import load_tokenizer, pad_token_id
-from kdlab.models.export import load_teacher
+from kdlab.models.served import load_teacher
 from kdlab.stages.rl_distill_kstep import RLDistillKStep
 
 #: The smallest tiny Llama (hidden 32, 1 layer): student and teacher of the CPU tests.

@@ -507,7 +507,7 @@ def test_no_auto_prepare_env_turns_first_use_off(kdlab_home: Path, tmp_path: Pat
 
 def test_models_prepare_all_still_prepares_every_alias(kdlab_home: Path, monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from kdlab.cli import models_command
+    from kdlab.models.prepare import models_command
 
     # every alias but SmolLM2 (a minute of GGUF dequantization; the slow test covers it)
     monkeypatch.setattr(prep, "ALIASES", {"minilm-l6": prep.ALIASES["minilm-l6"]})
@@ -610,33 +610,6 @@ def test_student_shares_the_teacher_tokenizer() -> None:
     student = bb.build_student_from_teacher("tiny-llama", "every-other")
     assert student.config.vocab_size == len(teacher_tok)
     bb.assert_same_vocabulary(teacher_tok, bb.load_tokenizer("tiny-llama"))
-
-
-def test_gguf_is_parsed_once_within_a_build_and_the_library_is_restored(tmp_path: Path) -> None:
-    """transformers reads a GGUF three times per model; within the build they share one reader (the
-    same fields and tensors) and one tensor-name map, and gguf's own functions come back afterwards."""
-    import gguf
-    import numpy as np
-
-    path = tmp_path / "tiny.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(2)
-    writer.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    with prep._gguf_parsed_once():
-        first, second = gguf.GGUFReader(str(path)), gguf.GGUFReader(tmp_path / ".." / tmp_path.name / "tiny.gguf")
-        assert first is second
-        assert [t.name for t in first.tensors] == ["token_embd.weight"]
-        np.testing.assert_array_equal(first.tensors[0].data.reshape(3, 4), np.arange(12).reshape(3, 4))
-        llama = gguf.MODEL_ARCH.LLAMA
-        assert gguf.get_tensor_name_map(llama, 2) is gguf.get_tensor_name_map(llama, 2)
-        assert gguf.get_tensor_name_map(llama, 2).get_name("model.layers.1.self_attn.q_proj") == "blk.1.attn_q"
-    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (real_reader, real_map)
-    assert gguf.GGUFReader(str(path)) is not gguf.GGUFReader(str(path))
 
 
 # ------------------------------------------------------------------------------------ real model

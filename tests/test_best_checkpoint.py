@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import REPO
 
-from kdlab.cli import run_lightning
 from kdlab.data.sources import RankingSource, read_source
 from kdlab.evaluation import evaluate_models
+from kdlab.lightning_cli import run_lightning
 
 CONFIG = REPO / "experiments" / "data" / "flagembedding.yaml"
 

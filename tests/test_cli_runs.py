@@ -12,11 +12,12 @@ import pytest
 import torch
 import yaml
 from conftest import subprocess_env
-
 from kdlab.callbacks.run_record import scalar_metrics
-from kdlab.cli import TOOL_COMMANDS, condense_parse_error, main, parse_lightning, run_lightning, run_tool, tool_parser
+
+from kdlab.cli import TOOL_COMMANDS, condense_parse_error, main, run_tool, tool_parser
 from kdlab.defaults import LABEL_BATCH_TOKENS, PAIR_MAX_LENGTH
-from kdlab.models.export import load_rank_teacher
+from kdlab.lightning_cli import parse_lightning, run_lightning
+from kdlab.models.served import load_rank_teacher
 from kdlab.runs import atomic_dir, atomic_path, slug, write_json_atomic
 
 TOY = """

@@ -15,12 +15,12 @@ import kdlab.data.collection as collection_module
 from kdlab.data.collection import TextCollection
 from kdlab.data.readers import (
     DataFormatError,
-    _read_beir_jsonl,
     assemble_ranking_groups,
     read_trec_qrels,
     read_trec_run,
     read_tsv_texts,
 )
+from kdlab.data.readers.beir import _read_beir_jsonl
 
 TSV = (
     "\ufeff1\thello world\n"

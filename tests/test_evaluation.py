@@ -13,14 +13,20 @@ import lightning as L
 import pytest
 import torch
 
+from kdlab import evaluation
 from kdlab.data import sample_path
 from kdlab.data.collators import RankingCollator
 from kdlab.data.readers import DataFormatError, read_ranking_jsonl
 from kdlab.defaults import PAIR_MAX_LENGTH, RANDOM_ORDER_DRAWS
-from kdlab import evaluation
-from kdlab.evaluation import PRE_RANKER, RANDOM, evaluate_models, score_models_per_query, score_per_query
+from kdlab.evaluation import (
+    PRE_RANKER,
+    RANDOM,
+    evaluate_models,
+    score_models_per_query,
+    score_per_query,
+)
 from kdlab.models.backbones import count_parameters, load_tokenizer
-from kdlab.models.export import load_rank_teacher
+from kdlab.models.served import load_rank_teacher
 from kdlab.stages.teacher_rank_sft import TeacherRankSFT
 
 

@@ -19,7 +19,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from kdlab.cli import parse_lightning, run_lightning, tool_parser
+from kdlab.cli import tool_parser
+from kdlab.lightning_cli import parse_lightning, run_lightning
 
 EXPERIMENTS = REPO / "experiments"
 PLACEHOLDER = re.compile(r"^(/path/to/|PATH/TO/|runs/)|^(smollm2-135m|minilm-l6)$")
@@ -30,7 +31,7 @@ TINY_ENCODER, TINY_DECODER = "tiny-bert-h32", "tiny-llama-h32"
 def _kind(data: dict[str, Any]) -> str:
     if "model" in data:
         return "stage"
-    if "cpt_config" in data:
+    if "cpt_config" in (data.get("recipe") or {}):
         return "pipeline"
     if "parameters" in data and "command" in data:
         return "sweep"
@@ -219,4 +220,4 @@ def test_pipeline_configs_parse() -> None:
     for path in sorted(p for p in _all_yamls() if _kind(_load(p)) == "pipeline"):
         cfg = tool_parser("pipeline").parse_args(["--config", str(path)])
         for key in ("cpt_config", "rank_sft_config", "distill_config"):
-            assert (REPO / cfg[key]).exists(), f"{path}: {key} names a missing file"
+            assert (REPO / cfg.recipe[key]).exists(), f"{path}: recipe.{key} names a missing file"

@@ -1,4 +1,4 @@
-"""Exports a user's serving stack loads (``kdlab.models.export.export_model``): each proven to score
+"""Exports a user's serving stack loads (``kdlab.export.export_model``): each proven to score
 like kdlab on padded batches, each with a model card whose numbers are the run's."""
 
 from __future__ import annotations
@@ -12,20 +12,14 @@ import lightning as L
 import pytest
 import torch
 import yaml
-
 from conftest import subprocess_env
+
 from kdlab.data import sample_path
 from kdlab.data.collators import RankingCollator
+from kdlab.export import ExportError, distinct_pad_token_id, export_model, model_card
 from kdlab.models.backbones import load_backbone, load_tokenizer
-from kdlab.models.export import (
-    ExportError,
-    distinct_pad_token_id,
-    export_model,
-    load_rank_teacher,
-    model_card,
-    save_served_model,
-)
 from kdlab.models.heads import SequenceClassificationRanker
+from kdlab.models.served import load_rank_teacher, save_served_model
 from kdlab.stages import TeacherRankSFT
 
 METRICS = {"val/ndcg@10": 0.4123456, "test/ndcg@10": 0.3987654, "test/mrr@10": 0.5, "train/loss": 1.25e-3}
@@ -219,16 +213,16 @@ def test_onnx_falls_back_to_the_torch_export_based_exporter(dec_run: Path, tmp_p
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    import kdlab.models.export as export
+    import kdlab.export.onnx as onnx_export
 
-    real = export._torch_onnx_export
+    real = onnx_export._torch_onnx_export
 
     def no_torchscript(*args, exporter: str, **kwargs):  # type: ignore[no-untyped-def]
         if exporter == "torchscript":
             raise RuntimeError("TorchScript exporter removed")
         return real(*args, exporter=exporter, **kwargs)
 
-    monkeypatch.setattr(export, "_torch_onnx_export", no_torchscript)
+    monkeypatch.setattr(onnx_export, "_torch_onnx_export", no_torchscript)
     out = export_model(dec_run, "onnx", tmp_path / "onnx")
     record = json.loads((out / "kdlab_export.json").read_text())
     assert record["exporter"] == "dynamo" and "TorchScript exporter removed" in record["exporter_failures"][0]
@@ -286,7 +280,7 @@ def test_user_errors_are_one_line(ce_run: Path, tmp_path: Path) -> None:
 
 
 def test_a_failed_export_leaves_the_previous_one(ce_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kdlab.models.export as export
+    import kdlab.export as export
 
     out = export_model(ce_run, "hf", tmp_path / "hf")
     before = sorted(p.name for p in out.iterdir())
@@ -295,7 +289,7 @@ def test_a_failed_export_leaves_the_previous_one(ce_run: Path, tmp_path: Path, m
         (build / "config.json").write_text("{half")
         raise RuntimeError("killed mid-export")
 
-    monkeypatch.setitem(export._EXPORTERS, "hf", broken)
+    monkeypatch.setitem(export.EXPORTERS, "hf", broken)
     with pytest.raises(RuntimeError):
         export_model(ce_run, "hf", out)
     assert sorted(p.name for p in out.iterdir()) == before

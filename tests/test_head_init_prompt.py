@@ -16,10 +16,11 @@ from kdlab.data.collators import RELEVANCE_PROMPT, RankingCollator, prompt_answe
 from kdlab.data.datamodules import RankingDataModule
 from kdlab.data.readers import read_ranking_jsonl
 from kdlab.errors import ConfigError
+from kdlab.export import export_model, model_card
 from kdlab.labeling import score_file
 from kdlab.models.backbones import load_backbone, load_tokenizer
-from kdlab.models.export import SCORE_HEAD_META, export_model, load_rank_teacher, model_card, text_format_of
 from kdlab.models.heads import DecoderRanker
+from kdlab.models.served import SCORE_HEAD_META, load_rank_teacher, text_format_of
 from kdlab.stages import TeacherRankSFT
 
 
@@ -97,7 +98,7 @@ def test_default_head_init_is_unchanged() -> None:
 
 @pytest.mark.parametrize("head_init,text_format", [("prompt", "decoder"), ("zero", "decoder-prompt")])
 def test_a_text_format_mismatch_is_one_line_before_training(head_init: str, text_format: str) -> None:
-    from kdlab.cli import check_inputs_before_loading, parse_lightning
+    from kdlab.lightning_cli import check_inputs_before_loading, parse_lightning
 
     cfg = parse_lightning(["fit", "--model=TeacherRankSFT", f"--model.init_args.head_init={head_init}",
                            "--model.init_args.backbone=tiny-llama-h32", "--data=RankingDataModule",
@@ -170,10 +171,11 @@ def test_export_records_the_prompt_and_labeling_reads_it(prompt_export: Path, tm
     assert got == pytest.approx(direct("decoder-prompt"), abs=1e-4)
     assert got != pytest.approx(direct("decoder"), abs=1e-4)
     # The pipeline's labeling step reads the recorded format too: the same file.
-    from kdlab.pipeline import PipelineConfig, label_split
+    from kdlab.pipeline import BudgetConfig, HardwareConfig, PipelineConfig
+    from kdlab.pipeline.run import label_split
 
     piped = label_split(model_dir, str(source), tmp_path / "piped.jsonl",
-                        PipelineConfig(label_accelerator="cpu", label_max_length=96), "float32")
+                        PipelineConfig(hardware=HardwareConfig(label_accelerator="cpu"), budget=BudgetConfig(label_max_length=96)), "float32")
     assert piped.read_bytes() == out.read_bytes()
 
 

@@ -17,11 +17,11 @@ from conftest import REPO
 from helpers_rl import TINY, make_stage, make_teacher, seq2seq_batches
 from transformers import GenerationConfig
 
-from kdlab.cli import run_lightning
 from kdlab.errors import ConfigError
+from kdlab.lightning_cli import run_lightning
 from kdlab.losses.returns import kstep_returns_from_logits, policy_gradient_loss
 from kdlab.models.backbones import load_backbone, load_tokenizer, pad_token_id
-from kdlab.models.export import freeze, load_teacher
+from kdlab.models.served import freeze, load_teacher
 
 OFFICIAL = {"greedy_rollouts": True, "kstep_tail": "last-state", "pg_weight": "student-prob", "weight_clip": 50.0,
             "baseline": "none", "state_value": "max"}

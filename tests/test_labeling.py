@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from kdlab.data import sample_path
-from kdlab.data.readers import RankingDoc, RankingGroup, read_ranking_jsonl
 from kdlab.data.collators import RankingCollator
+from kdlab.data.readers import RankingDoc, RankingGroup, read_ranking_jsonl
 from kdlab.labeling import score_file, token_budget_batches
 from kdlab.listwise import build_listwise_prompt, parse_permutation, rradistill_labels
 from kdlab.models.backbones import load_tokenizer
-from kdlab.models.export import load_rank_teacher
+from kdlab.models.served import load_rank_teacher
 from kdlab.stages.teacher_rank_sft import TeacherRankSFT
 
 

@@ -10,11 +10,18 @@ from pathlib import Path
 import pytest
 from conftest import REPO, subprocess_env
 
-import kdlab.pipeline as pipeline
+import kdlab.pipeline.run as pipeline
 from kdlab.data.fixtures import write_fixtures
-from kdlab.evaluation import PRE_RANKER, RANDOM, evaluate_models
 from kdlab.errors import ConfigError
-from kdlab.pipeline import PipelineConfig, run_pipeline
+from kdlab.evaluation import PRE_RANKER, RANDOM, evaluate_models
+from kdlab.pipeline import (
+    BudgetConfig,
+    DataConfig,
+    HardwareConfig,
+    PipelineConfig,
+    RecipeConfig,
+    run_pipeline,
+)
 
 QUICK = REPO / "experiments" / "quickstart" / "disranker"
 METRICS = ("ndcg@10", "mrr@10", "pnr")
@@ -31,16 +38,17 @@ def test_tiny_pipeline_writes_complete_report_and_resumes(tmp_path: Path, monkey
     sources = {split: {"format": "beir", "path": str(beir), "run": str(beir / f"run.{qrels}.trec"), "qrels_split": qrels}
                for split, qrels in (("train", "train"), ("val", "dev"), ("test", "test"))}
     config = PipelineConfig(
-        train=sources["train"], val=sources["val"], test=sources["test"],
         name="tiny", root=str(tmp_path), pipeline_dir=str(tmp_path / "p"),
-        cpt_config=str(QUICK / "cpt.yaml"), rank_sft_config=str(QUICK / "rank_sft.yaml"),
-        distill_config=str(QUICK / "distill.yaml"),
-        step_args={"all": ["--config", str(QUICK / "base.yaml")],
-                   "all_after": ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.logger=false"]},
-        # One student, the one with most code in it (hybrid loss + TCL): every other variant is the
-        # same step with different loss weights, and each subprocess costs ~10 s of imports.
-        variants={"hybrid+TCL": ["--model.init_args.use_tcl=true"]},
-        max_train_queries=16, max_eval_queries=6,
+        recipe=RecipeConfig(
+            cpt_config=str(QUICK / "cpt.yaml"), rank_sft_config=str(QUICK / "rank_sft.yaml"),
+            distill_config=str(QUICK / "distill.yaml"),
+            step_args={"all": ["--config", str(QUICK / "base.yaml")],
+                       "all_after": ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.logger=false"]},
+            # One student, the one with most code in it (hybrid loss + TCL): every other variant is the
+            # same step with different loss weights, and each subprocess costs seconds of start-up.
+            variants={"hybrid+TCL": ["--model.init_args.use_tcl=true"]}),
+        data=DataConfig(train=sources["train"], val=sources["val"], test=sources["test"]),
+        budget=BudgetConfig(max_train_queries=16, max_eval_queries=6),
     )
     report = run_pipeline(config)
     p = report.parent
@@ -80,7 +88,7 @@ def test_tiny_pipeline_writes_complete_report_and_resumes(tmp_path: Path, monkey
     shown = float(re.search(r": ([\d.]+)% of the teacher's NDCG@10", ratio_line).group(1)) / 100
     ratio = student["ndcg@10"] / teacher["ndcg@10"]
     assert shown == pytest.approx(ratio, abs=5e-4)
-    assert ("below 90% of the teacher" in ratio_line) == (ratio < config.min_student_ratio)
+    assert ("below 90% of the teacher" in ratio_line) == (ratio < config.report.min_student_ratio)
     assert ("does NOT pass" in ratio_line) == (not significant or ratio < 0.9 or "BELOW" in ratio_line
                                                 or "less than 5× faster" in ratio_line)
     assert ("Verdict: every check passes" in text) != ("Verdict: the recipe did NOT fully work" in text)
@@ -135,7 +143,7 @@ def _splits_only(config: PipelineConfig, monkeypatch: pytest.MonkeyPatch) -> Pat
 
 def test_max_val_queries_cuts_the_validation_split_apart_from_the_test_split(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    data = _splits_only(PipelineConfig(pipeline_dir=str(tmp_path / "p"), max_eval_queries=7, max_val_queries=3),
+    data = _splits_only(PipelineConfig(pipeline_dir=str(tmp_path / "p"), budget=BudgetConfig(max_eval_queries=7, max_val_queries=3)),
                         monkeypatch)
     lines = {split: (data / f"ranking_{split}.jsonl").read_text().splitlines() for split in ("val", "test")}
     assert (len(lines["val"]), len(lines["test"])) == (3, 7)
@@ -146,16 +154,17 @@ def test_test_query_offset_takes_a_fresh_slice_of_the_test_file(tmp_path: Path,
     from kdlab.data import sample_path
 
     queries = [json.loads(line)["query"] for line in Path(sample_path("ranking_test.jsonl")).read_text().splitlines()]
-    data = _splits_only(PipelineConfig(pipeline_dir=str(tmp_path / "p"), max_eval_queries=5, test_query_offset=50),
+    data = _splits_only(PipelineConfig(pipeline_dir=str(tmp_path / "p"),
+                                       budget=BudgetConfig(max_eval_queries=5, test_query_offset=50)),
                         monkeypatch)
     test = [json.loads(line)["query"] for line in (data / "ranking_test.jsonl").read_text().splitlines()]
     val = [json.loads(line)["query"] for line in (data / "ranking_val.jsonl").read_text().splitlines()]
     assert test == queries[50:55] and len(val) == 5
     assert not (data / "ranking_train.jsonl").exists()  # no limit: the training file is used as it is
     with pytest.raises(ValueError, match="no queries left after test_query_offset=100, max_eval_queries=None"):
-        run_pipeline(PipelineConfig(pipeline_dir=str(tmp_path / "empty"), test_query_offset=len(queries)))
+        run_pipeline(PipelineConfig(pipeline_dir=str(tmp_path / "empty"), budget=BudgetConfig(test_query_offset=len(queries))))
     with pytest.raises(ValueError, match=r"ranking_val\.jsonl.*no queries left after max_val_queries=0; expected"):
-        run_pipeline(PipelineConfig(pipeline_dir=str(tmp_path / "no-val"), max_val_queries=0))
+        run_pipeline(PipelineConfig(pipeline_dir=str(tmp_path / "no-val"), budget=BudgetConfig(max_val_queries=0)))
 
 
 def _row(model: str, ndcg: float, ms: float | None = None, **extra: float) -> dict:
@@ -163,7 +172,7 @@ def _row(model: str, ndcg: float, ms: float | None = None, **extra: float) -> di
 
 
 def test_checks_say_plainly_when_the_teacher_or_a_student_is_below_the_pre_ranker() -> None:
-    from kdlab.pipeline import PipelineConfig, review_checks
+    from kdlab.pipeline.report import review_checks
 
     config, evidence = PipelineConfig(), {"pre_ranker": "BM25"}
     good = [_row("random ordering (mean of 20)", 0.40), _row("BM25", 0.60), _row("teacher, CPT", 0.80, 100.0, p_vs_pre_ranker=0.001),
@@ -211,8 +220,8 @@ def test_max_label_queries_labels_a_prefix_of_the_teachers_training_queries(
 
     monkeypatch.setattr(pipeline, "run_step", fake_run)
     monkeypatch.setattr(pipeline, "label_split", fake_label)
-    config = PipelineConfig(pipeline_dir=str(tmp_path / "p"), max_train_queries=6, max_label_queries=4,
-                            max_eval_queries=2)
+    config = PipelineConfig(pipeline_dir=str(tmp_path / "p"),
+                            budget=BudgetConfig(max_train_queries=6, max_label_queries=4, max_eval_queries=2))
     with pytest.raises(_Stop):
         run_pipeline(config)
     data = tmp_path / "p" / "data"
@@ -228,14 +237,15 @@ def test_max_label_queries_labels_a_prefix_of_the_teachers_training_queries(
 
     launched.clear(), labeled.clear()
     with pytest.raises(_Stop):  # label_val=False: the students validate on the split itself
-        run_pipeline(PipelineConfig(pipeline_dir=str(tmp_path / "r"), max_eval_queries=2, max_train_queries=3,
-                                    label_val=False))
+        run_pipeline(PipelineConfig(pipeline_dir=str(tmp_path / "r"),
+                                    budget=BudgetConfig(max_eval_queries=2, max_train_queries=3, label_val=False)))
     student = next(args for name, args in launched.items() if name.startswith("student_"))
     assert f"--data.init_args.val={tmp_path / 'r' / 'data' / 'ranking_val.jsonl'}" in student
     assert set(labeled) == {"train"}
     with pytest.raises(ConfigError, match=r"^max_label_queries: expected at most 3 \(the training queries the "
                                           r"teacher is trained on\) or null, got 4$"):
-        run_pipeline(PipelineConfig(pipeline_dir=str(tmp_path / "q"), max_train_queries=3, max_label_queries=4))
+        run_pipeline(PipelineConfig(pipeline_dir=str(tmp_path / "q"),
+                                    budget=BudgetConfig(max_train_queries=3, max_label_queries=4)))
     assert not (tmp_path / "q").exists()  # refused before anything was written
 
 
@@ -245,23 +255,23 @@ def test_lengths_and_label_queries_are_checked_when_the_config_is_made(field: st
     """0 is not "unset": a length or query count below 1 is refused with a one-line error naming the field."""
     optional = " or null" if field in ("max_label_queries", "teacher_eval_max_length") else ""
     with pytest.raises(ConfigError, match=f"^{field}: expected an integer >= 1{optional}, got {value}$"):
-        PipelineConfig(**{field: value})
-    assert PipelineConfig(teacher_eval_max_length=96, eval_max_length=64).teacher_length == 96
-    assert PipelineConfig(eval_max_length=64).teacher_length == 64
+        BudgetConfig(**{field: value})
+    assert BudgetConfig(teacher_eval_max_length=96, eval_max_length=64).teacher_length == 96
+    assert BudgetConfig(eval_max_length=64).teacher_length == 64
 
 
 def test_label_precision_is_chosen_once_per_pipeline_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``label_dtype: auto`` is resolved once and kept beside the labels: a pipeline resumed on
     another machine labels its remaining splits, and reports, in the precision of its first labels."""
     monkeypatch.setattr(pipeline, "inference_dtype", lambda requested, accelerator: ("bfloat16", "auto: this CPU has AMX-BF16"))
-    first = pipeline.label_precision(tmp_path, PipelineConfig(label_dtype="auto"))
+    first = pipeline.label_precision(tmp_path, PipelineConfig(hardware=HardwareConfig(label_dtype="auto")))
     assert first == {"dtype": "bfloat16", "reason": "auto: this CPU has AMX-BF16"}
     assert json.loads((tmp_path / "labels" / pipeline.LABEL_PRECISION).read_text()) == first
     monkeypatch.setattr(pipeline, "inference_dtype", lambda requested, accelerator: ("float32", "auto: this CPU has no native bf16"))
-    assert pipeline.label_precision(tmp_path, PipelineConfig(label_dtype="auto")) == first
-    assert pipeline.label_precision(tmp_path / "elsewhere", PipelineConfig(label_dtype="auto"))["dtype"] == "float32"
+    assert pipeline.label_precision(tmp_path, PipelineConfig(hardware=HardwareConfig(label_dtype="auto"))) == first
+    assert pipeline.label_precision(tmp_path / "elsewhere", PipelineConfig(hardware=HardwareConfig(label_dtype="auto")))["dtype"] == "float32"
     for broken in ("{not json", '["bfloat16"]', '{"dtype": "bfloat16"}'):  # edited by hand
         (tmp_path / "labels" / pipeline.LABEL_PRECISION).write_text(broken)
         with pytest.raises(ConfigError, match=r"precision\.json: expected the JSON object .*delete the file") as info:
-            pipeline.label_precision(tmp_path, PipelineConfig(label_dtype="auto"))
+            pipeline.label_precision(tmp_path, PipelineConfig(hardware=HardwareConfig(label_dtype="auto")))
         assert "\n" not in str(info.value)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from conftest import REPO
 
-from kdlab.cli import run_lightning
 from kdlab.data import sample_path
 from kdlab.data.readers import read_ranking_jsonl, read_trec_run
+from kdlab.lightning_cli import run_lightning
 
 QUICK = REPO / "experiments" / "quickstart" / "disranker"
 

@@ -68,7 +68,7 @@ def test_training_seconds_are_logged_with_validation() -> None:
 def test_num_layers_keeps_the_first_layers_and_the_final_norm(tmp_path) -> None:
     """A 3-layer LLM cut to its first 2 layers scores from norm(h_2) of the uncut model, and its
     export reloads as the same 2-layer ranker (config, weights and scores)."""
-    from kdlab.models.export import load_rank_teacher
+    from kdlab.models.served import load_rank_teacher
 
     torch.manual_seed(0)
     full = TeacherRankSFT(backbone="tiny-llama", backbone_config={"num_hidden_layers": 3}, loss="listwise")

@@ -11,13 +11,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-
 from kdlab.callbacks import TeacherLoader
+
 from kdlab.data.datamodules import ClickLogDataModule, RankingDataModule
 from kdlab.labeling import score_file
 from kdlab.losses.ranking import hybrid_distill_loss
 from kdlab.models.backbones import count_parameters, load_backbone
-from kdlab.models.export import SCORE_HEAD_FILE, SCORE_HEAD_META, load_rank_teacher
+from kdlab.models.served import SCORE_HEAD_FILE, SCORE_HEAD_META, load_rank_teacher
 from kdlab.protocols import ExportsPretrained, HasBatchLoss, NeedsTeacher
 from kdlab.stages.rank_distill_student import RankDistillStudent
 from kdlab.stages.teacher_cpt import TeacherCPT

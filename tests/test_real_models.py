@@ -11,6 +11,7 @@ check is that the plumbing works with real weights and each report has every row
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from conftest import REPO, subprocess_env
 
 from kdlab.models.prepare import PrepareError, alias_dir, is_ready
 from kdlab.pipeline import PipelineConfig, run_pipeline
+from kdlab.pipeline.config import SECTIONS
 
 DISRANKER = REPO / "experiments" / "real" / "disranker_smollm2_to_minilm.yaml"
 KETCHUP = REPO / "experiments" / "real" / "ketchup_smollm2.yaml"
@@ -49,24 +51,26 @@ def test_real_disranker_pipeline_reduced(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.chdir(REPO)  # the config's step paths are relative to the repository root
     fields = yaml.safe_load(DISRANKER.read_text())
     assert set(fields) <= set(PipelineConfig.__dataclass_fields__), "the experiment YAML has unknown keys"
+    sections = {name: cls(**fields.pop(name, None) or {}) for name, cls in SECTIONS.items()}
     # Per-step overrides (they come after each step's own --config, so they win over its
     # max_steps / limit_val_batches; `all` arguments come before it).
     small = ["--trainer.max_epochs=1", "--trainer.max_steps=3", "--trainer.limit_val_batches=1",
              "--trainer.logger=false"]
-    step_args = {key: list(value) for key, value in fields.get("step_args", {}).items()}
+    recipe = sections["recipe"]
+    recipe.step_args = {key: list(value) for key, value in recipe.step_args.items()}
     for step in ("cpt", "rank_sft", "distill"):
-        step_args[step] = [*step_args.get(step, []), *small]
-    fields.update(root=str(tmp_path), pipeline_dir=str(tmp_path / "p"), step_args=step_args,
-                  max_train_queries=8, max_eval_queries=4, label_max_length=64, eval_max_length=64)
-    config = PipelineConfig(**fields)
-    assert set(config.variants) >= {"hybrid", "point-only"}
+        recipe.step_args[step] = [*recipe.step_args.get(step, []), *small]
+    sections["budget"] = dataclasses.replace(sections["budget"], max_train_queries=8, max_eval_queries=4,
+                                             label_max_length=64, eval_max_length=64)
+    config = PipelineConfig(**{**fields, **sections, "root": str(tmp_path), "pipeline_dir": str(tmp_path / "p")})
+    assert set(config.recipe.variants) >= {"hybrid", "point-only"}
 
     report = run_pipeline(config)
 
     text = report.read_text()
     expected = ["random ordering (mean of 20)", "lexical pre-ranker (BM25)", "teacher, CPT",
-                *(f"student, {variant}" for variant in config.variants)]
-    if config.run_no_cpt_baseline:
+                *(f"student, {variant}" for variant in config.recipe.variants)]
+    if config.recipe.run_no_cpt_baseline:
         expected.append("teacher, no CPT")
     for row in expected:
         assert f"| {row} |" in text, row
@@ -75,7 +79,7 @@ def test_real_disranker_pipeline_reduced(tmp_path: Path, monkeypatch: pytest.Mon
     rows = {r["model"]: r for r in json.loads((report.parent / "report.json").read_text())["rows"]}
     teacher = rows["teacher, CPT"]
     assert teacher["parameters"] > 100e6  # SmolLM2-135M without its LM head
-    for variant in config.variants:
+    for variant in config.recipe.variants:
         student = rows[f"student, {variant}"]
         assert 0.0 <= student["ndcg@10"] <= 1.0 and student["ms_per_query"] > 0
         assert 20e6 < student["parameters"] < 30e6  # MiniLM-L6 + one-label head

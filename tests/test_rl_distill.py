@@ -9,10 +9,19 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_rl import TINY, MemoryLogger, cpu_trainer, loader, make_stage, make_teacher, seq2seq_batches
+from helpers_rl import (
+    TINY,
+    MemoryLogger,
+    cpu_trainer,
+    loader,
+    make_stage,
+    make_teacher,
+    seq2seq_batches,
+)
 from transformers import GenerationConfig
 
 from kdlab.losses.returns import induced_rewards, kstep_returns
+from kdlab.metrics.generation import TaskMetrics
 from kdlab.models.backbones import (
     VocabularyMismatchError,
     assert_same_vocabulary,
@@ -20,8 +29,7 @@ from kdlab.models.backbones import (
     load_tokenizer,
     pad_token_id,
 )
-from kdlab.models.export import freeze
-from kdlab.metrics.generation import TaskMetrics
+from kdlab.models.served import freeze
 
 
 def _sampling_config(max_new_tokens: int, **extra: Any) -> GenerationConfig:

@@ -18,16 +18,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 from conftest import REPO, TESTS_DIR
-from toy_stage import ToyData, ToyRegression
-
-from kdlab import runs
 from kdlab.callbacks import run_record
 from kdlab.callbacks.run_record import RunRecord
-from kdlab.runs import PROGRESS_FILE, RunFailed, launch_run, read_progress
 
 # The toy run of the CLI tests: 64 examples in batches of 8, 8 steps an epoch, 16 in 2 epochs;
 # 8 validation batches.
 from test_cli_runs import TOY  # noqa: E402
+from toy_stage import ToyData, ToyRegression
+
+from kdlab import runs
+from kdlab.runs import PROGRESS_FILE, RunFailed, launch_run, read_progress
 
 
 # ----------------------------------------------------------------------------- child side
@@ -125,55 +125,10 @@ def test_a_failing_child_raises_with_its_log_tail_and_no_bar(kdlab_env: Path, tm
     assert "steps" not in err, "no progress was written, so no bar"
 
 
-def test_a_run_forked_from_the_zygote_equals_a_fresh_process(kdlab_env: Path, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch,
-                                                             forked_runs: list) -> None:
-    """launch_run forks `python -m kdlab` runs from the zygote, which imported the training stack
-    once: the run leaves the record a fresh process leaves (the same metrics to every digit, the same
-    command line), KDLAB_ZYGOTE=0 launches a fresh process, and a changed environment starts a new
-    zygote (libraries read it as they are imported)."""
-    metrics = {"forked": launch_run(["--config", str(kdlab_env)], tmp_path / "runs" / "forked")}
-    assert len(forked_runs) == 1 and forked_runs[0].process.exitcode == 0
-    monkeypatch.setenv(runs.ZYGOTE_ENV, "0")
-    metrics["fresh"] = launch_run(["--config", str(kdlab_env)], tmp_path / "runs" / "fresh")
-    assert len(forked_runs) == 1, "KDLAB_ZYGOTE=0: a plain subprocess"
-    assert metrics["forked"] == metrics["fresh"] and "val/loss" in metrics["fresh"]
-    argv = {name: json.loads((tmp_path / "runs" / name / "manifest.json").read_text())["argv"] for name in metrics}
-    assert argv["forked"][:-1] == argv["fresh"][:-1] and argv["forked"][0].endswith(os.path.join("kdlab", "__main__.py"))
-    monkeypatch.delenv(runs.ZYGOTE_ENV)
-    monkeypatch.setenv("KDLAB_TEST_MARK", "restart")
-    launch_run(["--config", str(kdlab_env), "--trainer.max_epochs=1"], tmp_path / "runs" / "restarted")
-    assert len(forked_runs) == 2 and runs._zygote_env is not None and runs._zygote_env["KDLAB_TEST_MARK"] == "restart"
-
-
-def test_a_launch_in_another_environment_leaves_the_zygote_of_a_running_run_alone(
-        kdlab_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forked_runs: list) -> None:
-    """Two threads launch runs (a sweep's jobs) and the environment changes between them: restarting
-    the zygote would orphan the first run (multiprocessing then reports exit 255 for it, though it
-    finished). The second run starts as a plain process instead and the first ends normally."""
-    first_dir, finished = tmp_path / "runs" / "first", {}
-
-    def first() -> None:
-        finished["first"] = launch_run(["--config", str(kdlab_env), "--trainer.max_epochs=40"], first_dir)
-
-    thread = threading.Thread(target=first)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and read_progress(first_dir) is None:
-        time.sleep(0.1)
-    assert runs._zygote_runs == 1, "the first run is forked and still training"
-    monkeypatch.setenv("KDLAB_TEST_MARK", "another environment")
-    second = launch_run(["--config", str(kdlab_env)], tmp_path / "runs" / "second")
-    thread.join()
-    assert "val/loss" in second and "val/loss" in finished["first"]
-    assert len(forked_runs) == 1 and forked_runs[0].process.exitcode == 0, "the second run was not forked"
-    assert runs._zygote_runs == 0, "with nothing running, the next launch may start a new zygote"
-
-
-def test_ctrl_c_stops_a_forked_run_gracefully(kdlab_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             request: pytest.FixtureRequest, forked_runs: list) -> None:
-    """Ctrl-C while a run forked from the zygote trains: the run stops through Lightning's graceful
-    shutdown (its manifest says ``interrupted``) before KeyboardInterrupt reaches the caller."""
+def test_ctrl_c_stops_a_launched_run_gracefully(kdlab_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               request: pytest.FixtureRequest) -> None:
+    """Ctrl-C while a launched ``python -m kdlab`` run trains: the run stops through Lightning's
+    graceful shutdown (its manifest says ``interrupted``) before KeyboardInterrupt reaches the caller."""
     monkeypatch.setattr(runs, "INTERRUPT_GRACE_SECONDS", (0.5, 30.0, 5.0))
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # see the test above
     request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
@@ -188,7 +143,6 @@ def test_ctrl_c_stops_a_forked_run_gracefully(kdlab_env: Path, tmp_path: Path, m
     threading.Thread(target=interrupt_once_it_trains, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         launch_run(["--config", str(kdlab_env), "--trainer.max_epochs=100000"], run_dir, label="long")
-    assert len(forked_runs) == 1 and forked_runs[0].process.exitcode not in (None, 0)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "interrupted" and "KeyboardInterrupt" in manifest["error"]
 

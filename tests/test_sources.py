@@ -12,7 +12,11 @@ from conftest import REPO
 
 from kdlab.cli import main
 from kdlab.data.fixtures import write_fixtures
-from kdlab.data.readers import DataFormatError, read_flagembedding_jsonl, read_ranking_jsonl
+from kdlab.data.readers import (
+    DataFormatError,
+    read_flagembedding_jsonl,
+    read_ranking_jsonl,
+)
 from kdlab.data.sources import RankingSource, as_source, read_source
 from kdlab.errors import ConfigError
 
@@ -169,15 +173,29 @@ def test_duplicate_document_fails_the_pipeline_before_any_step_naming_the_users_
     train = tmp_path / "mine.jsonl"
     train.write_text("\n".join(lines) + "\n")
     line = _one_line(capsys, ["pipeline", "--config", str(REPO / "experiments" / "quickstart" / "disranker_tiny.yaml"),
-                              f"--root={tmp_path / 'runs'}", f"--train={train}", "--max_train_queries=30"])
+                              f"--root={tmp_path / 'runs'}", f"--data.train={train}", "--budget.max_train_queries=30"])
     assert line.startswith(f"error: {train}:22: field 'docs[3].id': duplicate document id")
     assert not (tmp_path / "runs").exists()
 
 
 def test_pipeline_step_mistake_fails_before_the_first_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     line = _one_line(capsys, ["pipeline", "--config", str(REPO / "experiments" / "quickstart" / "disranker_tiny.yaml"),
-                              f"--root={tmp_path / 'runs'}", '--variants={"bad": ["--model.init_args.beta=-2"]}'])
+                              f"--root={tmp_path / 'runs'}", '--recipe.variants={"bad": ["--model.init_args.beta=-2"]}'])
     assert "beta: a loss weight must be >= 0, got -2.0" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_earlier_flat_pipeline_key_says_which_section_it_belongs_to(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text("name: mine\nmax_train_queries: 30\n")
+    assert _one_line(capsys, ["pipeline", "--config", str(old)]) == (
+        "error: pipeline key 'max_train_queries' now belongs to the `budget:` section: write "
+        "`budget: {max_train_queries: ...}` in the YAML (or --budget.max_train_queries=VALUE)")
+    for flag, section in (("--train=mine.jsonl", "data"), ("--label_dtype=auto", "hardware"),
+                          ("--variants={}", "recipe"), ("--gain=linear", "report")):
+        line = _one_line(capsys, ["pipeline", flag])
+        assert line.startswith(f"error: pipeline key '{flag[2:].split('=')[0]}' now belongs to the `{section}:` section")
     assert not (tmp_path / "runs").exists()
 
 
@@ -196,7 +214,7 @@ def test_every_data_yaml_reads(fixtures: Path) -> None:
 
     for path in sorted((REPO / "experiments" / "data").glob("*.yaml")):
         cfg = yaml.safe_load(path.read_text())
-        sources = [cfg[s] for s in ("train", "val", "test") if s in cfg] or \
+        sources = [cfg["data"][s] for s in ("train", "val", "test") if s in cfg.get("data", {})] or \
                   [v for k, v in cfg["data"]["init_args"].items() if k in ("train", "val", "test")]
         for value in sources:
             text = json.dumps(value).replace("experiments/data/fixtures", str(fixtures))

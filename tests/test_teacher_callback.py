@@ -16,10 +16,10 @@ import pytest
 import torch
 from _ddp_teacher_script import TEACHER, TEACHER_CONFIG, VOCAB, DistillToy, toy_loader
 from conftest import REPO, subprocess_env
-
 from kdlab.callbacks import TeacherLoader
 from kdlab.callbacks.teacher import TeacherConfigError
-from kdlab.models.export import load_teacher
+
+from kdlab.models.served import load_teacher
 from kdlab.protocols import NeedsTeacher
 
 
@@ -303,7 +303,7 @@ def test_teacher_backbone_on_the_command_line_reaches_the_loader(
 ) -> None:
     """``--teacher.backbone`` is a group option: it wins over the YAML whatever other callbacks the
     command line adds, before or after it."""
-    from kdlab.cli import parse_lightning
+    from kdlab.lightning_cli import parse_lightning
 
     monkeypatch.chdir(REPO)
     base = ["fit", "--config", "experiments/quickstart/ketchup.yaml"]

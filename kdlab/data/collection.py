@@ -2,7 +2,7 @@
 
 :class:`TextCollection` reads an MS MARCO ``collection.tsv`` or a BEIR ``corpus.jsonl`` once,
 validates every line with the same one-line :class:`~kdlab.data.readers.DataFormatError` messages as
-the dict readers (:func:`~kdlab.data.readers.read_tsv_texts`, ``readers._read_beir_jsonl``), and keeps
+the dict readers (:func:`~kdlab.data.readers.read_tsv_texts`, ``readers.beir._read_beir_jsonl``), and keeps
 only two numpy arrays: the document ids, sorted, and each document's byte offset in the file. A
 document's text is read from the file when it is asked for (``os.pread``: positional reads, so no
 shared file position between threads, and no file pages counted in the process's RSS the way a
@@ -53,7 +53,7 @@ from typing import Any, Literal, NoReturn
 
 import numpy as np
 
-from kdlab.data.readers import DataFormatError, _optional_id, _require_str
+from kdlab.data.readers.base import DataFormatError, _optional_id, _require_str
 
 PathLike = str | os.PathLike
 

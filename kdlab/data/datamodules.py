@@ -19,7 +19,6 @@ from typing import Any, Literal
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from kdlab.data import sample_path
 from kdlab.data.collators import (
     BucketBatchSampler,
     CausalLMCollator,
@@ -28,6 +27,7 @@ from kdlab.data.collators import (
     TextFormat,
     split_key,
 )
+from kdlab.data.embedded import sample_path
 from kdlab.data.readers import (
     SEQ2SEQ_FIELDS,
     ClickRecord,

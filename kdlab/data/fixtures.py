@@ -21,7 +21,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from kdlab.data import sample_path
+from kdlab.data.embedded import sample_path
 from kdlab.data.readers import RankingGroup, read_ranking_jsonl
 from kdlab.runs import write_text_atomic
 

@@ -134,7 +134,7 @@ def as_source(value: RankingSource | str | os.PathLike[str] | Mapping[str, Any] 
     if value is None:
         if sample is None:
             raise ConfigError(f"{role}: no ranking data given")
-        from kdlab.data import sample_path
+        from kdlab.data.embedded import sample_path
 
         return RankingSource(path=sample_path(sample))
     if isinstance(value, (str, os.PathLike)):

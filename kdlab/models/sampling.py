@@ -12,7 +12,8 @@ overheads count. Two of HF ``generate``'s are avoidable without changing the dis
 RL step. The loop supports what on-policy KETCHUP needs — temperature sampling and greedy
 decoding — and matches ``generate`` token for token in greedy mode (tests). Anything else (top-k,
 top-p, a repetition penalty or other logits processors, encoder-decoder students, sharded
-students) is left to ``generate`` by the caller (``RLDistillKStep._uses_kdlab_sampler``).
+students) is left to ``generate`` by the caller (``RLDistillKStep._uses_kdlab_sampler``);
+:func:`generation_logits_processors` names the processors a model's own ``generation_config`` asks for.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["left_padded_positions", "sample_causal", "sample_from_probs"]
+__all__ = ["generation_logits_processors", "left_padded_positions", "sample_causal", "sample_from_probs"]
 
 
 def left_padded_positions(mask: Tensor) -> Tensor:
@@ -112,3 +113,28 @@ def sample_causal(
                     return_dict=True, **_cache_kwarg(out))
         next_position = next_position + 1
     return torch.stack(tokens, dim=1)
+
+
+#: ``GenerationConfig`` fields whose non-default values make ``generate`` process the logits (beyond
+#: temperature / top-k / top-p, which the stage sets itself), with their neutral values.
+_NEUTRAL_PROCESSORS: dict[str, Any] = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None, "bad_words_ids": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None,
+}
+
+
+def generation_logits_processors(model: nn.Module) -> list[str]:
+    """The logits processors the model's own ``generation_config`` asks ``generate`` to apply (which
+    :func:`sample_causal` would not: a model that sets one must sample through ``generate``)."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return []
+    found = []
+    for name, neutral in _NEUTRAL_PROCESSORS.items():
+        value = getattr(config, name, neutral)
+        if value is not None and value != neutral:
+            found.append(name)
+    return found

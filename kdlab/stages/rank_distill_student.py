@@ -26,12 +26,23 @@ from kdlab.errors import ConfigError
 from kdlab.losses.ranking import hybrid_distill_loss, rank_loss
 from kdlab.metrics import RankingMetrics
 from kdlab.models.backbones import load_backbone, load_tokenizer
-from kdlab.models.heads import DecoderRanker, SequenceClassificationRanker, TermControlLayer, select_term_tokens
-from kdlab.models.export import save_served_model
+from kdlab.models.heads import (
+    DecoderRanker,
+    SequenceClassificationRanker,
+    TermControlLayer,
+    select_term_tokens,
+)
+from kdlab.models.served import save_served_model
 from kdlab.protocols import attach_unregistered
 from kdlab.stages._common import (
-    RankingEvalMixin, build_optimizer, group_scores, length_chunked_scores, linear_warmup, right_padded_lengths,
-    scheduled_steps, LR_SCHEDULES,
+    LR_SCHEDULES,
+    RankingEvalMixin,
+    build_optimizer,
+    group_scores,
+    length_chunked_scores,
+    linear_warmup,
+    right_padded_lengths,
+    scheduled_steps,
 )
 
 __all__ = ["RankDistillStudent"]
@@ -65,7 +76,10 @@ def _packable(model: nn.Module) -> bool:
     (MiniLM, BERT, tiny-bert) with absolute positions, no decoder / cross-attention / feed-forward
     chunking and an ``sdpa`` or ``eager`` attention. Anything else takes the length-chunked path."""
     try:
-        from transformers.models.bert.modeling_bert import BertForSequenceClassification, BertLayer
+        from transformers.models.bert.modeling_bert import (
+            BertForSequenceClassification,
+            BertLayer,
+        )
     except ImportError:  # pragma: no cover - transformers without BERT
         return False
     if type(model) is not BertForSequenceClassification:

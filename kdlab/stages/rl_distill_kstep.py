@@ -20,56 +20,39 @@ optimiser steps of ``pg`` (an objective schedule; ``warmup_steps`` is the learni
 Students and teachers are decoder-only (``prompt ⊕ continuation``) or encoder-decoder (T5 /
 Flan-T5: the prompt encoded, the continuation decoded), in any combination; they must share a
 vocabulary (checked in :meth:`attach_teacher`).
+
+This file is the LightningModule: options, rollouts (sampling), the teacher protocol, the Lightning
+hooks and export. The estimator — rollout layout, scoring, and each objective's loss from the
+rollouts and the teacher / student logits — is :mod:`kdlab.stages.kstep_estimator`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from kdlab.defaults import IGNORE_INDEX
 from kdlab.errors import ConfigError
-from kdlab.losses.returns import kstep_returns_from_logits, policy_gradient_loss, teacher_expected_baseline
-from kdlab.losses.token import forward_kl, jensen_shannon, token_cross_entropy, total_variation
 from kdlab.metrics.generation import TaskMetrics, resolve_val_metric
 from kdlab.models.backbones import load_generation_model, pad_token_id
-from kdlab.models.export import save_served_model
-from kdlab.models.sampling import left_padded_positions, sample_causal
+from kdlab.models.sampling import generation_logits_processors, sample_causal
+from kdlab.models.served import save_served_model
 from kdlab.protocols import attach_unregistered, is_sharded_strategy
-from kdlab.stages._common import build_optimizer, global_token_mean
+from kdlab.stages._common import build_optimizer
+from kdlab.stages.kstep_estimator import (
+    Rollout,
+    action_logits,
+    as_rollout,
+    decoder_start_id,
+    objective_loss,
+    until_first_eos,
+)
 
 __all__ = ["RLDistillKStep", "Rollout"]
-
-
-@dataclass
-class Rollout:
-    """Sampled (or greedy) continuations of a batch of prompts, laid out for one-pass scoring.
-
-    ``full_ids = prompt_ids ⊕ actions`` (prompt left-padded), ``full_mask`` its attention mask;
-    ``actions[:, t]`` is predicted by position ``prompt_len − 1 + t`` of a causal model on ``full_ids``.
-    For encoder-decoder students ``decoder_ids = [start] ⊕ actions``.
-    """
-
-    prompt_ids: Tensor
-    prompt_mask: Tensor
-    actions: Tensor
-    action_mask: Tensor
-    full_ids: Tensor
-    full_mask: Tensor
-    position_ids: Tensor
-    decoder_ids: Tensor | None
-    seconds: float
-
-    @property
-    def num_generated(self) -> int:
-        """Valid generated tokens (up to and including EOS)."""
-        return int(self.action_mask.sum().item())
 
 
 def _output_vocab_size(model: nn.Module) -> int:
@@ -80,57 +63,8 @@ def _output_vocab_size(model: nn.Module) -> int:
     return int(model.config.vocab_size)
 
 
-def _decoder_start_id(model: nn.Module, pad_id: int) -> int:
-    """The token an encoder-decoder starts decoding from (T5: the pad token)."""
-    start = getattr(model.config, "decoder_start_token_id", None)
-    return int(start) if start is not None else pad_id
-
-
 def _model_name(model: nn.Module) -> str:
     return str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
-
-
-def _until_first_eos(tokens: Tensor, eos_ids: list[int]) -> Tensor:
-    """Bool mask of tokens up to and including the first EOS of each row (all True if none)."""
-    if not eos_ids:
-        return torch.ones_like(tokens, dtype=torch.bool)
-    is_eos = torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device))
-    seen_before = is_eos.long().cumsum(-1) - is_eos.long()
-    return seen_before == 0
-
-
-#: ``GenerationConfig`` fields whose non-default values make ``generate`` process the logits (beyond
-#: temperature / top-k / top-p, which the stage sets itself), with their neutral values.
-_NEUTRAL_PROCESSORS: dict[str, Any] = {
-    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-    "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None, "bad_words_ids": None,
-    "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
-    "forced_eos_token_id": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
-    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None,
-}
-
-
-def _student_logits_processors(model: nn.Module) -> list[str]:
-    """The logits processors the model's own ``generation_config`` asks ``generate`` to apply."""
-    config = getattr(model, "generation_config", None)
-    if config is None:
-        return []
-    found = []
-    for name, neutral in _NEUTRAL_PROCESSORS.items():
-        value = getattr(config, name, neutral)
-        if value is not None and value != neutral:
-            found.append(name)
-    return found
-
-
-def _pack_index(valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Indices that move each row's valid positions to the front (order kept), and the packed mask."""
-    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
-    counts = valid.sum(-1)
-    length = max(int(counts.max().item()) if valid.numel() else 0, 1)
-    index = order[:, :length]
-    packed_mask = torch.arange(length, device=valid.device)[None, :] < counts[:, None]
-    return index, packed_mask
 
 
 class RLDistillKStep(L.LightningModule):
@@ -290,7 +224,7 @@ class RLDistillKStep(L.LightningModule):
         if eos_token_ids is not None:
             eos = eos_token_ids
         self._eos_ids: list[int] = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [int(eos)])
-        self._pad_id: int = pad_token_id(self.tokenizer)
+        self.pad_id: int = pad_token_id(self.tokenizer)
         self.val_metrics = TaskMetrics()
         key, mode = resolve_val_metric(val_metric)
         self.main_metric: tuple[str, str] = (f"val/{key}", mode)  # the best checkpoint's
@@ -318,7 +252,8 @@ class RLDistillKStep(L.LightningModule):
             )
         attach_unregistered(self, "teacher", teacher)
 
-    def _require_teacher(self) -> nn.Module:
+    def require_teacher(self) -> nn.Module:
+        """The attached teacher; a RuntimeError that says how to configure one if there is none."""
         teacher = getattr(self, "teacher", None)
         if teacher is None:
             raise RuntimeError(
@@ -334,13 +269,13 @@ class RLDistillKStep(L.LightningModule):
         hp = self.hparams
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_new_tokens,
-            "pad_token_id": self._pad_id,
+            "pad_token_id": self.pad_id,
             "eos_token_id": self._eos_ids or None,
             "use_cache": True,
         }
         if self.is_encoder_decoder:
             start = self.student.config.decoder_start_token_id
-            kwargs["decoder_start_token_id"] = start if start is not None else self._pad_id
+            kwargs["decoder_start_token_id"] = start if start is not None else self.pad_id
         if greedy:
             kwargs.update(do_sample=False, num_beams=1)
         else:
@@ -350,7 +285,7 @@ class RLDistillKStep(L.LightningModule):
 
     def _uses_kdlab_sampler(self, greedy: bool) -> bool:
         hp = self.hparams
-        if hp.sampler != "kdlab" or self.is_encoder_decoder or _student_logits_processors(self.student):
+        if hp.sampler != "kdlab" or self.is_encoder_decoder or generation_logits_processors(self.student):
             return False
         trainer = self._trainer  # None outside a Trainer (tests, the benchmark)
         if trainer is not None and is_sharded_strategy(trainer.strategy):
@@ -374,7 +309,7 @@ class RLDistillKStep(L.LightningModule):
             decoder_ids: Tensor | None = None
             if self._uses_kdlab_sampler(greedy):
                 actions = sample_causal(
-                    self.student, prompt_ids, prompt_mask, budget, self._eos_ids, self._pad_id,
+                    self.student, prompt_ids, prompt_mask, budget, self._eos_ids, self.pad_id,
                     temperature=self.hparams.temperature, greedy=greedy,
                 )
             else:
@@ -394,18 +329,10 @@ class RLDistillKStep(L.LightningModule):
 
     def _as_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor, actions: Tensor, decoder_ids: Tensor | None = None,
                     seconds: float = 0.0) -> Rollout:
-        """Lay out continuations ``actions`` of left-padded prompts for one-pass scoring (mask up to
-        and including each row's first EOS; ``decoder_ids = [start] ⊕ actions`` for an
-        encoder-decoder student when not given)."""
-        action_mask = _until_first_eos(actions, self._eos_ids)
-        if self.is_encoder_decoder and decoder_ids is None:
-            start = torch.full_like(actions[:, :1], _decoder_start_id(self.student, self._pad_id))
-            decoder_ids = torch.cat([start, actions], dim=1)
-        full_ids = torch.cat([prompt_ids, actions], dim=1)
-        full_mask = torch.cat([prompt_mask, action_mask.long()], dim=1)
-        return Rollout(
-            prompt_ids, prompt_mask, actions, action_mask, full_ids, full_mask, left_padded_positions(full_mask), decoder_ids, seconds
-        )
+        """:func:`~kdlab.stages.kstep_estimator.as_rollout` with this stage's EOS tokens and, for an
+        encoder-decoder student, its decoder start token."""
+        start = decoder_start_id(self.student, self.pad_id) if self.is_encoder_decoder else None
+        return as_rollout(prompt_ids, prompt_mask, actions, self._eos_ids, start, decoder_ids, seconds)
 
     @torch.no_grad()
     def teacher_rollout(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Rollout:
@@ -422,66 +349,37 @@ class RLDistillKStep(L.LightningModule):
             index = torch.tensor(missing, device=prompt_ids.device)
             actions = self._teacher_greedy(prompt_ids[index], prompt_mask[index])
             for row, i in enumerate(missing):
-                self._teacher_outputs[keys[i]] = actions[row][_until_first_eos(actions[row:row + 1], self._eos_ids)[0]].cpu()
+                self._teacher_outputs[keys[i]] = actions[row][until_first_eos(actions[row:row + 1], self._eos_ids)[0]].cpu()
         rows = [self._teacher_outputs[key] for key in keys]
         width = max(1, max(len(r) for r in rows))
-        actions = torch.full((len(rows), width), self._pad_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
+        actions = torch.full((len(rows), width), self.pad_id, dtype=prompt_ids.dtype, device=prompt_ids.device)
         for i, r in enumerate(rows):
             actions[i, : len(r)] = r.to(actions.device)
         return self._as_rollout(prompt_ids, prompt_mask, actions, seconds=time.perf_counter() - start)
 
     def _teacher_greedy(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
         """Greedy decoding by the teacher (``[B, N]``, pad after each row's EOS)."""
-        teacher = self._require_teacher()
+        teacher = self.require_teacher()
         budget = self.hparams.max_new_tokens
         device = next(teacher.parameters()).device
-        if not getattr(teacher.config, "is_encoder_decoder", False) and not _student_logits_processors(teacher):
+        if not getattr(teacher.config, "is_encoder_decoder", False) and not generation_logits_processors(teacher):
             return sample_causal(teacher, prompt_ids.to(device), prompt_mask.to(device), budget, self._eos_ids,
-                                 self._pad_id, greedy=True).to(self.device)
+                                 self.pad_id, greedy=True).to(self.device)
         from transformers import GenerationConfig
 
-        kwargs: dict[str, Any] = {"max_new_tokens": budget, "pad_token_id": self._pad_id, "do_sample": False,
+        kwargs: dict[str, Any] = {"max_new_tokens": budget, "pad_token_id": self.pad_id, "do_sample": False,
                                   "num_beams": 1, "eos_token_id": self._eos_ids or None}
         if getattr(teacher.config, "is_encoder_decoder", False):
-            kwargs["decoder_start_token_id"] = _decoder_start_id(teacher, self._pad_id)
+            kwargs["decoder_start_token_id"] = decoder_start_id(teacher, self.pad_id)
         out = teacher.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
                                generation_config=GenerationConfig(**kwargs))
         actions = out[:, 1:] if getattr(teacher.config, "is_encoder_decoder", False) else out[:, prompt_ids.shape[1]:]
         return actions.to(self.device)
 
-    def _causal_action_logits(self, model: nn.Module, ro: Rollout) -> Tensor:
-        """Logits ``[B, N, V]`` of a causal LM at the positions predicting each action (one pass)."""
-        n = ro.actions.shape[1]
-        device = next(model.parameters()).device
-        out = model(
-            input_ids=ro.full_ids.to(device),
-            attention_mask=ro.full_mask.to(device),
-            position_ids=ro.position_ids.to(device),
-            logits_to_keep=n + 1,
-            use_cache=False,
-        )
-        return out.logits[:, :-1].to(self.device)
-
-    def _seq2seq_action_logits(self, model: nn.Module, ro: Rollout) -> Tensor:
-        """Logits ``[B, N, V]`` of an encoder-decoder reading the prompt and decoding ``[start] ⊕ actions``."""
-        device = next(model.parameters()).device
-        start = torch.full_like(ro.actions[:, :1], _decoder_start_id(model, self._pad_id))
-        decoder_ids = torch.cat([start, ro.actions[:, :-1]], dim=1)
-        dec_mask = torch.cat([torch.ones_like(ro.action_mask[:, :1]), ro.action_mask[:, :-1]], dim=1).long()
-        return model(
-            input_ids=ro.prompt_ids.to(device), attention_mask=ro.prompt_mask.to(device),
-            decoder_input_ids=decoder_ids.to(device), decoder_attention_mask=dec_mask.to(device), use_cache=False,
-        ).logits.to(self.device)
-
-    def _action_logits(self, model: nn.Module, ro: Rollout) -> Tensor:
-        """Logits ``[B, N, V]`` predicting each action, for a decoder-only or an encoder-decoder model."""
-        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-            return self._seq2seq_action_logits(model, ro)
-        return self._causal_action_logits(model, ro)
-
+    # ------------------------------------------------------------------ scoring
     def student_action_logits(self, ro: Rollout) -> Tensor:
         """The student's logits ``[B, N, V]`` predicting each action, with grad."""
-        return self._action_logits(self.student, ro)
+        return action_logits(self.student, ro, self.pad_id, self.device)
 
     def student_action_logprobs(self, ro: Rollout, logits: Tensor | None = None) -> Tensor:
         """``log π_θ(a_t | s_t)`` ``[B, N]`` with grad, from ``logits / temperature`` (0 where masked)."""
@@ -494,139 +392,9 @@ class RLDistillKStep(L.LightningModule):
     def teacher_action_logits(self, ro: Rollout) -> Tensor:
         """Teacher logits ``[B, N, V]`` (float32) predicting each action, one forward pass, no grad
         (a decoder-only teacher reads prompt ⊕ actions; an encoder-decoder one encodes the prompt)."""
-        return self._action_logits(self._require_teacher(), ro).float()
+        return action_logits(self.require_teacher(), ro, self.pad_id, self.device).float()
 
-    # ------------------------------------------------------------------ losses
-    def _pg_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        hp = self.hparams
-        for key in ("prompt_input_ids", "prompt_attention_mask"):
-            if key not in batch:
-                raise KeyError(f"objective 'pg' needs {key!r} in the batch (use kdlab.data.Seq2SeqDataModule)")
-        ro = self.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"], greedy=hp.greedy_rollouts)
-        t_logits = self.teacher_action_logits(ro)
-        rewards, returns = kstep_returns_from_logits(
-            t_logits, ro.actions, ro.action_mask, k=hp.k, state_value=hp.state_value, kstep_tail=hp.kstep_tail,
-            center_logits=hp.center_logits, clip=hp.reward_clip, divisor=hp.reward_divisor,
-        )
-        running = None if torch.isnan(self.return_running_mean) else self.return_running_mean
-        logprobs = self.student_action_logprobs(ro)
-        teacher_baseline = None
-        if hp.baseline == "teacher-expected":
-            teacher_baseline = teacher_expected_baseline(t_logits, ro.action_mask, hp.center_logits, divisor=hp.reward_divisor)
-        # min-variance: grad_sq=None is the released code's (its per-token g is all ones).
-        out = policy_gradient_loss(
-            logprobs, returns, ro.action_mask, hp.baseline, running, hp.normalize_advantages,
-            pg_weight=hp.pg_weight, weight_clip=hp.weight_clip, teacher_baseline=teacher_baseline,
-        )
-        n_valid = ro.action_mask.sum().clamp_min(1)
-        stats = {
-            "reward_mean": rewards.sum() / n_valid,
-            "return_mean": out.return_mean,
-            "pg_loss": out.loss.detach(),
-            "advantage_std": out.advantage_std,
-            "gen_length": ro.action_mask.sum(-1).float().mean(),
-            "gen_tokens_per_s": torch.tensor(ro.num_generated / max(ro.seconds, 1e-9)),
-            "logprob_mean": (logprobs.detach().sum() / n_valid),
-        }
-        return out.loss, stats
-
-    def _reference_logits(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-        """Packed logits ``[B, L, V]`` at the reference target positions, targets ``[B, L]``, mask ``[B, L]``.
-
-        Causal models read ``input_ids`` (prompt ⊕ target) and predict ``labels[:, 1:]``; encoder-decoder
-        models (student or teacher) encode ``prompt_input_ids`` and decode the packed targets.
-        """
-        labels = batch["labels"]
-        valid = labels[:, 1:] != IGNORE_INDEX
-        index, packed_mask = _pack_index(valid)
-        targets = labels[:, 1:].gather(1, index).masked_fill(~packed_mask, IGNORE_INDEX)
-        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-            device = next(model.parameters()).device
-            start = torch.full_like(targets[:, :1], _decoder_start_id(model, self._pad_id))
-            dec_in = torch.cat([start, targets[:, :-1].masked_fill(~packed_mask[:, :-1], self._pad_id)], dim=1)
-            logits = model(
-                input_ids=batch["prompt_input_ids"].to(device), attention_mask=batch["prompt_attention_mask"].to(device),
-                decoder_input_ids=dec_in.to(device), decoder_attention_mask=torch.cat(
-                    [torch.ones_like(packed_mask[:, :1]), packed_mask[:, :-1]], dim=1).long().to(device),
-                use_cache=False,
-            ).logits.to(self.device)
-        else:
-            device = next(model.parameters()).device
-            mask = batch["attention_mask"]
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device), use_cache=False,
-            ).logits[:, :-1].to(self.device)
-            logits = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        return logits, targets, packed_mask
-
-    def _token_mean(self, total: Tensor, count: Tensor, across_ranks: bool) -> Tensor:
-        return global_token_mean(self, total, count) if across_ranks else total / count.clamp(min=1)
-
-    def _ce_loss(self, batch: dict[str, Any], across_ranks: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        """Teacher-forced cross-entropy on the references: ``− mean_t log p_θ(y_t | x, y_<t)``
-        (the mean over the global batch's target tokens when ``across_ranks``)."""
-        logits, targets, _ = self._reference_logits(self.student, batch)
-        loss = self._token_mean(*token_cross_entropy(logits, targets), across_ranks)
-        return loss, {"ce_loss": loss.detach()}
-
-    def _kd_loss(self, batch: dict[str, Any], across_ranks: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        """Token-level forward KL on the references (:func:`kdlab.losses.token.forward_kl`)::
-
-            loss = τ² · mean_t Σ_v p_T^τ(v) (log p_T^τ(v) − log p_S^τ(v)),  p^τ = softmax(logits / τ)
-        """
-        tau = self.hparams.kd_temperature
-        s_logits, _, mask = self._reference_logits(self.student, batch)
-        with torch.no_grad():
-            t_logits, _, _ = self._reference_logits(self._require_teacher(), batch)
-        loss = tau**2 * self._token_mean(*forward_kl(s_logits, t_logits, mask, tau), across_ranks)
-        return loss, {"kd_loss": loss.detach()}
-
-    def _teacher_sequence_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        """SeqKD and KL: the student trained on the teacher's own (greedy, cached) outputs.
-
-        ::
-
-            seqkd: loss = − mean_t log p_θ(ŷ_t | x, ŷ_<t)                       ŷ = teacher's greedy output
-            kl:    loss = τ² · mean_t KL(p_T^τ(· | x, ŷ_<t) ‖ p_θ^τ(· | x, ŷ_<t))
-
-        (KETCHUP's SeqKD and KL rows [code: distill.py]; ``kd`` is the same KL on the references.)
-        """
-        ro = self.teacher_rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"])
-        s_logits = self.student_action_logits(ro)
-        stats = {"teacher_gen_length": ro.action_mask.sum(-1).float().mean()}
-        if self.hparams.objective == "seqkd":
-            targets = ro.actions.masked_fill(~ro.action_mask, IGNORE_INDEX)
-            loss = self._token_mean(*token_cross_entropy(s_logits, targets), False)
-            return loss, {"seqkd_loss": loss.detach(), **stats}
-        tau = self.hparams.kd_temperature
-        loss = tau**2 * self._token_mean(*forward_kl(s_logits, self.teacher_action_logits(ro), ro.action_mask, tau), False)
-        return loss, {"kl_loss": loss.detach(), **stats}
-
-    def _divergence_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        """TVD and JS on the student's own rollouts and on the teacher's greedy outputs, averaged
-        (as the released code's ``TVD`` / ``JS``, ``utils/distillation.py`` [code])::
-
-            loss = ½ mean_t D(p_θ, p_T | student's sequence) + ½ mean_t D(p_θ, p_T | teacher's sequence)
-
-        with ``D`` = :func:`~kdlab.losses.token.total_variation` or
-        :func:`~kdlab.losses.token.jensen_shannon` (β = ``js_beta``, ``js_terms``).
-        """
-        hp = self.hparams
-        prompts = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-        rollouts = (self.rollout(*prompts, greedy=hp.greedy_rollouts), self.teacher_rollout(*prompts))
-        parts = []
-        for ro in rollouts:
-            s_logits, t_logits = self.student_action_logits(ro), self.teacher_action_logits(ro)
-            if hp.objective == "tvd":
-                parts.append(self._token_mean(*total_variation(s_logits, t_logits, ro.action_mask), False))
-            else:
-                parts.append(self._token_mean(*jensen_shannon(s_logits, t_logits, ro.action_mask, hp.js_beta, hp.js_terms),
-                                              False))
-        loss = 0.5 * (parts[0] + parts[1])
-        return loss, {f"{hp.objective}_loss": loss.detach(), f"{hp.objective}_student_seq": parts[0].detach(),
-                      f"{hp.objective}_teacher_seq": parts[1].detach(),
-                      "gen_length": rollouts[0].action_mask.sum(-1).float().mean()}
-
+    # ------------------------------------------------------------------ losses (kdlab.stages.kstep_estimator)
     def _active_objective(self) -> str:
         hp = self.hparams
         if hp.objective == "pg" and self.global_step < hp.ce_warmup_steps:
@@ -634,18 +402,9 @@ class RLDistillKStep(L.LightningModule):
         return hp.objective
 
     def _loss(self, batch: dict[str, Any], across_ranks: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        """The active objective's loss. ``across_ranks`` (training step only): CE/KD token means over
-        the global batch under DDP. PG keeps per-rank means: its rollouts differ per rank anyway."""
-        objective = self._active_objective()
-        if objective == "pg":
-            return self._pg_loss(batch)
-        if objective == "kd":
-            return self._kd_loss(batch, across_ranks)
-        if objective in ("seqkd", "kl"):
-            return self._teacher_sequence_loss(batch)
-        if objective in ("tvd", "js"):
-            return self._divergence_loss(batch)
-        return self._ce_loss(batch, across_ranks)
+        """The active objective's loss and stats (:func:`~kdlab.stages.kstep_estimator.objective_loss`).
+        ``across_ranks`` (training step only): CE/KD token means over the global batch under DDP."""
+        return objective_loss(self, self._active_objective(), batch, across_ranks)
 
     def batch_loss(self, batch: Any) -> Tensor:
         """The training loss for ``batch`` with fresh rollouts; no logging, no state change (HasBatchLoss)."""
@@ -698,7 +457,7 @@ class RLDistillKStep(L.LightningModule):
 
     def decode(self, ro: Rollout) -> list[str]:
         """Continuations as text (tokens after the first EOS dropped, special tokens skipped)."""
-        ids = ro.actions.masked_fill(~ro.action_mask, self._pad_id)
+        ids = ro.actions.masked_fill(~ro.action_mask, self.pad_id)
         return [s.strip() for s in self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric
 
 from kdlab.losses.token import next_token_nll
 from kdlab.models.backbones import load_backbone
-from kdlab.models.export import save_served_model
+from kdlab.models.served import save_served_model
 from kdlab.stages._common import apply_lora, build_optimizer, global_token_mean
 
 __all__ = ["TeacherCPT"]

@@ -28,10 +28,18 @@ from kdlab.losses.ranking import rank_loss
 from kdlab.metrics import RankingMetrics
 from kdlab.models.backbones import load_backbone, load_tokenizer
 from kdlab.models.heads import DecoderRanker
-from kdlab.models.export import save_served_model
+from kdlab.models.served import save_served_model
 from kdlab.stages._common import (
-    RankingEvalMixin, apply_lora, build_optimizer, group_scores, keep_first_layers, length_chunked_scores,
-    right_padded_lengths, scheduled_steps, train_only_last_layers, LR_SCHEDULES,
+    LR_SCHEDULES,
+    RankingEvalMixin,
+    apply_lora,
+    build_optimizer,
+    group_scores,
+    keep_first_layers,
+    length_chunked_scores,
+    right_padded_lengths,
+    scheduled_steps,
+    train_only_last_layers,
 )
 
 __all__ = ["TeacherRankSFT"]
@@ -86,7 +94,7 @@ class TeacherRankSFT(RankingEvalMixin, L.LightningModule):
 
     Exports (``export_pretrained``): the backbone (LoRA merged) + tokenizer via ``save_pretrained``,
     plus ``score_head.safetensors`` and ``kdlab_score_head.json``;
-    :func:`kdlab.models.export.load_rank_teacher` reloads it.
+    :func:`kdlab.models.served.load_rank_teacher` reloads it.
     """
 
     def __init__(
