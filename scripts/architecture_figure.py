@@ -19,40 +19,44 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from test_architecture import LAYERS, _module_files  # noqa: E402
+from test_architecture import LAYERS, _module_files, _place  # noqa: E402
 
 ROW_NAMES = ["base", "losses", "metrics", "models", "data", "jobs", "Lightning entry", "workflows", "cli"]
 COLOURS = ["#e8e8e8", "#dbe9f6", "#dbe9f6", "#fde2c8", "#d9f0d3", "#f6d5e5", "#e5dcf2", "#fff2b3", "#cfe8ef"]
 
 
-def _members(prefixes: tuple[str, ...], modules: list[str]) -> list[str]:
-    """The modules of a group, named without ``kdlab.``: a package's modules become ``package/``."""
-    names: set[str] = set()
-    for prefix in prefixes:
-        for module in modules:
-            if module == prefix or module.startswith(prefix + "."):
-                short = module.removeprefix("kdlab.") if module != "kdlab" else "kdlab/__init__"
-                names.add(short.split(".")[0] + "/" if "." in short and prefix != module else short)
-    return sorted(names)
+def _members(row: int, group: str, modules: list[str]) -> list[str]:
+    """The modules the test places in this group, named without ``kdlab.``; a package is written
+    ``package/: its modules``."""
+    packages: dict[str, set[str]] = {}
+    for module in modules:
+        if _place(module) != (row, group):
+            continue
+        short = "__init__" if module == "kdlab" else module.removeprefix("kdlab.")
+        package, _, rest = short.partition(".")
+        packages.setdefault(package, set())
+        if rest and not rest.startswith("_"):  # private helpers are not part of the map
+            packages[package].add(rest.split(".")[0])
+    return [f"{name}/: {' '.join(sorted(inner))};" if inner else f"{name};" for name, inner in sorted(packages.items())]
 
 
 def main() -> Path:
     modules = sorted(_module_files())
     fig, ax = plt.subplots(figsize=(13, 9.5))
-    ax.set_xlim(0, 13)
+    ax.set_xlim(0, 13.4)
     ax.set_ylim(-0.4, len(LAYERS) + 0.1)
     ax.axis("off")
     for row, groups in enumerate(LAYERS):
         y = row + 0.05
         ax.text(0.05, y + 0.42, ROW_NAMES[row], fontsize=10, fontweight="bold", va="center")
         width = 11.0 / len(groups)
-        for column, (group, prefixes) in enumerate(groups.items()):
+        for column, group in enumerate(groups):
             x = 1.9 + column * width
             ax.add_patch(FancyBboxPatch((x, y), width - 0.15, 0.78, boxstyle="round,pad=0.02",
                                         facecolor=COLOURS[row], edgecolor="#555"))
-            members = _members(prefixes, modules)
-            text = ", ".join(members)
-            per_line = max(12, int(width * 11))
+            members = _members(row, group, modules)
+            text = " ".join(members).rstrip(";")
+            per_line = max(12, int(width * 12))
             lines, line = [], ""
             for word in text.split(" "):
                 if len(line) + len(word) + 1 > per_line:
@@ -62,10 +66,10 @@ def main() -> Path:
                     line = f"{line} {word}".strip()
             lines.append(line)
             ax.text(x + 0.08, y + 0.62, group, fontsize=9, fontweight="bold", va="center")
-            ax.text(x + 0.08, y + 0.3, "\n".join(lines[:3]), fontsize=7.5, va="center", family="monospace")
-    ax.add_patch(FancyArrowPatch((12.85, len(LAYERS) - 0.2), (12.85, 0.3), arrowstyle="-|>", mutation_scale=18,
+            ax.text(x + 0.08, y + 0.28, "\n".join(lines[:5]), fontsize=6.5, va="center", family="monospace")
+    ax.add_patch(FancyArrowPatch((13.25, len(LAYERS) - 0.2), (13.25, 0.3), arrowstyle="-|>", mutation_scale=18,
                                  color="#333"))
-    ax.text(12.7, len(LAYERS) / 2, "imports point down", rotation=90, va="center", ha="right", fontsize=9)
+    ax.text(13.15, len(LAYERS) / 2, "imports point down", rotation=90, va="center", ha="right", fontsize=9)
     ax.text(0.05, -0.25, "A module imports its own group or the rows below; groups of one row never import "
             "each other. Checked by tests/test_architecture.py (lazy imports inside functions included).",
             fontsize=8.5)

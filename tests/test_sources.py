@@ -143,12 +143,19 @@ def _one_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
 
 def test_cli_mistakes_are_one_line_before_any_model_loads(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import kdlab.callbacks  # noqa: F401 - imported first, so every module that binds the loader is swapped below
     import kdlab.models.backbones as backbones
+    import kdlab.stages  # noqa: F401
 
     def no_loading(*args: object, **kwargs: object) -> None:
         raise AssertionError("a model was loaded before the config was checked")
 
-    monkeypatch.setattr(backbones, "load_backbone", no_loading)
+    real = backbones.load_backbone
+    for module in [m for name, m in sys.modules.items() if name.startswith("kdlab")]:
+        if getattr(module, "load_backbone", None) is real:  # restored by monkeypatch: later tests see the loader
+            monkeypatch.setattr(module, "load_backbone", no_loading)
     root = f"--run.root={tmp_path / 'runs'}"
     distill = ["fit", "--config", str(QUICK / "base.yaml"), "--config", str(QUICK / "distill.yaml"), root]
     sft = ["fit", "--config", str(QUICK / "base.yaml"), "--config", str(QUICK / "rank_sft.yaml"), root]
