@@ -185,6 +185,7 @@ def score_file(
     text_format: TextFormat | None = None,
     accelerator: str = "auto",
     devices: int | str = 1,
+    num_nodes: int = 1,
     dtype: str = "float32",
     quantization: Quantization | None = None,
     progress: bool = True,
@@ -197,10 +198,12 @@ def score_file(
 
     How: every (query, document) pair is tokenized once, the pairs are sorted by length and packed
     into batches of at most ``max_tokens`` padded tokens (:func:`token_budget_batches`), and a
-    Lightning ``predict`` scores them on ``accelerator`` × ``devices`` — with several devices each
-    process scores whole batches ``rank::world`` of the same list, so the file is the same, byte
-    for byte, whatever the number of processes (several processes need the command line:
-    ``python -m kdlab label --devices N``, which Lightning relaunches once per rank).
+    Lightning ``predict`` scores them on ``accelerator`` × ``devices`` × ``num_nodes`` — with several
+    processes each scores whole batches ``rank::world`` of the same list, so the file is the same,
+    byte for byte, whatever the number of processes (several processes need the command line:
+    ``python -m kdlab label --devices N``, which Lightning relaunches once per rank; on several
+    machines, ``--num_nodes M`` under torchrun or SLURM's srun, which start every rank, with the
+    output on a file system all nodes share: rank 0 merges the shards).
 
     Resumable: each scored batch is appended to ``<output>.partial/rank<r>.jsonl`` at once; a
     restart (``resume``) scores only the batches not found there — the same batches as before, so
@@ -245,7 +248,11 @@ def score_file(
     pending = [i for i in range(len(batches)) if i not in done]
     writer = _ShardWriter(shard_dir, None, on_batch)
     module = _ScoringModule(teacher, tok, fmt, max_length, batches, pending, dtype, quantization)
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy="ddp" if _several(devices) else "auto",
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
+        raise ConfigError(f"num_nodes: expected an integer >= 1, got {num_nodes!r}")
+    distributed = _several(devices) or num_nodes > 1
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                        strategy="ddp" if distributed else "auto",
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False, callbacks=[writer])
     # The bar counts this process's own pairs (rank 0 shows its share when several run).
@@ -296,9 +303,11 @@ def _several(devices: int | str) -> bool:
 def label_command(teacher: str, input: RankingSource | str, output: str,
                   mode: Literal["pointwise", "listwise"] = "pointwise", max_tokens: int = LABEL_BATCH_TOKENS,
                   max_length: int = PAIR_MAX_LENGTH, resume: bool = True, accelerator: str = "auto",
-                  devices: int | str = 1, dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32",
+                  devices: int | str = 1, num_nodes: int = 1,
+                  dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32",
                   quantization: Literal["8bit", "4bit"] | None = None, top_k: int = 10, bottom_k: int = 10,
-                  queries_per_batch: int = 8, max_new_tokens: int = 64) -> list[Path]:
+                  queries_per_batch: int = 8, max_new_tokens: int = 64, reasons: bool = False,
+                  reasons_llm: str | None = None, reason_max_new_tokens: int = 48) -> list[Path]:
     """Label ranking candidates with a teacher: pointwise scores, or RRADistill listwise labels.
 
     Args:
@@ -316,31 +325,41 @@ def label_command(teacher: str, input: RankingSource | str, output: str,
         accelerator: cpu, gpu/cuda, mps or auto (Lightning's names).
         devices: how many devices (or which, e.g. "0,1"); pointwise runs data parallel on several
             and writes the same file as one.
+        num_nodes: pointwise: machines, each with ``devices`` devices; start this command on every
+            node with torchrun (``--nnodes M --nproc-per-node D``) or srun, which set the ranks
+            (docs/cluster.md); the output must be on a file system every node sees.
         dtype: the teacher's compute dtype; auto: bfloat16 where the GPU or CPU runs it natively
             (AMX / AVX-512 BF16), else float32 (:func:`kdlab.machine.inference_dtype`).
         quantization: pointwise: load the teacher in 8-bit or 4-bit (bitsandbytes).
         top_k, bottom_k: listwise: the pre-ranker's best and worst documents shown to the LLM.
         queries_per_batch: listwise: prompts generated together.
         max_new_tokens: listwise: the length of the LLM's answer.
+        reasons: listwise: after each query's ranking, a one-sentence reason per judged document
+            (``reason`` beside its label; RRADistill's reasons for RRA-GPT), asked of ``reasons_llm``
+            (default: the ranking LLM; the paper uses a smaller one) in ``reason_max_new_tokens``.
     """
     from kdlab.machine import inference_dtype
 
     dtype = inference_dtype(dtype, accelerator)[0]  # type: ignore[assignment]
+    if mode != "listwise" and (reasons or reasons_llm is not None):
+        raise ConfigError("--reasons / --reasons_llm: reasons are written by listwise labeling; add --mode listwise")
     if mode == "listwise":
         from kdlab.listwise import listwise_label_file
 
-        if str(devices) not in ("1", "auto") or quantization is not None:
+        if str(devices) not in ("1", "auto") or num_nodes != 1 or quantization is not None:
             raise ConfigError("listwise labeling runs on one device in full precision or --dtype; "
-                              "drop --devices/--quantization (several devices: label shards of the input)")
+                              "drop --devices/--num_nodes/--quantization (several devices: label shards of the input)")
         device = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "mps": "mps"}.get(accelerator)
         count = listwise_label_file(teacher, input, output, top_k=top_k, bottom_k=bottom_k,
                                     batch_size=queries_per_batch, max_new_tokens=max_new_tokens, device=device,
-                                    dtype=dtype, resume=resume)
+                                    dtype=dtype, resume=resume, reasons=reasons, reasons_llm=reasons_llm,
+                                    reason_max_new_tokens=reason_max_new_tokens)
     else:
         from kdlab.labeling import score_file
 
         count = score_file(teacher, input, output, max_tokens=max_tokens, max_length=max_length, resume=resume,
-                           accelerator=accelerator, devices=devices, dtype=dtype, quantization=quantization)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                           accelerator=accelerator, devices=devices, num_nodes=num_nodes, dtype=dtype,
+                           quantization=quantization)
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
         print(f"wrote {count} {mode}-labelled groups to {output}")
     return [Path(output)]

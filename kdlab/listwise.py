@@ -23,6 +23,14 @@ like :func:`kdlab.labeling.score_file`: each batch's groups are appended to ``<o
 (flush + fsync), a restart skips the query ids already there (a trailing incomplete line is cut
 away), and only a complete run writes ``output``, atomically and in input order.
 
+6. **Reasons** [paper: a smaller LLM writes reasons for the ranking, used to train RRA-GPT;
+   reading: one sentence per judged document, asked after the ranking is known]: with
+   ``reasons_fn`` (``kdlab label --mode listwise --reasons``) each judged document gets
+   :func:`build_reason_prompt` — the query, the document and the verdict (its rank, or left out) —
+   and the first sentence of the answer (:func:`parse_reason`) becomes its ``reason``; an answer
+   with no sentence in it gives ``reason: null`` (one line printed per such document, and the
+   count at the end). The reasons LLM may be the ranking LLM or a cheaper one.
+
 Output rows are kdlab ranking JSONL (:func:`kdlab.data.readers.read_ranking_jsonl` reads them);
 each labeled document carries ``label`` (graded), ``llm_rank`` (1-based position in the LLM's
 answer, ``null`` when omitted) and ``hard_negative`` (bool), plus its ``teacher_score`` /
@@ -64,6 +72,9 @@ __all__ = [
     "select_candidates",
     "candidate_indices",
     "label_group",
+    "build_reason_prompt",
+    "parse_reason",
+    "add_reasons",
     "iter_listwise_labels",
     "rradistill_labels",
     "hf_generate_fn",
@@ -211,6 +222,64 @@ def label_group(group: RankingGroup, shown: Sequence[int], answer: str) -> dict[
     return {"query_id": group.query_id, "query": group.query, "docs": rows}
 
 
+def build_reason_prompt(query: str, document: str, llm_rank: int | None, n_ranked: int,
+                        max_doc_chars: int = 300) -> str:
+    """The prompt that asks for one document's reason, given the LLM's verdict on it: its rank
+    among the ``n_ranked`` documents the ranking kept, or ``None`` when it was left out."""
+    if llm_rank is not None:
+        verdict = f"ranked it {llm_rank} of {n_ranked} by relevance. In one sentence, explain why the passage is relevant"
+    else:
+        verdict = "left it out of the ranking. In one sentence, explain why the passage is not relevant"
+    text = " ".join(document.split())[:max_doc_chars]
+    return f"Search query: {query}\nPassage: {text}\nA relevance judge {verdict} to the query.\nReason:"
+
+
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+_REASON_PREFIX = re.compile(r"^\s*(?:reason\s*:|because\s*:)\s*", re.IGNORECASE)
+MIN_REASON_WORDS = 3
+MAX_REASON_CHARS = 300
+
+
+def parse_reason(answer: str) -> str | None:
+    """The first sentence of an answer, or None when the answer holds none.
+
+    A leading ``Reason:`` is dropped and whitespace collapsed; the sentence runs to the first ``.``,
+    ``!`` or ``?`` followed by a space or the end (the whole answer when there is none); it must have
+    at least :data:`MIN_REASON_WORDS` words with a letter in them and is cut to
+    :data:`MAX_REASON_CHARS` characters. Never raises."""
+    if not isinstance(answer, str):
+        return None
+    text = " ".join(_REASON_PREFIX.sub("", answer.strip()).split())
+    end = _SENTENCE_END.search(text)
+    sentence = text[:end.end()] if end else text
+    words = [w for w in sentence.split() if any(c.isalpha() for c in w)]
+    if len(words) < MIN_REASON_WORDS:
+        return None
+    return sentence[:MAX_REASON_CHARS]
+
+
+def add_reasons(rows: list[dict[str, Any]], generate_fn: GenerateFn, max_doc_chars: int = 300,
+                chunk: int = 32, on_unparseable: Callable[[str, str, str], None] | None = None) -> None:
+    """Give every document of ``rows`` (:func:`label_group` outputs) a ``reason``: the parsed answer
+    of ``generate_fn`` to its :func:`build_reason_prompt`, or None (``on_unparseable(query_id,
+    doc_id, answer)`` is called then). Prompts go ``chunk`` at a time."""
+    jobs = []
+    for row in rows:
+        n_ranked = sum(d["llm_rank"] is not None for d in row["docs"])
+        for doc in row["docs"]:
+            document = doc["text"] if "text" in doc else f"{doc.get('title', '')} {doc.get('summary', '')}".strip()
+            jobs.append((row, doc, build_reason_prompt(row["query"], document, doc["llm_rank"], n_ranked, max_doc_chars)))
+    for start in range(0, len(jobs), chunk):
+        part = jobs[start:start + chunk]
+        answers = list(generate_fn([prompt for _, _, prompt in part]))
+        if len(answers) != len(part):
+            raise RuntimeError(f"reasons generate_fn returned {len(answers)} answers for {len(part)} prompts")
+        for (row, doc, _), answer in zip(part, answers):
+            doc["reason"] = parse_reason(answer)
+            if doc["reason"] is None and on_unparseable is not None:
+                on_unparseable(str(row["query_id"]), str(doc["id"]), answer)
+
+
 def _check_counts(top_k: int, bottom_k: int, **positive: int) -> None:
     if top_k < 0 or bottom_k < 0 or top_k + bottom_k < 1:
         raise ConfigError(f"top_k and bottom_k must be >= 0 with at least one document shown; got top_k={top_k}, "
@@ -229,9 +298,12 @@ def iter_listwise_labels(
     batch_size: int = 8,
     max_doc_chars: int = 300,
     prescores: Mapping[str, Sequence[float]] | Sequence[Sequence[float]] | None = None,
+    reasons_fn: GenerateFn | None = None,
+    on_unparseable_reason: Callable[[str, str, str], None] | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
     """Label ``groups`` ``batch_size`` queries at a time: yields each batch's output rows (see
-    :func:`label_group`) after one ``generate_fn(prompts)`` call with that batch's prompts.
+    :func:`label_group`) after one ``generate_fn(prompts)`` call with that batch's prompts, and,
+    with ``reasons_fn``, each judged document's reason (:func:`add_reasons`).
 
     ``prescores`` (per query id, or parallel to ``groups``) replaces the documents'
     ``first_stage_score`` as the pre-ranker. Every group's candidates are selected (and checked)
@@ -251,7 +323,10 @@ def iter_listwise_labels(
         answers = list(generate_fn(prompts))
         if len(answers) != len(prompts):
             raise RuntimeError(f"generate_fn returned {len(answers)} answers for {len(prompts)} prompts")
-        yield [label_group(g, s, a) for (g, s), a in zip(batch, answers)]
+        rows = [label_group(g, s, a) for (g, s), a in zip(batch, answers)]
+        if reasons_fn is not None:
+            add_reasons(rows, reasons_fn, max_doc_chars, on_unparseable=on_unparseable_reason)
+        yield rows
 
 
 def rradistill_labels(
@@ -407,6 +482,10 @@ def listwise_label_file(
     resume: bool = True,
     progress: bool = True,
     generate_fn: GenerateFn | None = None,
+    reasons: bool = False,
+    reasons_llm: str | nn.Module | None = None,
+    reason_max_new_tokens: int = 48,
+    reasons_fn: GenerateFn | None = None,
 ) -> int:
     """Write RRADistill listwise labels of ``input``'s queries to ``output`` (kdlab ranking JSONL).
 
@@ -432,16 +511,23 @@ def listwise_label_file(
         resume: continue from ``<output>.partial`` (False: start over).
         progress: a tqdm bar over queries.
         generate_fn: ``generate_fn(prompts) -> answers`` replaces the model (tests script the LLM).
+        reasons: also write a one-sentence ``reason`` per judged document (module docstring, 6.),
+            asked of ``reasons_llm`` (default: ``llm`` itself) with ``reason_max_new_tokens``;
+            ``reasons_fn`` replaces that model as ``generate_fn`` does the ranking one.
 
     Returns the number of groups written. Output order = input order.
     """
     from tqdm.auto import tqdm
 
 
-    _check_counts(top_k, bottom_k, batch_size=batch_size, max_new_tokens=max_new_tokens, max_doc_chars=max_doc_chars)
+    _check_counts(top_k, bottom_k, batch_size=batch_size, max_new_tokens=max_new_tokens, max_doc_chars=max_doc_chars,
+                  reason_max_new_tokens=reason_max_new_tokens)
+    reasons = reasons or reasons_fn is not None
     if not isinstance(llm, nn.Module):
         resolve_dtype(dtype)  # a typo fails before any data is read
-    groups = read_source(as_source(input, "input"), "input").groups
+    source = as_source(input, "input")
+    input_label = source.label()
+    groups = read_source(source, "input").groups
     for g in groups:  # checked before the model loads
         candidate_indices(g, top_k, bottom_k)
     out = Path(output)
@@ -454,6 +540,19 @@ def listwise_label_file(
     if generate_fn is None and todo:
         model, tok = _load_llm(llm, tokenizer, device, dtype)
         generate_fn = hf_generate_fn(model, tok, max_new_tokens=max_new_tokens)
+        if reasons and reasons_fn is None and reasons_llm is None:
+            reasons_fn = hf_generate_fn(model, tok, max_new_tokens=reason_max_new_tokens)
+    if reasons and reasons_fn is None and todo:
+        model, tok = _load_llm(reasons_llm if reasons_llm is not None else llm,
+                               None if reasons_llm is not None else tokenizer, device, dtype)
+        reasons_fn = hf_generate_fn(model, tok, max_new_tokens=reason_max_new_tokens)
+    unparseable: list[str] = []
+
+    def report_unparseable(query_id: str, doc_id: str, answer: str) -> None:
+        unparseable.append(doc_id)
+        if len(unparseable) <= 10:  # one line each, then only the count
+            bar.write(f"{input_label}: query {query_id!r}, document {doc_id!r}: unparseable reason "
+                      f"{answer[:60]!r} (expected one sentence): no reason")
     bar = tqdm(total=len(groups), initial=len(groups) - len(todo), desc="listwise labels", unit="query",
                disable=not progress)
     try:
@@ -461,7 +560,9 @@ def listwise_label_file(
             if todo:
                 assert generate_fn is not None
                 for rows in iter_listwise_labels(todo, generate_fn, top_k=top_k, bottom_k=bottom_k,
-                                                 batch_size=batch_size, max_doc_chars=max_doc_chars):
+                                                 batch_size=batch_size, max_doc_chars=max_doc_chars,
+                                                 reasons_fn=reasons_fn if reasons else None,
+                                                 on_unparseable_reason=report_unparseable):
                     f.write("".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows))
                     f.flush()
                     os.fsync(f.fileno())
@@ -469,4 +570,19 @@ def listwise_label_file(
     finally:
         bar.close()
     _write_output(partial, out, groups)
+    if reasons:
+        written, missing = _reason_counts(out)
+        print(f"reasons: {written} documents have one, {missing} have none (unparseable answer)", flush=True)
     return len(groups)
+
+
+def _reason_counts(path: Path) -> tuple[int, int]:
+    """Documents of a labelled file with a reason, and without one."""
+    have = without = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        for doc in json.loads(line)["docs"] if line.strip() else []:
+            if doc.get("reason"):
+                have += 1
+            else:
+                without += 1
+    return have, without

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -353,7 +353,7 @@ def _run_child(cmd: list[str], log: Any, env: Mapping[str, str], run_dir: Path, 
 
 
 def launch_run(args: list[str], run_dir: str | os.PathLike[str], *, label: str | None = None,
-               command: str = "fit", quiet: bool = True) -> dict[str, float]:
+               command: str = "fit", quiet: bool = True, launcher: Sequence[str] = ()) -> dict[str, float]:
     """Run ``python -m kdlab <command> ARGS --run.dir RUN_DIR`` in its own process, unless already finished.
 
     A process per run keeps runs isolated (memory, global RNG, W&B state) and lets Lightning's
@@ -361,15 +361,18 @@ def launch_run(args: list[str], run_dir: str | os.PathLike[str], *, label: str |
     Output goes to ``RUN_DIR.log`` beside the run directory (``quiet=False``: to this terminal
     instead), and a progress bar labelled ``label`` on stderr
     follows the run's ``progress.json``. Ctrl-C stops the run before it is raised again.
+    ``launcher`` goes before ``python``: ``["srun"]`` or ``["torchrun", "--no-python", ...]`` start the
+    command once per process, on every node (Lightning reads the ranks they set).
     Returns the run's ``metrics.json``.
     """
     run_dir = Path(run_dir)
     label = label or run_dir.name
-    full = [sys.executable, "-m", "kdlab", command, *args, f"--run.dir={run_dir}"]
+    kdlab_command = [sys.executable, "-m", "kdlab", command, *args, f"--run.dir={run_dir}"]
+    full = [*launcher, *kdlab_command]
     done = finished_metrics(run_dir)
     if done is not None:
         recorded = json.loads((run_dir / "manifest.json").read_text()).get("argv", [])[1:]
-        if recorded != full[3:]:
+        if recorded != kdlab_command[3:]:
             raise RunFailed(f"{run_dir} holds a finished run with other arguments ({' '.join(recorded)}); "
                             "delete it or choose another root to rerun")
         print(f"[kdlab] {label}: finished earlier, reusing {run_dir}", flush=True)
@@ -383,7 +386,7 @@ def launch_run(args: list[str], run_dir: str | os.PathLike[str], *, label: str |
         returncode = _run_child(full, log, env, run_dir, label, quiet)
     if returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").strip().splitlines()[-8:])
-        raise RunFailed(f"{label} failed (exit {returncode}): {' '.join(full[2:])}\nlog: {log_path}\n{tail}")
+        raise RunFailed(f"{label} failed (exit {returncode}): {' '.join([*launcher, *kdlab_command[2:]])}\nlog: {log_path}\n{tail}")
     metrics = finished_metrics(run_dir)
     if metrics is None:
         raise RunFailed(f"{label} exited 0 but left no finished record in {run_dir}")

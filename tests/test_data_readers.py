@@ -20,6 +20,7 @@ from kdlab.data.readers import (
     read_ranking_jsonl,
     read_seq2seq_jsonl,
     read_trec_qrels,
+    read_run,
     read_trec_run,
     write_ranking_jsonl,
 )
@@ -190,6 +191,49 @@ def test_msmarco_and_trec_errors(tmp_path: Path, msmarco: dict[str, Path]) -> No
     bad_run = _write(tmp_path / "run_bad.trec", "q1 Q0 p1 1 2 t\nq1 Q0 zzz 2 1 t\n")
     with pytest.raises(DataFormatError, match=r"run_bad\.trec:2: field 'pid': unknown document id 'zzz'"):
         _msmarco_groups({**msmarco, "run": bad_run})
+
+
+@pytest.mark.parametrize("layout", ["best_first", "worst_first", "shuffled", "interleaved"])
+@pytest.mark.parametrize("top_k", [1, 3, 7])
+def test_a_streamed_top_k_is_the_whole_sort_s_first_k(tmp_path: Path, layout: str, top_k: int) -> None:
+    """Keeping each query's best ``top_k`` while reading gives exactly the first ``top_k`` of the
+    whole-file sort (score desc, rank asc, doc id), ties included, whatever the line order."""
+    import random
+
+    rng = random.Random(f"{layout}-{top_k}")
+    rows = [(f"q{q}", f"d{d}", rank, float(rng.choice([1, 2, 2, 3, 5])))  # many tied scores
+            for q in range(5) for rank, d in enumerate(rng.sample(range(100), 40), 1)]
+    if layout == "worst_first":
+        rows.reverse()
+    elif layout == "shuffled":
+        rng.shuffle(rows)
+    elif layout == "interleaved":  # queries not in contiguous blocks
+        rows.sort(key=lambda r: (r[2], r[0]))
+    text = "".join(f"{q} Q0 {d} {rank} {score} t\n" for q, d, rank, score in rows)
+    path = _write(tmp_path / "run.trec", text)
+    whole = read_trec_run(path)
+    streamed = read_trec_run(path, top_k=top_k)
+    assert streamed == {qid: entries[:top_k] for qid, entries in whole.items()}
+    tsv = _write(tmp_path / "run.tsv", "".join(f"{q}\t{d}\t{rank}\n" for q, d, rank, _ in rows))
+    assert read_run(tsv, allow_msmarco_tsv=True, top_k=top_k) == {
+        qid: entries[:top_k] for qid, entries in read_run(tsv, allow_msmarco_tsv=True).items()}
+
+
+def test_a_streamed_run_still_checks_every_line(tmp_path: Path) -> None:
+    """Lines that can no longer enter the top-k are still parsed and checked: a duplicate of a
+    dropped entry within the query's block, a bad score or an unknown id on line 5 still raise."""
+    head = "q1 Q0 a 1 9 t\nq1 Q0 b 2 8 t\nq1 Q0 c 3 7 t\nq1 Q0 d 4 6 t\n"
+    _expect(lambda p: read_trec_run(p, top_k=1), _write(tmp_path / "r1.trec", head + "q1 Q0 c 5 1 t\n"),
+            5, "pid", "duplicate entry for query 'q1', document 'c'")
+    _expect(lambda p: read_trec_run(p, top_k=1), _write(tmp_path / "r2.trec", head + "q1 Q0 e 5 nan t\n"),
+            5, "score", "finite")
+    _expect(lambda p: read_trec_run(p, doc_ids={"a", "b", "c", "d"}, top_k=1),
+            _write(tmp_path / "r3.trec", head + "q1 Q0 zzz 5 1 t\n"), 5, "pid", "unknown document id 'zzz'")
+    # not grouped by query: a document kept in the top-k may still not come twice
+    _expect(lambda p: read_trec_run(p, top_k=2), _write(tmp_path / "r4.trec", head + "q2 Q0 a 1 1 t\nq1 Q0 a 5 1 t\n"),
+            6, "pid", "duplicate entry for query 'q1', document 'a'")
+    with pytest.raises(ValueError, match="top_k"):
+        read_trec_run(tmp_path / "r4.trec", top_k=0)
 
 
 def test_assemble_checks_ids() -> None:

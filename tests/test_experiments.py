@@ -58,7 +58,7 @@ def test_every_yaml_is_known_kind() -> None:
 
 @pytest.fixture(scope="module")
 def labeled_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Small ranking files with teacher scores (label + a per-document offset), for distill configs."""
+    """Small ranking files with teacher scores (label + a per-document offset) and reasons, for distill configs."""
     from kdlab.data import sample_path
 
     out = tmp_path_factory.mktemp("labels")
@@ -68,6 +68,8 @@ def labeled_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         for row in rows:
             for j, doc in enumerate(row["docs"]):
                 doc["teacher_score"] = float(doc["label"]) - 0.01 * j
+                # an LLM's reason, for RRA-GPT configs (other students ignore it)
+                doc["reason"] = "The passage answers the query." if doc["label"] else "The passage is off topic."
         path = out / f"{split}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         files[split] = str(path)

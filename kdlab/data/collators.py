@@ -22,6 +22,7 @@ from kdlab.defaults import IGNORE_INDEX
 from kdlab.models.backbones import pad_token_id
 from kdlab.models.text_formats import (  # noqa: F401 - the collators' text formats, importable from here
     PROMPT_ANSWERS,
+    REASON_PREFIX,
     RELEVANCE_PROMPT,
     TEXT_FORMATS,
     TextFormat,
@@ -218,10 +219,17 @@ class RankingCollator:
     query and ``{title} {body}``, encoded without special tokens and with no EOS, so the score token is
     the prompt's last one; a prompt over ``max_length`` tokens has its document cut (never the question
     after it), see :meth:`encode`.
+
+    ``reason_max_length > 0`` (``decoder`` text; RRA-GPT): a document with a ``reason`` gets
+    ``REASON_PREFIX + reason`` (at most ``reason_max_length`` tokens) and EOS appended after its
+    ranking tokens, in the same row. The batch then has ``score_positions [B]`` (each row's ranking
+    EOS: a causal model's state there sees only the ranking input, exactly as when served) and
+    ``reason_labels [B, T]`` (the appended tokens, ``IGNORE_INDEX`` elsewhere).
     """
 
     def __init__(self, tokenizer: Any, text_format: TextFormat = "cross-encoder",
-                 max_length: int = 128, group_size: int | None = None, with_teacher_scores: bool = False) -> None:
+                 max_length: int = 128, group_size: int | None = None, with_teacher_scores: bool = False,
+                 reason_max_length: int = 0) -> None:
         if text_format not in TEXT_FORMATS:
             raise ValueError(f"text_format must be one of {', '.join(map(repr, TEXT_FORMATS))}, got {text_format!r}")
         if text_format == "decoder" and tokenizer.eos_token_id is None:
@@ -231,6 +239,9 @@ class RankingCollator:
         self.max_length = max_length
         self.group_size = group_size
         self.with_teacher_scores = with_teacher_scores
+        if reason_max_length and text_format != "decoder":
+            raise ValueError(f"reasons are appended to 'decoder' text only, not {text_format!r}")
+        self.reason_max_length = reason_max_length
 
     def encode(self, query: str, doc_text: str) -> dict[str, list[int]]:
         """Token ids (and token types for cross-encoders) of one (query, document) pair."""
@@ -291,12 +302,15 @@ class RankingCollator:
         doc_mask = torch.zeros(len(items), n, dtype=torch.bool)
         teacher = torch.full((len(items), n), float("nan"), dtype=torch.float32)
         doc_ids: list[list[str]] = []
+        reasons: list[list[int]] = []
         for g, it in enumerate(items):
             docs = list(it["docs"])[:n]
             ids = []
             for j in range(n):
+                reason = None
                 if j < len(docs):
                     doc_id, title, body = docs[j]
+                    reason = it.get("reasons", [None] * len(docs))[j] if self.reason_max_length else None
                     encodings.append(self.encode(it["query"], f"{title} {body}".strip()))
                     labels[g, j] = float(it["labels"][j])
                     teacher[g, j] = float(it["teacher_scores"][j])
@@ -305,7 +319,10 @@ class RankingCollator:
                 else:
                     encodings.append(self.encode(it["query"], ""))
                     ids.append("")
+                reasons.append(self._reason_ids(reason) if reason else [])
             doc_ids.append(ids)
+        if self.reason_max_length:
+            return self._with_reasons(encodings, reasons, labels, doc_mask, teacher, items, n, doc_ids)
         batch: dict[str, Any] = dict(self.pad(encodings))
         batch["labels"] = labels
         batch["doc_mask"] = doc_mask
@@ -317,8 +334,33 @@ class RankingCollator:
         batch["query_ids"] = [str(it["query_id"]) for it in items]
         return batch
 
+    def _reason_ids(self, reason: str) -> list[int]:
+        ids = self.tokenizer(REASON_PREFIX + reason, add_special_tokens=False, truncation=True,
+                             max_length=self.reason_max_length)["input_ids"]
+        return [*ids, self.tokenizer.eos_token_id]
+
+    def _with_reasons(self, encodings: list[dict[str, list[int]]], reasons: list[list[int]], labels: torch.Tensor,
+                      doc_mask: torch.Tensor, teacher: torch.Tensor, items: Sequence[dict[str, Any]], n: int,
+                      doc_ids: list[list[str]]) -> dict[str, Any]:
+        rows = [e["input_ids"] + r for e, r in zip(encodings, reasons)]
+        batch: dict[str, Any] = {
+            "input_ids": pad_sequences(rows, pad_token_id(self.tokenizer)),
+            "attention_mask": pad_sequences([[1] * len(row) for row in rows], 0),
+            "score_positions": torch.tensor([len(e["input_ids"]) - 1 for e in encodings], dtype=torch.long),
+            "reason_labels": pad_sequences([[IGNORE_INDEX] * len(e["input_ids"]) + r for e, r in zip(encodings, reasons)],
+                                           IGNORE_INDEX),
+            "labels": labels, "doc_mask": doc_mask,
+        }
+        if self.with_teacher_scores:
+            batch["teacher_scores"] = teacher
+        batch["query_index"] = torch.tensor([int(it["query_index"]) for it in items], dtype=torch.long)
+        batch["group_size"] = n
+        batch["doc_ids"] = doc_ids
+        batch["query_ids"] = [str(it["query_id"]) for it in items]
+        return batch
+
 
 __all__ = [
-    "IGNORE_INDEX", "PROMPT_ANSWERS", "RELEVANCE_PROMPT", "TEXT_FORMATS", "BucketBatchSampler", "CausalLMCollator",
+    "IGNORE_INDEX", "PROMPT_ANSWERS", "REASON_PREFIX", "RELEVANCE_PROMPT", "TEXT_FORMATS", "BucketBatchSampler", "CausalLMCollator",
     "EpochSequentialSampler", "RankingCollator", "TextFormat", "pad_sequences", "prompt_answer_ids", "split_key",
 ]

@@ -144,6 +144,7 @@ def _group_item(g: RankingGroup, query_index: int, docs: Sequence[Any]) -> dict[
         "docs": [(d.id, d.title, d.body) for d in docs],
         "labels": [d.label if d.label is not None else 0.0 for d in docs],
         "teacher_scores": [d.teacher_score if d.teacher_score is not None else math.nan for d in docs],
+        "reasons": [d.reason for d in docs],
     }
 
 
@@ -161,6 +162,9 @@ class RankingDataModule(L.LightningDataModule):
     ``text_format`` (:class:`~kdlab.data.collators.RankingCollator`): ``cross-encoder`` (a BERT pair),
     ``decoder`` (``query: … document: …`` + EOS) or ``decoder-prompt`` (the yes/no relevance prompt
     that ``TeacherRankSFT(head_init="prompt")`` reads).
+    ``reasons`` (``decoder`` text, RRA-GPT): training rows carry each document's LLM ``reason`` after
+    its ranking tokens, at most ``reason_max_length`` tokens (:class:`~kdlab.data.collators.RankingCollator`);
+    evaluation rows never do.
     """
 
     def __init__(
@@ -181,9 +185,18 @@ class RankingDataModule(L.LightningDataModule):
         world_size_invariant: bool = False,
         seed: int = 0,
         num_workers: int = 0,
+        reasons: bool = False,
+        reason_max_length: int = 48,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if reasons and text_format != "decoder":
+            raise ConfigError(f"data.init_args.reasons: reasons train decoder students (text_format: decoder), "
+                              f"not {text_format!r}")
+        if reason_max_length < 1:
+            raise ConfigError(f"data.init_args.reason_max_length: expected an integer >= 1, got {reason_max_length}")
+        self.reasons = reasons
+        self.reason_max_length = reason_max_length
         for name, value in (("num_negatives", num_negatives), ("eval_max_docs", eval_max_docs or 1)):
             if value < 0 or (name == "eval_max_docs" and value < 1):
                 raise ConfigError(f"data.init_args.{name}: expected an integer >= {0 if name == 'num_negatives' else 1}, "
@@ -246,9 +259,14 @@ class RankingDataModule(L.LightningDataModule):
         """Whether any document of ``split`` carries a ``teacher_score``."""
         return any(d.teacher_score is not None for g in self.groups[split] for d in g.docs)
 
+    def has_reasons(self, split: str) -> bool:
+        """Whether any document of ``split`` carries an LLM ``reason``."""
+        return any(d.reason for g in self.groups[split] for d in g.docs)
+
     def _collator(self, split: str, group_size: int | None) -> RankingCollator:
         return RankingCollator(self.tokenizer, self.text_format, self.max_length, group_size,
-                               with_teacher_scores=self.has_teacher_scores(split))
+                               with_teacher_scores=self.has_teacher_scores(split),
+                               reason_max_length=self.reason_max_length if self.reasons and split == "train" else 0)
 
     def train_dataloader(self) -> DataLoader:
         dataset = RankingTrainDataset(self.groups["train"], self.num_negatives, self.train_group_sampling, self.seed)

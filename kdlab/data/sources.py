@@ -186,7 +186,8 @@ def _first_stage(source: RankingSource, collection: Any, queries: Mapping[str, s
                  qrels: Mapping[str, Any], allow_msmarco_tsv: bool) -> tuple[dict[str, list[RunEntry]], dict[str, Any]]:
     """The run's entries (ids checked against collection and queries), or BM25's over the collection."""
     if source.run:
-        run = read_run(source.run, doc_ids=collection, query_ids=queries, allow_msmarco_tsv=allow_msmarco_tsv)
+        run = read_run(source.run, doc_ids=collection, query_ids=queries, allow_msmarco_tsv=allow_msmarco_tsv,
+                       top_k=source.top_k)
         return run, {"kind": "run", "run": source.run, "top_k": source.top_k}
     from kdlab.data.first_stage import BM25Options, bm25_run, describe
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdlab.losses.token import token_cross_entropy
+
 __all__ = [
     "preference_pairs",
     "pairwise_hinge_loss",
@@ -33,6 +35,7 @@ __all__ = [
     "margin_mse_loss",
     "hybrid_distill_loss",
     "rank_loss",
+    "rank_and_reasons_loss",
     "RankLossName",
 ]
 
@@ -212,3 +215,27 @@ def rank_loss(
     if name == "listwise":
         return listwise_ce_loss(scores, labels, doc_mask)
     raise ValueError(f"unknown rank loss {name!r}; use 'hinge', 'ranknet' or 'listwise'")
+
+
+
+def rank_and_reasons_loss(rank_term: Tensor, reason_logits: Tensor, reason_targets: Tensor,
+                          reasons_weight: float) -> tuple[Tensor, Tensor]:
+    """RRA-GPT's joint objective: the ranking layer's loss plus ``λ`` times the reasons' token NLL.
+
+    ``L = L_rank + λ · L_reason``,  ``L_reason = (1 / |R|) Σ_{i ∈ R} − log softmax(z_i)[y_i]``
+
+    [paper] RRADistill's decoder student is "trained jointly on classification/ranking and generation
+    of the reasons" an LLM gave for its ranking. [reading] the two terms are summed with weight
+    ``λ = reasons_weight``; ``z_i`` are the LM head's logits at the position *before* reason token
+    ``y_i`` (aligned: ``reason_logits[..., i, :]`` predicts ``reason_targets[..., i]``, any leading
+    shape), ``R`` the targets that are not ``IGNORE_INDEX``, so ``L_reason`` is the causal-LM NLL of
+    the reasons averaged over their tokens; ``L_rank`` is whatever ranking loss the caller computed
+    on the same model's scores. No reason token: ``L_reason = 0`` (no NaN, logits still in the
+    graph). Returns ``(L, L_reason)``.
+    """
+    if reasons_weight < 0:
+        raise ValueError(f"reasons_weight must be >= 0, got {reasons_weight}")
+    vocab = reason_logits.shape[-1]
+    total, count = token_cross_entropy(reason_logits.reshape(1, -1, vocab), reason_targets.reshape(1, -1))
+    reason = total / count.clamp(min=1)
+    return rank_term + reasons_weight * reason, reason

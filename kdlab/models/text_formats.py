@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-__all__ = ["PROMPT_ANSWERS", "RELEVANCE_PROMPT", "TEXT_FORMATS", "TextFormat", "prompt_answer_ids"]
+__all__ = ["PROMPT_ANSWERS", "REASON_PREFIX", "RELEVANCE_PROMPT", "TEXT_FORMATS", "TextFormat", "prompt_answer_ids"]
 
 #: The text formats of ranking inputs (:class:`RankingCollator`).
 TextFormat = Literal["cross-encoder", "decoder", "decoder-prompt"]
@@ -18,6 +18,8 @@ TEXT_FORMATS: tuple[str, ...] = ("cross-encoder", "decoder", "decoder-prompt")
 #: prompt's last position (the ``:`` after ``Answer``); no EOS is appended.
 RELEVANCE_PROMPT = ("Query: {query}\nDocument: {document}\n"
                     "Is the document relevant to the query? Answer yes or no.\nAnswer:")
+#: What precedes an LLM's reason appended after a ``decoder`` ranking input (RRA-GPT's training rows).
+REASON_PREFIX = " reason: "
 #: Spellings of the (yes, no) answer tried in order by :func:`prompt_answer_ids`.
 PROMPT_ANSWERS: tuple[tuple[str, str], ...] = ((" yes", " no"), ("yes", "no"), (" Yes", " No"), ("Yes", "No"))
 

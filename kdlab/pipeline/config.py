@@ -134,6 +134,15 @@ class HardwareConfig:
         eval_interleaved: every model loaded at once and timed query by query in turn (fair speed
             ratios on a shared machine); False loads one model at a time (less memory: large
             teachers on one GPU).
+        train_accelerator / train_devices / num_nodes: where every training step runs
+            (``--trainer.accelerator/devices/num_nodes`` of each ``fit``; DDP when more than one
+            process); None keeps each step config's own. ``num_nodes`` applies to labeling too.
+        launcher: the command that starts each training and labeling step on every process, put
+            before ``python -m kdlab ...`` — ``[srun]`` inside a SLURM allocation (Lightning's
+            SLURM environment reads the ranks srun gives), ``[torchrun, --nproc-per-node=8,
+            --no-python]`` on one machine. Empty: the step runs as one process (Lightning starts
+            the other local ranks itself). The pipeline's own work (data, evaluation, report) runs
+            in the process that runs ``kdlab pipeline``: docs/cluster.md.
     """
 
     label_accelerator: str = "auto"
@@ -143,6 +152,28 @@ class HardwareConfig:
     eval_device: str = "cpu"
     eval_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     eval_interleaved: bool = True
+    train_accelerator: str | None = None
+    train_devices: int | str | None = None
+    num_nodes: int = 1
+    launcher: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_nodes, bool) or not isinstance(self.num_nodes, int) or self.num_nodes < 1:
+            raise ConfigError(f"hardware.num_nodes: expected an integer >= 1, got {self.num_nodes!r}")
+        if self.num_nodes > 1 and not self.launcher:
+            raise ConfigError("hardware.num_nodes > 1 needs hardware.launcher (e.g. [srun] inside a SLURM "
+                              "allocation): something must start the steps on the other nodes (docs/cluster.md)")
+
+    def train_args(self) -> list[str]:
+        """The ``fit`` arguments that put a training step where this section says."""
+        args = [f"--trainer.accelerator={self.train_accelerator}"] if self.train_accelerator else []
+        if self.train_devices is not None:
+            args.append(f"--trainer.devices={self.train_devices}")
+        if self.num_nodes > 1:
+            args.append(f"--trainer.num_nodes={self.num_nodes}")
+        if self.num_nodes > 1 or str(self.train_devices) not in ("None", "1", "auto"):
+            args.append("--trainer.strategy=ddp")
+        return args
 
 
 @dataclass

@@ -18,7 +18,7 @@ from kdlab.pipeline.report import StepResult, data_sizes, review_figures, write_
 from kdlab.runs import RunFailed, launch_run, new_run_dir, slug, write_json_atomic
 
 
-def run_step(name: str, pipeline_dir: Path, args: Sequence[str]) -> StepResult:
+def run_step(name: str, pipeline_dir: Path, args: Sequence[str], launcher: Sequence[str] = ()) -> StepResult:
     """Run one ``fit`` step in a subprocess (or reuse its finished record) and time it.
 
     The time is the subprocess's whole wall time, as the user waits for it: start-up, a backbone's
@@ -26,7 +26,7 @@ def run_step(name: str, pipeline_dir: Path, args: Sequence[str]) -> StepResult:
     kept like every step's in ``step_times.json``."""
     run_dir, timed = pipeline_dir / name, {}
     with _timed_step(pipeline_dir, name, timed, run_dir):
-        metrics = launch_run([*args, f"--run.name={name}"], run_dir, label=f"pipeline step {name}")
+        metrics = launch_run([*args, f"--run.name={name}"], run_dir, label=f"pipeline step {name}", launcher=launcher)
     return StepResult(name, run_dir, metrics, timed[name].seconds, timed[name].steal)
 
 
@@ -77,7 +77,8 @@ def check_steps(config: PipelineConfig, step_args: dict[str, list[str]]) -> None
 
 def label_split(teacher_dir: Path, source: str, output: Path, config: PipelineConfig, dtype: str) -> Path:
     """Teacher scores for one split, written once and reused (resumable, atomic). Several devices
-    label through ``python -m kdlab label`` (Lightning relaunches that command once per rank).
+    label through ``python -m kdlab label`` (Lightning relaunches that command once per rank), and
+    so does a ``hardware.launcher`` (it starts that command on every process of every node).
     ``dtype``: the precision :func:`label_precision` chose (never ``auto``)."""
     from kdlab.labeling import score_file
 
@@ -86,13 +87,16 @@ def label_split(teacher_dir: Path, source: str, output: Path, config: PipelineCo
     options = {"max_tokens": config.budget.label_max_tokens, "max_length": config.budget.label_max_length,
                "accelerator": config.hardware.label_accelerator, "devices": config.hardware.label_devices,
                "dtype": dtype, "quantization": config.hardware.label_quantization}
-    if str(config.hardware.label_devices) in ("1", "auto") or config.hardware.label_devices == 1:
+    if config.hardware.num_nodes > 1:
+        options["num_nodes"] = config.hardware.num_nodes
+    one_process = str(config.hardware.label_devices) in ("1", "auto") or config.hardware.label_devices == 1
+    if one_process and not config.hardware.launcher:
         score_file(str(teacher_dir), source, str(output), resume=True, **options)
         return output
     import subprocess
     import sys
 
-    args = [sys.executable, "-m", "kdlab", "label", f"--teacher={teacher_dir}", f"--input={source}",
+    args = [*config.hardware.launcher, sys.executable, "-m", "kdlab", "label", f"--teacher={teacher_dir}", f"--input={source}",
             f"--output={output}", *(f"--{key}={value}" for key, value in options.items() if value is not None)]
     if subprocess.run(args).returncode != 0:
         raise RunFailed(f"labeling {source} failed: {' '.join(args)}")
@@ -128,7 +132,7 @@ def label_precision(pipeline_dir: Path, config: PipelineConfig) -> dict[str, str
 
 def _step_commands(config: PipelineConfig, pipeline_dir: Path, splits: dict[str, str]) -> dict[str, list[str]]:
     """Each step's ``fit`` command line, in the order the steps run."""
-    common = list(config.recipe.step_args.get("all", []))
+    common = [*config.hardware.train_args(), *config.recipe.step_args.get("all", [])]
     last = list(config.recipe.step_args.get("all_after", []))
     data_args = [f"--data.init_args.{split}={path}" for split, path in splits.items()]
     label_args = [f"--data.init_args.{split}={path}" for split, path in {**splits, **_label_files(pipeline_dir, config)}.items()]
@@ -177,7 +181,7 @@ def run_pipeline(config: PipelineConfig) -> Path:
     labels = _label_files(pipeline_dir, config)
     for name in ("rank_sft_no_cpt", "cpt", "rank_sft_cpt"):
         if name in step_args:
-            steps[name] = run_step(name, pipeline_dir, step_args[name])
+            steps[name] = run_step(name, pipeline_dir, step_args[name], config.hardware.launcher)
     teacher_dir = pipeline_dir / "rank_sft_cpt" / "model"
     precision = label_precision(pipeline_dir, config)
     for split, output in labels.items():
@@ -185,7 +189,7 @@ def run_pipeline(config: PipelineConfig) -> Path:
             label_split(teacher_dir, label_sources[split], output, config, precision["dtype"])
     for variant in config.recipe.variants:
         step = f"student_{slug(variant)}"
-        steps[step] = run_step(step, pipeline_dir, step_args[step])
+        steps[step] = run_step(step, pipeline_dir, step_args[step], config.hardware.launcher)
 
     from kdlab.evaluation import PRE_RANKER, RANDOM, evaluate_models
 

@@ -10,6 +10,15 @@ With the Term Control Layer (``use_tcl``, RRADistill, our reading): ``L = L(s) +
 where ``s_tcl`` is the score of :class:`kdlab.models.heads.TermControlLayer` over the encoder's last
 hidden states at the selected term positions. The TCL is training-only: validation, prediction and
 ``export_pretrained`` use the main head only.
+
+RRA-GPT (RRADistill's decoder student, ``architecture: decoder`` + ``reasons_weight``): a causal LM
+whose ranking layer scores the ranking input's EOS, trained jointly on ranking and on generating
+the LLM's one-sentence reason for each document, appended after that EOS in the same row
+(:class:`~kdlab.data.collators.RankingCollator`): ``L = L(s) + λ · L_reason`` with ``L_reason`` the
+reasons' token NLL through the LM head (:func:`kdlab.losses.ranking.rank_and_reasons_loss`, formula
+there; [paper] joint training, [reading] the sum and the single row). The score's position sees
+only the ranking tokens (causal attention), so served scores — the ranking layer alone, no LM
+head, no generation — are the scores the loss trained.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ from torch import Tensor, nn
 
 from kdlab.defaults import EVAL_K
 from kdlab.errors import ConfigError
-from kdlab.losses.ranking import hybrid_distill_loss, rank_loss
+from kdlab.defaults import IGNORE_INDEX
+from kdlab.losses.ranking import hybrid_distill_loss, rank_and_reasons_loss, rank_loss
 from kdlab.metrics import RankingMetrics
 from kdlab.models.backbones import load_backbone, load_tokenizer
 from kdlab.models.heads import (
@@ -201,6 +211,10 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
             given, otherwise computed once over the training dataloader's valid teacher scores
             (summed over all ranks) at the start of training, and kept in the checkpoint.
         use_tcl, tcl_weight (λ), tcl_heads: the Term Control Layer (cross-encoder only).
+        reasons_weight: RRA-GPT (``decoder`` only): λ of the reasons' NLL; the backbone is loaded
+            with its LM head, which the reasons train and the export drops. ``0`` trains the same
+            model on ranking alone (the ablation); None (default) loads no LM head at all. The
+            training data needs ``reasons: true`` and reasons (``kdlab label --mode listwise --reasons``).
         teacher_source: ``data`` (``batch["teacher_scores"]``) or ``live``: a frozen teacher attached
             through :class:`kdlab.protocols.NeedsTeacher` by the teacher callback (``teacher:`` in
             the config, e.g. ``{backbone: <TeacherRankSFT export>, task: ranker}``; any module
@@ -252,6 +266,7 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
         use_tcl: bool = False,
         tcl_weight: float = 0.5,
         tcl_heads: int = 4,
+        reasons_weight: float | None = None,
         teacher_source: Literal["data", "live"] = "data",
         lr: float = 5e-5,
         weight_decay: float = 0.01,
@@ -268,10 +283,18 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
         # Checked before any weights load, so a typo costs a second, not a model load.
         self.check_options(dict(self.hparams))
         self.ranker: nn.Module
+        self.reason_head: nn.Module | None = None
         if architecture == "cross-encoder":
             model = load_backbone(backbone, task="seq-cls", config=backbone_config, dtype=dtype, num_labels=1)
             self.ranker = SequenceClassificationRanker(model)
             hidden = int(model.config.hidden_size)
+        elif architecture == "decoder" and reasons_weight is not None:
+            # One causal-LM load: its base model is the ranker's, its LM head generates the reasons.
+            lm = load_backbone(backbone, task="causal-lm", config=backbone_config, dtype=dtype)
+            hidden = int(lm.config.hidden_size)
+            self.ranker = DecoderRanker(lm.base_model, hidden)
+            self.reason_head = lm.get_output_embeddings()
+            del lm
         elif architecture == "decoder":
             base = load_backbone(backbone, task="encoder", config=backbone_config, dtype=dtype)
             hidden = int(base.config.hidden_size)
@@ -314,11 +337,27 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
         if a["use_tcl"] and a["architecture"] != "cross-encoder":
             raise ConfigError("model.init_args.use_tcl needs architecture='cross-encoder' "
                               "(token selection uses token_type_ids)")
+        reasons = a.get("reasons_weight")
+        if reasons is not None and not (a["architecture"] == "decoder" and reasons >= 0.0):
+            raise ConfigError(f"model.init_args.reasons_weight: RRA-GPT's reasons need architecture='decoder' and a "
+                              f"weight >= 0, got architecture={a['architecture']!r}, reasons_weight={reasons}")
 
     @classmethod
     def check_data(cls, init_args: Mapping[str, Any], datamodule: Any) -> None:
         """Config-time check against the data (:class:`kdlab.protocols.ChecksData`): a student that
         learns from teacher scores read from the data needs them in its training file."""
+        if getattr(datamodule, "reasons", False) and init_args.get("reasons_weight") is None:
+            raise ConfigError("data.init_args.reasons=true appends reasons to the training rows, which only an "
+                              "RRA-GPT student reads: set model.init_args.reasons_weight (0 = ranking alone)")
+        if (init_args.get("reasons_weight") or 0.0) > 0.0 and "train" in getattr(datamodule, "groups", {}):
+            source = datamodule.source_label("train")
+            if not getattr(datamodule, "reasons", False):
+                raise ConfigError("model.init_args.reasons_weight > 0 needs the reasons in the training rows: "
+                                  "set data.init_args.reasons=true")
+            if not datamodule.has_reasons("train"):
+                raise ConfigError(f"{source}: no document has a 'reason', which reasons_weight > 0 trains on; label "
+                                  f"it with: python -m kdlab label --mode listwise --reasons --teacher <LLM> "
+                                  f"--input ... --output <labels.jsonl>")
         alpha, beta = init_args.get("alpha", 1.0), init_args.get("beta", 1.0)
         if init_args.get("teacher_source", "data") != "data" or (alpha == 0.0 and beta == 0.0):
             return
@@ -451,8 +490,31 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
         """``L(s) (+ λ · L(s_tcl))`` for the batch (see the module docstring)."""
         return self._losses(batch)[0]
 
+    def _reason_rows(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """RRA-GPT rows (ranking tokens, then the reason): scores ``[G, N]`` at each row's ranking
+        EOS, the LM head's logits before each reason token ``[R, V]`` and those tokens ``[R]``."""
+        hidden = self.ranker.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        head = self.ranker.head.dense
+        scores = head(hidden[rows, batch["score_positions"]].to(head.weight.dtype)).squeeze(-1)
+        targets = batch["reason_labels"][:, 1:]
+        take = targets != IGNORE_INDEX
+        if not self.hparams.reasons_weight:  # the ablation: the same rows, no LM-head cost
+            take = torch.zeros_like(take)
+        return group_scores(scores, batch), self.reason_head(hidden[:, :-1][take]), targets[take]
+
     def _losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
-        teacher = self._teacher_scores(batch)
+        distills = self.hparams.alpha != 0.0 or self.hparams.beta != 0.0
+        # A student of labels alone (alpha = beta = 0, e.g. on RRADistill's LLM labels) needs no teacher scores.
+        teacher = self._teacher_scores(batch) if distills else torch.zeros_like(batch["labels"])
+        if "reason_labels" in batch:
+            if self.reason_head is None:
+                raise RuntimeError("the batch carries reasons (data.init_args.reasons=true) but the student has no "
+                                   "LM head for them: set model.init_args.reasons_weight")
+            scores, logits, targets = self._reason_rows(batch)
+            main = self._score_loss(scores, teacher, batch)
+            loss, reason = rank_and_reasons_loss(main, logits, targets, float(self.hparams.reasons_weight))
+            return loss, main, reason
         scores, s_tcl = self._train_scores(batch)
         main = self._score_loss(scores, teacher, batch)
         if s_tcl is None:
@@ -466,7 +528,8 @@ class RankDistillStudent(RankingEvalMixin, L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         if aux is not None:
             self.log("train/loss_main", main, batch_size=bs, sync_dist=True)
-            self.log("train/loss_tcl", aux, batch_size=bs, sync_dist=True)
+            aux_name = "train/loss_reason" if "reason_labels" in batch else "train/loss_tcl"
+            self.log(aux_name, aux, batch_size=bs, sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:

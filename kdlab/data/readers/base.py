@@ -40,7 +40,8 @@ class DataFormatError(ValueError):
 @dataclass(frozen=True, slots=True)
 class RankingDoc:
     """One candidate document of a ranking group. ``label``/``teacher_score`` are None when absent;
-    ``first_stage_score`` is the pre-ranker's score (a run file's score, BM25, ...) when known."""
+    ``first_stage_score`` is the pre-ranker's score (a run file's score, BM25, ...) when known;
+    ``reason`` is an LLM's one-sentence reason for its judgement (RRADistill), when labelled with one."""
 
     id: str
     title: str
@@ -48,6 +49,7 @@ class RankingDoc:
     label: float | None = None
     teacher_score: float | None = None
     first_stage_score: float | None = None
+    reason: str | None = None
 
     @property
     def text(self) -> str:
@@ -64,6 +66,7 @@ class CollectionDoc:
     """
 
     __slots__ = ("id", "label", "teacher_score", "first_stage_score", "_store")
+    reason = None  # documents assembled from a collection carry no LLM reason
 
     def __init__(self, id: str, store: Mapping[str, tuple[str, str]], label: float | None = None,
                  teacher_score: float | None = None, first_stage_score: float | None = None) -> None:
@@ -112,7 +115,7 @@ def with_scores(doc: Doc, *, teacher_score: float | None = None, first_stage_sco
     base = doc.materialize() if isinstance(doc, CollectionDoc) else doc
     return RankingDoc(base.id, base.title, base.body, base.label,
                       base.teacher_score if teacher_score is None else teacher_score,
-                      base.first_stage_score if first_stage_score is None else first_stage_score)
+                      base.first_stage_score if first_stage_score is None else first_stage_score, base.reason)
 
 
 @dataclass(frozen=True, slots=True)

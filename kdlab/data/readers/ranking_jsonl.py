@@ -26,7 +26,7 @@ from kdlab.runs import write_jsonl_atomic
 def read_ranking_jsonl(path: PathLike) -> list[RankingGroup]:
     """Read ranking groups: one JSON object per line,
     ``{"query_id"?: str, "query": str, "docs": [{"id", "text" | "title"+"summary", "label"?,
-    "teacher_score"?, "first_stage_score"?}, ...]}``. Other keys are ignored. Labels may be
+    "teacher_score"?, "first_stage_score"?, "reason"?}, ...]}``. Other keys are ignored. Labels may be
     fractional (click rates, averaged judgements); they are kept as they are.
 
     ``query_id`` defaults to the line number. Document ids must be unique within a group and query
@@ -72,6 +72,7 @@ def read_ranking_jsonl(path: PathLike) -> list[RankingGroup]:
                 label=_optional_number(path, line, d, "label", f"{prefix}.label"),
                 teacher_score=_optional_number(path, line, d, "teacher_score", f"{prefix}.teacher_score"),
                 first_stage_score=_optional_number(path, line, d, "first_stage_score", f"{prefix}.first_stage_score"),
+                reason=None if d.get("reason") is None else _require_str(path, line, d, "reason", f"{prefix}.reason"),
             ))
         groups.append(RankingGroup(query_id, query, tuple(docs)))
     return groups
@@ -88,6 +89,8 @@ def ranking_group_to_json(group: RankingGroup) -> dict[str, Any]:
             row["teacher_score"] = d.teacher_score
         if d.first_stage_score is not None:
             row["first_stage_score"] = d.first_stage_score
+        if d.reason is not None:
+            row["reason"] = d.reason
         docs.append(row)
     return {"query_id": group.query_id, "query": group.query, "docs": docs}
 
