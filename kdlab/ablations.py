@@ -17,6 +17,7 @@ An ablation file::
     seeds: [0, 1, 2]
     metrics: [val/ndcg@10, val/pnr]
     goals: {val/loss: minimize}        # default: maximize
+    collapse: {reference: student}     # generation: flag runs whose outputs collapsed (below)
 
 ``{setup.NAME}`` anywhere in an argument, or inside a config file passed with ``--config``, is
 replaced by that setup run's directory (e.g. ``{setup.teacher}/model``); ``{seed}`` in a variant's
@@ -24,6 +25,11 @@ or the base's argument by the run's seed (e.g. ``--data.init_args.seed={seed}``:
 follows the seed too, which matters where nothing else is random, such as greedy rollouts). Run directories are
 ``ROOT/NAME/<variant>/seed<k>``: a rerun skips finished runs, and the tables depend only on the
 metrics, so the same ablation on the same machine gives byte-identical tables.
+
+``collapse`` (generation ablations): a run whose mean generated length (``length``, default
+``val/gen_length``) is below ``min_length_ratio`` (default 0.5) × the ``reference`` setup run's, or
+whose teacher log-likelihood per token (``loglik``, default ``val/teacher_logprob``) is below the
+reference's, has collapsed: its row says so (``COLLAPSED k/n seeds``) and it is never the bold best.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ class AblationSpec:
     references: list[str] = field(default_factory=list)
     ratios: list[str] = field(default_factory=list)
     report: str = "ablation.md"
+    collapse: dict[str, Any] = field(default_factory=dict)
 
 
 def load_ablation(path: str | Path) -> AblationSpec:
@@ -107,6 +114,13 @@ def load_ablation(path: str | Path) -> AblationSpec:
     ratios = [str(m) for m in raw.get("ratios") or []]
     if set(ratios) - set(metrics):
         raise AblationError(f"{path}: field 'ratios': {sorted(set(ratios) - set(metrics))} are not in 'metrics'")
+    collapse = dict(raw.get("collapse") or {})
+    if collapse:
+        unknown_keys = set(collapse) - {"reference", "length", "loglik", "min_length_ratio"}
+        if unknown_keys or collapse.get("reference") not in setup:
+            raise AblationError(f"{path}: field 'collapse': expected {{reference: <a setup run>, length?, loglik?, "
+                                f"min_length_ratio?}} with reference one of {list(setup)}, got {collapse!r}")
+        collapse = {"length": "val/gen_length", "loglik": "val/teacher_logprob", "min_length_ratio": 0.5, **collapse}
     report = str(raw.get("report", "ablation.md"))
     if not report.endswith(".md") or "/" in report:
         raise AblationError(f"{path}: field 'report': expected a file name ending in .md, got {report!r}")
@@ -123,6 +137,7 @@ def load_ablation(path: str | Path) -> AblationSpec:
         references=references,
         ratios=ratios,
         report=report,
+        collapse=collapse,
     )
 
 
@@ -179,10 +194,29 @@ def run_ablation(config_path: str, root: str = "runs/ablations", jobs: int = 1) 
     references = {f"{name} (setup)": {m: [setup_metrics[name].get(m, math.nan)] for m in spec.metrics}
                   for name in spec.references}
     report = out_dir / spec.report
-    write_json_atomic(report.with_suffix(".json"), {"seeds": spec.seeds, "metrics": table, "references": references})
+    collapsed = collapsed_runs(spec, results, setup_metrics)
+    write_json_atomic(report.with_suffix(".json"), {"seeds": spec.seeds, "metrics": table, "references": references,
+                                                    "collapsed": collapsed})
     plot_ablation(spec, table, report.with_suffix(".png"), references)
-    write_text_atomic(report, ablation_markdown(spec, table, references))
+    write_text_atomic(report, ablation_markdown(spec, table, references, collapsed))
     return report
+
+
+def collapsed_runs(spec: AblationSpec, results: dict[tuple[str, int], dict[str, float]],
+                   setup_metrics: dict[str, dict[str, float]]) -> dict[str, list[bool]]:
+    """Per variant, per seed: whether the run's outputs collapsed against the ``collapse`` reference
+    (module docstring); empty without a ``collapse`` field."""
+    rule = spec.collapse
+    if not rule:
+        return {}
+    start = setup_metrics.get(rule["reference"], {})
+    start_length, start_loglik = start.get(rule["length"], math.nan), start.get(rule["loglik"], math.nan)
+
+    def collapsed(metrics: dict[str, float]) -> bool:
+        length, loglik = metrics.get(rule["length"], math.nan), metrics.get(rule["loglik"], math.nan)
+        return bool(length < float(rule["min_length_ratio"]) * start_length or loglik < start_loglik)
+
+    return {variant: [collapsed(results[(variant, seed)]) for seed in spec.seeds] for variant in spec.variants}
 
 
 def summarize(values: list[float]) -> tuple[float, float]:
@@ -210,10 +244,14 @@ def paired_p_value(values: list[float], reference: list[float]) -> float:
 
 
 def ablation_markdown(spec: AblationSpec, table: dict[str, dict[str, list[float]]],
-                      references: dict[str, dict[str, list[float]]] | None = None) -> str:
+                      references: dict[str, dict[str, list[float]]] | None = None,
+                      collapsed: dict[str, list[bool]] | None = None) -> str:
     """The report: one row per variant (mean ± std, paired p against the first variant, ratios),
-    then the reference rows (setup runs, one value each, no test), then every per-seed value."""
+    then the reference rows (setup runs, one value each, no test), then every per-seed value. A
+    variant with a collapsed run (``collapsed``) is marked and left out of the bold best."""
     variants = list(spec.variants)
+    collapsed = collapsed or {}
+    ranked = [v for v in variants if not any(collapsed.get(v, []))]
     reference = variants[0]
     references = references or {}
     ratio_note = (f" × {reference} = variant mean / `{reference}` mean." if spec.ratios else "")
@@ -226,7 +264,7 @@ def ablation_markdown(spec: AblationSpec, table: dict[str, dict[str, list[float]
              "|---" * (1 + 2 * len(spec.metrics) + len(spec.ratios)) + "|"]
     best: dict[str, float] = {}
     for metric in spec.metrics:
-        means = [summarize(table[v][metric])[0] for v in variants]
+        means = [summarize(table[v][metric])[0] for v in ranked]
         finite = [m for m in means if not math.isnan(m)]
         if finite:
             best[metric] = (min if spec.goals.get(metric) == "minimize" else max)(finite)
@@ -235,18 +273,24 @@ def ablation_markdown(spec: AblationSpec, table: dict[str, dict[str, list[float]
         for metric in spec.metrics:
             mean, std = summarize(table[variant][metric])
             text = "n/a" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
-            cells.append(f"**{text}**" if metric in best and mean == best[metric] else text)
+            cells.append(f"**{text}**" if metric in best and mean == best[metric] and variant in ranked else text)
             p = math.nan if variant == reference else paired_p_value(table[variant][metric], table[reference][metric])
             pvalues.append("–" if math.isnan(p) else f"{p:.3g}")
         ratios = []
         for metric in spec.ratios:
             num, den = summarize(table[variant][metric])[0], summarize(table[reference][metric])[0]
             ratios.append("n/a" if math.isnan(num) or math.isnan(den) or den == 0 else f"{num / den:.3f}")
-        lines.append(f"| {variant} | " + " | ".join(cells) + " | " + " | ".join(pvalues)
+        flag = sum(collapsed.get(variant, []))
+        label = f"{variant} (COLLAPSED {flag}/{len(spec.seeds)} seeds)" if flag else variant
+        lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(pvalues)
                      + "".join(f" | {r}" for r in ratios) + " |")
     for name, row in references.items():
         cells = ["n/a" if math.isnan(row[m][0]) else f"{row[m][0]:.4f}" for m in spec.metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |" + " – |" * (len(spec.metrics) + len(spec.ratios)))
+    if spec.collapse:
+        rule = spec.collapse
+        lines += ["", f"Collapsed: a run with {rule['length']} below {rule['min_length_ratio']} × `{rule['reference']}`'s, "
+                      f"or {rule['loglik']} below `{rule['reference']}`'s; such rows are not ranked (never bold)."]
     lines += ["", "Per-seed values:", ""]
     for variant in variants:
         for metric in spec.metrics:

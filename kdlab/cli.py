@@ -105,7 +105,7 @@ def run_tool(command: str, argv: Sequence[str]) -> list[Path]:
     """Run a model-free command; returns the files it produced."""
     spec = TOOL_COMMANDS[command]
     parser = tool_parser(command)
-    cfg = parser.parse_args(list(argv))
+    cfg = parser.parse_args(_bare_flags_true(spec, list(argv)))
     if spec.options is not None:
         init = parser.instantiate_classes(cfg)
         fields = {f.name for f in dataclasses.fields(spec.options)}
@@ -113,6 +113,15 @@ def run_tool(command: str, argv: Sequence[str]) -> list[Path]:
     init = parser.instantiate_classes(cfg)  # dataclass options (e.g. a RankingSource) become objects
     names = inspect.signature(spec.run).parameters
     return spec.run(**{name: init[name] for name in names if name in init})
+
+
+def _bare_flags_true(spec: ToolCommand, argv: list[str]) -> list[str]:
+    """``--reasons`` alone (no value) means ``--reasons=true`` for a command's boolean options."""
+    if spec.options is not None:
+        return argv
+    flags = {f"--{name}" for name, hint in typing.get_type_hints(spec.run).items() if hint is bool}
+    return [f"{arg}=true" if arg in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else arg
+            for i, arg in enumerate(argv)]
 
 
 def _top_help() -> str:

@@ -220,3 +220,12 @@ def test_rra_gpt_exports_the_ranking_layer_alone(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(served(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).flatten(),
                                    student(batch["input_ids"], batch["attention_mask"]).flatten(), atol=1e-5, rtol=1e-5)
+
+
+def test_reasons_is_a_bare_flag_on_the_command_line(tmp_path: Path) -> None:
+    """``kdlab label --reasons`` (no value) parses as ``--reasons=true``."""
+    from kdlab.cli import run_tool
+
+    with pytest.raises(ConfigError, match="add --mode listwise"):
+        run_tool("label", ["--teacher", "unused", "--input", str(tmp_path / "x.jsonl"), "--output",
+                           str(tmp_path / "y.jsonl"), "--reasons"])

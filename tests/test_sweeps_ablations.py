@@ -148,3 +148,31 @@ def test_ablation_substitutes_the_seed_into_arguments(tmp_path: Path, monkeypatc
     ablations.run_ablation(str(spec), root=str(tmp_path / "out"))
     assert launched == [["--data.init_args.seed=3", "--x=33", "--seed_everything=3"],
                         ["--data.init_args.seed=7", "--x=77", "--seed_everything=7"]]
+
+
+def test_a_collapsed_generation_run_is_flagged_and_never_ranked(tmp_path: Path) -> None:
+    """``collapse: {reference: start}``: a run shorter than half the start's outputs, or below the
+    start's teacher log-likelihood per token, is marked and not bold, however high its ROUGE."""
+    from kdlab.ablations import ablation_markdown, collapsed_runs
+
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "c", "base": ["--x"], "setup": {"start": ["--y"]}, "references": ["start"], "seeds": [0, 1],
+        "variants": {"ok": [], "short": [], "off-teacher": []}, "collapse": {"reference": "start"},
+        "metrics": ["val/rougeL", "val/gen_length", "val/teacher_logprob"]}))
+    spec = load_ablation(path)
+    start = {"start": {"val/rougeL": 0.12, "val/gen_length": 20.0, "val/teacher_logprob": -2.0}}
+    runs = {("ok", 0): (0.13, 19.0, -1.9), ("ok", 1): (0.125, 21.0, -2.0),
+            ("short", 0): (0.30, 9.9, -1.0), ("short", 1): (0.31, 12.0, -1.0),  # seed 0: 9.9 < 0.5 × 20
+            ("off-teacher", 0): (0.2, 20.0, -2.01), ("off-teacher", 1): (0.2, 20.0, -2.5)}
+    results = {cell: dict(zip(spec.metrics, values)) for cell, values in runs.items()}
+    collapsed = collapsed_runs(spec, results, start)
+    assert collapsed == {"ok": [False, False], "short": [True, False], "off-teacher": [True, True]}
+    table = {v: {m: [results[(v, s)][m] for s in spec.seeds] for m in spec.metrics} for v in spec.variants}
+    text = ablation_markdown(spec, table, {}, collapsed)
+    assert "| short (COLLAPSED 1/2 seeds) | 0.3050 ± 0.0071 |" in text
+    assert "| off-teacher (COLLAPSED 2/2 seeds) |" in text
+    assert "| ok | **0.1275 ± 0.0035** |" in text  # the best ROUGE among the runs that did not collapse
+    with pytest.raises(AblationError, match="collapse"):
+        path.write_text(path.read_text().replace("reference: start", "reference: nowhere"))
+        load_ablation(path)
