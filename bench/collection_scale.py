@@ -83,30 +83,50 @@ def _passage_bodies(rng, words_flat, starts, lengths, cdf, n: int) -> tuple[byte
     return buf.tobytes(), passage_end
 
 
+class ZipfText:
+    """The synthetic text of every scale benchmark: ``VOCAB_SIZE`` words, a Zipf-like draw, from one
+    seeded generator (``rng``, also used for whatever the caller draws next)."""
+
+    def __init__(self, rng) -> None:
+        import numpy as np
+
+        self.rng = rng
+        words, p = _vocabulary(rng)
+        self.words_flat = np.frombuffer(b" ".join(words) + b" ", dtype=np.uint8)
+        self.lengths = np.array([len(w) for w in words], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths + 1)[:-1]])
+        self.cdf = np.cumsum(p)
+        self.cdf[-1] = 1.0
+
+    def bodies(self, n: int, rng=None) -> tuple[bytes, "object"]:
+        """:func:`_passage_bodies` of ``n`` passages (from ``rng``, default the generator's own)."""
+        return _passage_bodies(rng or self.rng, self.words_flat, self.starts, self.lengths, self.cdf, n)
+
+    def write_collection(self, path: Path, passages: int) -> None:
+        """``pid \t text`` lines, pids 0..passages-1, written ``WRITE_CHUNK`` passages at a time."""
+        import numpy as np
+
+        with open(path, "wb") as f:
+            for first in range(0, passages, WRITE_CHUNK):
+                n = min(WRITE_CHUNK, passages - first)
+                body, ends = self.bodies(n)
+                begins = np.concatenate([[0], ends[:-1]]).tolist()
+                ends = (ends - 1).tolist()  # drop each passage's trailing space
+                f.write(b"".join(b"%d\t%s\n" % (first + i, body[b:e]) for i, (b, e) in enumerate(zip(begins, ends))))
+
+
 def write_dataset(workdir: Path, passages: int, queries: int, top_k: int, seed: int) -> dict[str, object]:
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    words, p = _vocabulary(rng)
-    words_flat = np.frombuffer(b" ".join(words) + b" ", dtype=np.uint8)
-    lengths = np.array([len(w) for w in words], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
-    cdf = np.cumsum(p)
-    cdf[-1] = 1.0
-
+    text = ZipfText(rng)
     t0 = time.perf_counter()
     collection = workdir / "collection.tsv"
-    with open(collection, "wb") as f:
-        for first in range(0, passages, WRITE_CHUNK):
-            n = min(WRITE_CHUNK, passages - first)
-            body, ends = _passage_bodies(rng, words_flat, starts, lengths, cdf, n)
-            begins = np.concatenate([[0], ends[:-1]]).tolist()
-            ends = (ends - 1).tolist()  # drop each passage's trailing space
-            f.write(b"".join(b"%d\t%s\n" % (first + i, body[b:e]) for i, (b, e) in enumerate(zip(begins, ends))))
+    text.write_collection(collection, passages)
     write_s = time.perf_counter() - t0
 
     qids = rng.choice(np.arange(1_000_000, 1_000_000 + 100 * queries), size=queries, replace=False)
-    q_body, q_ends = _passage_bodies(np.random.default_rng(seed + 1), words_flat, starts, lengths, cdf, queries)
+    q_body, q_ends = text.bodies(queries, np.random.default_rng(seed + 1))
     q_begins = np.concatenate([[0], q_ends[:-1]]).tolist()
     with open(workdir / "queries.tsv", "wb") as f:
         f.write(b"".join(b"%d\t%s\n" % (q, q_body[b:e - 1][:60].strip())

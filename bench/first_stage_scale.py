@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, machine, run_child  # noqa: E402
-from collection_scale import WRITE_CHUNK, _hwm_kib, _passage_bodies, _rss_mib, _vocabulary  # noqa: E402
+from collection_scale import ZipfText, _hwm_kib, _rss_mib  # noqa: E402
 
 MSMARCO_PASSAGES = 8_841_823
 PEER = {"msmarco_qps": 12.2, "msmarco_ram_gb": 10.21, "nq_ram_gb": 4.36, "nq_passages": 2_681_468}
@@ -43,23 +43,10 @@ PEER = {"msmarco_qps": 12.2, "msmarco_ram_gb": 10.21, "nq_ram_gb": 4.36, "nq_pas
 def write(workdir: Path, passages: int, queries: int, seed: int) -> dict[str, float]:
     import numpy as np
 
-    rng = np.random.default_rng(seed)
-    words, p = _vocabulary(rng)
-    words_flat = np.frombuffer(b" ".join(words) + b" ", dtype=np.uint8)
-    lengths = np.array([len(w) for w in words], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
-    cdf = np.cumsum(p)
-    cdf[-1] = 1.0
+    text = ZipfText(np.random.default_rng(seed))
     t0 = time.perf_counter()
-    with open(workdir / "collection.tsv", "wb") as f:
-        for first in range(0, passages, WRITE_CHUNK):
-            n = min(WRITE_CHUNK, passages - first)
-            body, ends = _passage_bodies(rng, words_flat, starts, lengths, cdf, n)
-            begins = np.concatenate([[0], ends[:-1]]).tolist()
-            f.write(b"".join(b"%d\t%s\n" % (first + i, body[b:e - 1])
-                             for i, (b, e) in enumerate(zip(begins, ends.tolist()))))
-    q_rng = np.random.default_rng(seed + 1)  # the same queries at every size
-    body, ends = _passage_bodies(q_rng, words_flat, starts, lengths, cdf, queries)
+    text.write_collection(workdir / "collection.tsv", passages)
+    body, ends = text.bodies(queries, np.random.default_rng(seed + 1))  # the same queries at every size
     begins = np.concatenate([[0], ends[:-1]]).tolist()
     with open(workdir / "queries.tsv", "wb") as f:
         f.write(b"".join(b"%d\t%s\n" % (i, b" ".join(body[b:e - 1].split()[:8]))

@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, machine, run_child  # noqa: E402
-from collection_scale import WRITE_CHUNK, _hwm_kib, _passage_bodies, _vocabulary  # noqa: E402
+from collection_scale import ZipfText, _hwm_kib  # noqa: E402
 
 RUN_SECONDS_GOAL = 60.0
 RUN_RSS_GOAL_MIB = 1024.0
@@ -48,26 +48,15 @@ def write_dataset(workdir: Path, passages: int, queries: int, depth: int, seed: 
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    words, p = _vocabulary(rng)
-    words_flat = np.frombuffer(b" ".join(words) + b" ", dtype=np.uint8)
-    lengths = np.array([len(w) for w in words], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
-    cdf = np.cumsum(p)
-    cdf[-1] = 1.0
+    text = ZipfText(rng)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    with open(workdir / "collection.tsv", "wb") as f:
-        for first in range(0, passages, WRITE_CHUNK):
-            n = min(WRITE_CHUNK, passages - first)
-            body, ends = _passage_bodies(rng, words_flat, starts, lengths, cdf, n)
-            begins = np.concatenate([[0], ends[:-1]]).tolist()
-            f.write(b"".join(b"%d\t%s\n" % (first + i, body[b:e - 1])
-                             for i, (b, e) in enumerate(zip(begins, ends.tolist()))))
+    text.write_collection(workdir / "collection.tsv", passages)
     seconds["collection"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     qids = (1_000_000 + rng.permutation(100 * queries)[:queries]).tolist()
-    q_body, q_ends = _passage_bodies(rng, words_flat, starts, lengths, cdf, queries)
+    q_body, q_ends = text.bodies(queries)
     q_begins = np.concatenate([[0], q_ends[:-1]]).tolist()
     with open(workdir / "queries.tsv", "wb") as f:
         f.write(b"".join(b"%d\t%s\n" % (q, q_body[b:e - 1][:60].strip() or b"query")

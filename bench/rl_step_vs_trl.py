@@ -23,6 +23,8 @@ Usage::
     python bench/rl_step_vs_trl.py [--steps 5] [--batch-size 8] [--max-new-tokens 32] \
         [--student-config '{"hidden_size": 64}'] [--teacher-config '{"hidden_size": 128}'] [--threads 2] \
         [--device cuda] [--kdlab-sampler hf-generate]
+    # real weights: the SmolLM2-135M teacher and its first 10 layers as the student (the real KETCHUP table's pair)
+    python bench/rl_step_vs_trl.py --teacher smollm2-135m --student smollm2-135m --student-config '{"num_hidden_layers": 10}'
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def prompts(tok: Any, n: int, max_src: int) -> list[list[int]]:
         raise SystemExit(f"the embedded sample has {len(lines)} prompts; (steps + 1) × batch size = {n} are needed: "
                          "lower --steps or --batch-size")
     rows = [json.loads(line) for line in lines[:n]]
-    return [[tok.bos_token_id] + tok("summarize: " + r["source"], add_special_tokens=False)["input_ids"][:max_src] + tok(
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    return [bos + tok("summarize: " + r["source"], add_special_tokens=False)["input_ids"][:max_src] + tok(
         "\nsummary:", add_special_tokens=False)["input_ids"] for r in rows]
 
 
@@ -78,8 +81,8 @@ def _sync(device: str) -> None:
 
 
 def bench_kdlab(student_dir: str, teacher: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                max_new_tokens: int, k: int, device: str, sampler: str) -> dict[str, float]:
-    stage = RLDistillKStep(backbone=student_dir, tokenizer="tiny-llama", k=k, max_new_tokens=max_new_tokens,
+                max_new_tokens: int, k: int, device: str, sampler: str, tokenizer: str) -> dict[str, float]:
+    stage = RLDistillKStep(backbone=student_dir, tokenizer=tokenizer, k=k, max_new_tokens=max_new_tokens,
                            num_samples_per_prompt=1, baseline="batch-mean", sampler=sampler).to(device)
     stage.attach_teacher(teacher)
     stage.train()
@@ -199,15 +202,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     parser.add_argument("--kdlab-sampler", default="kdlab", choices=["kdlab", "hf-generate"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (TRL then runs through accelerate on the GPU)")
+    parser.add_argument("--teacher", default="tiny-llama", help="the teacher: a tiny name, an alias (smollm2-135m) or a path")
+    parser.add_argument("--student", default="tiny-llama",
+                        help="the student's backbone (its --student-config, e.g. {\"num_hidden_layers\": 10}, cuts real weights)")
     ns = parser.parse_args(argv)
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    tok = load_tokenizer("tiny-llama")
+    tok = load_tokenizer(ns.student)
+    if load_tokenizer(ns.teacher).get_vocab() != tok.get_vocab():
+        raise SystemExit(f"--teacher {ns.teacher} and --student {ns.student} must share a tokenizer")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
     torch.manual_seed(0)
-    student = load_backbone("tiny-llama", "causal-lm", config=ns.student_config)
-    teacher = load_teacher("tiny-llama", "causal-lm", config=ns.teacher_config, device=ns.device)
+    student = load_backbone(ns.student, "causal-lm", config=ns.student_config)
+    teacher = load_teacher(ns.teacher, "causal-lm", config=ns.teacher_config, device=ns.device)
     student_dir = tempfile.mkdtemp(prefix="bench-student-")
-    save_served_model(student, "tiny-llama", student_dir, stage="bench")
+    save_served_model(student, ns.student, student_dir, stage="bench")
     n = (ns.steps + 1) * ns.batch_size
     ps = prompts(tok, n, ns.max_source_tokens)
     batches = [left_pad(ps[i:i + ns.batch_size], tok.pad_token_id) for i in range(0, n, ns.batch_size)]
@@ -218,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {_common.machine()}")
     print(_common.peak_line(peak_start, torch.get_num_threads(), ns.device))
     torch.manual_seed(1)
-    ours = bench_kdlab(student_dir, teacher, batches, ns.max_new_tokens, ns.k, ns.device, ns.kdlab_sampler)
+    ours = bench_kdlab(student_dir, teacher, batches, ns.max_new_tokens, ns.k, ns.device, ns.kdlab_sampler, ns.student)
     torch.manual_seed(1)
     theirs = bench_trl(student_dir, teacher, tok, batches, ns.max_new_tokens, ns.device)
     for name, r in ((f"kdlab RLDistillKStep ({ns.kdlab_sampler})", ours), ("TRL GKDTrainer (lmbda=1, beta=0)", theirs)):

@@ -52,8 +52,27 @@ def test_every_yaml_is_known_kind() -> None:
     kinds = {str(p.relative_to(REPO)): _kind(_load(p)) for p in _all_yamls()}
     assert kinds, "no experiment YAMLs found"
     fragments = [p for p, k in kinds.items() if k == "fragment"]
-    # fragments are only shared bases and logger add-ons, each used with a full config below
-    assert all(p.endswith("base.yaml") or "/loggers/" in p for p in fragments), fragments
+    # fragments are only shared bases, logger add-ons and data domains, each used with a full config below
+    assert all(p.endswith("base.yaml") or "/loggers/" in p or "/domains/" in p for p in fragments), fragments
+
+
+def test_every_domain_composes_with_the_main_job_and_changes_only_data() -> None:
+    """experiments/domains/*.yaml go after the main job's config (``--config main --config domain``):
+    the result is the main job with other data, and nothing but data, the name and the pre-ranker's
+    name may change."""
+    from kdlab.cli import tool_parser
+
+    main = EXPERIMENTS / "quickstart" / "disranker.yaml"
+    base = tool_parser("pipeline").parse_args(["--config", str(main)]).as_dict()
+    domains = sorted((EXPERIMENTS / "domains").glob("*.yaml"))
+    assert domains
+    for domain in domains:
+        assert set(_load(domain)) <= {"name", "data", "report"}, domain
+        both = tool_parser("pipeline").parse_args(["--config", str(main), "--config", str(domain)]).as_dict()
+        changed = {f"{section}.{key}" for section in both if isinstance(both[section], dict)
+                   for key in both[section] if both[section][key] != base[section].get(key)}
+        assert changed <= {f"data.{k}" for k in both["data"]} | {"report.pre_ranker_name"}, (domain, changed)
+        assert both["recipe"] == base["recipe"] and both["budget"] == base["budget"], domain
 
 
 @pytest.fixture(scope="module")

@@ -17,24 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import subprocess_env
+from test_multirank import TOY  # the toy regression, world-size-invariant batches
 
 TESTS = Path(__file__).resolve().parent
 TWO_NODES = [sys.executable, str(TESTS / "_two_nodes.py")]
 NODE_ARGS = ["--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
-
-TOY = """
-model:
-  class_path: toy_stage.ToyRegression
-  init_args: {hidden: 8, lr: 0.05}
-data:
-  class_path: _ddp_fit_script.OrderedToyData
-  init_args: {n: 64, batch_size: 8}
-trainer:
-  max_epochs: 2
-  logger: false
-  enable_progress_bar: false
-  enable_model_summary: false
-"""
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -57,15 +57,19 @@ def test_tiny_pipeline_writes_complete_report_and_resumes(tmp_path: Path, monkey
     rows = json.loads((p / "report.json").read_text())["rows"]
     by_model = {row["model"]: row for row in rows}
     pre_ranker = "first-stage run (run.test.trec)"
-    assert list(by_model) == ["random ordering (mean of 20)", pre_ranker, "teacher, no CPT",
-                              "teacher, CPT", "student, hybrid+TCL"]
+    assert list(by_model)[:5] == ["random ordering (mean of 20)", pre_ranker, "teacher, no CPT",
+                                  "teacher, CPT", "student, hybrid+TCL"]
+    # never worse than the start: interpolated rows where validation chose α < 1, and the zero-shot row
+    extra = list(by_model)[5:]
+    assert extra[-1] == "untouched student backbone (tiny-bert), zero-shot bi-encoder"
+    assert all("⊕ pre-ranker (α=" in name for name in extra[:-1])
 
     # The report's numbers are an evaluation of exactly these models on exactly this test split.
     models = {"random ordering (mean of 20)": RANDOM, pre_ranker: PRE_RANKER,
               "teacher, no CPT": p / "rank_sft_no_cpt" / "model", "teacher, CPT": p / "rank_sft_cpt" / "model",
               "student, hybrid+TCL": p / "student_hybrid_TCL" / "model"}  # kdlab.runs.slug("hybrid+TCL")
     again = {row["model"]: row for row in evaluate_models(models, str(p / "data" / "ranking_test.jsonl"))}
-    for name, row in by_model.items():
+    for name, row in ((name, by_model[name]) for name in models):
         for key in (*METRICS, "parameters", "queries"):
             assert row[key] == pytest.approx(again[name][key], abs=1e-6), (name, key)
     student, teacher = by_model["student, hybrid+TCL"], by_model["teacher, CPT"]
@@ -95,7 +99,7 @@ def test_tiny_pipeline_writes_complete_report_and_resumes(tmp_path: Path, monkey
     times = json.loads((p / "step_times.json").read_text())
     fit_steps = {d.name for d in p.iterdir() if (d / "manifest.json").exists()}  # each with its start-up
     assert "cpt" in fit_steps and "student_hybrid_TCL" in fit_steps
-    assert set(times) == {"labels_train", "labels_val", "evaluation", *fit_steps}
+    assert set(times) == {"labels_train", "labels_val", "evaluation", "teacher_on_validation", "fallbacks", *fit_steps}
     assert all(t > 0 for t in times.values())
     steal = json.loads((p / "step_steal.json").read_text())  # the hypervisor's share, per step
     assert set(steal) == set(times) and all(share is None or 0 <= share <= 1 for share in steal.values())
@@ -116,6 +120,18 @@ def test_tiny_pipeline_writes_complete_report_and_resumes(tmp_path: Path, monkey
 
     labels = [json.loads(line) for line in (p / "labels" / "train.jsonl").read_text().splitlines()]
     assert len(labels) == 16 and all("teacher_score" in d for g in labels for d in g["docs"])
+    check = json.loads((p / "fallbacks.json").read_text())  # the teacher against the pre-ranker, on validation
+    assert check["teacher_beats_pre_ranker"] == (check["teacher_val_ndcg"] > check["pre_ranker_val_ndcg"])
+    assert "## Never worse than the start" in text and f"{check['teacher_val_ndcg']:.4f}" in text
+    raw = p / "labels" / "train.teacher.jsonl"
+    assert raw.exists() == (not check["teacher_beats_pre_ranker"])  # the students learn the interpolated teacher
+    if raw.exists():
+        from kdlab.data.readers import read_ranking_jsonl
+        from kdlab.pipeline.fallbacks import interpolate_labels
+
+        expected = interpolate_labels(read_ranking_jsonl(raw), check["label_alpha"])
+        assert [[d.teacher_score for d in g.docs] for g in expected] == [
+            [d["teacher_score"] for d in g["docs"]] for g in labels]
     assert not (p / "labels" / "test.jsonl").exists()  # evaluation scores test itself
     for step in ("cpt", "rank_sft_cpt", "student_hybrid_TCL"):  # `all_after` wins over each step's own YAML
         assert "max_steps: 2\n" in (p / step / "config.yaml").read_text(), step
@@ -205,7 +221,7 @@ def test_max_label_queries_labels_a_prefix_of_the_teachers_training_queries(
     launched: dict[str, list[str]] = {}
     labeled: dict[str, str] = {}
 
-    def fake_run(name: str, pipeline_dir: Path, args: list[str]) -> pipeline.StepResult:
+    def fake_run(name: str, pipeline_dir: Path, args: list[str], launcher: list[str] = ()) -> pipeline.StepResult:
         launched[name] = list(args)
         if name.startswith("student_"):
             raise _Stop
@@ -220,7 +236,7 @@ def test_max_label_queries_labels_a_prefix_of_the_teachers_training_queries(
 
     monkeypatch.setattr(pipeline, "run_step", fake_run)
     monkeypatch.setattr(pipeline, "label_split", fake_label)
-    config = PipelineConfig(pipeline_dir=str(tmp_path / "p"),
+    config = PipelineConfig(pipeline_dir=str(tmp_path / "p"), recipe=RecipeConfig(fallbacks=False),  # no teacher to check
                             budget=BudgetConfig(max_train_queries=6, max_label_queries=4, max_eval_queries=2))
     with pytest.raises(_Stop):
         run_pipeline(config)
@@ -237,7 +253,7 @@ def test_max_label_queries_labels_a_prefix_of_the_teachers_training_queries(
 
     launched.clear(), labeled.clear()
     with pytest.raises(_Stop):  # label_val=False: the students validate on the split itself
-        run_pipeline(PipelineConfig(pipeline_dir=str(tmp_path / "r"),
+        run_pipeline(PipelineConfig(pipeline_dir=str(tmp_path / "r"), recipe=RecipeConfig(fallbacks=False),
                                     budget=BudgetConfig(max_eval_queries=2, max_train_queries=3, label_val=False)))
     student = next(args for name, args in launched.items() if name.startswith("student_"))
     assert f"--data.init_args.val={tmp_path / 'r' / 'data' / 'ranking_val.jsonl'}" in student

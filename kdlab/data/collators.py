@@ -321,9 +321,7 @@ class RankingCollator:
                     ids.append("")
                 reasons.append(self._reason_ids(reason) if reason else [])
             doc_ids.append(ids)
-        if self.reason_max_length:
-            return self._with_reasons(encodings, reasons, labels, doc_mask, teacher, items, n, doc_ids)
-        batch: dict[str, Any] = dict(self.pad(encodings))
+        batch: dict[str, Any] = self._reason_rows(encodings, reasons) if self.reason_max_length else dict(self.pad(encodings))
         batch["labels"] = labels
         batch["doc_mask"] = doc_mask
         if self.with_teacher_scores:
@@ -339,25 +337,16 @@ class RankingCollator:
                              max_length=self.reason_max_length)["input_ids"]
         return [*ids, self.tokenizer.eos_token_id]
 
-    def _with_reasons(self, encodings: list[dict[str, list[int]]], reasons: list[list[int]], labels: torch.Tensor,
-                      doc_mask: torch.Tensor, teacher: torch.Tensor, items: Sequence[dict[str, Any]], n: int,
-                      doc_ids: list[list[str]]) -> dict[str, Any]:
+    def _reason_rows(self, encodings: list[dict[str, list[int]]], reasons: list[list[int]]) -> dict[str, Any]:
+        """Model inputs of RRA-GPT rows: each encoding followed by its reason's ids (class docstring)."""
         rows = [e["input_ids"] + r for e, r in zip(encodings, reasons)]
-        batch: dict[str, Any] = {
+        return {
             "input_ids": pad_sequences(rows, pad_token_id(self.tokenizer)),
             "attention_mask": pad_sequences([[1] * len(row) for row in rows], 0),
             "score_positions": torch.tensor([len(e["input_ids"]) - 1 for e in encodings], dtype=torch.long),
             "reason_labels": pad_sequences([[IGNORE_INDEX] * len(e["input_ids"]) + r for e, r in zip(encodings, reasons)],
                                            IGNORE_INDEX),
-            "labels": labels, "doc_mask": doc_mask,
         }
-        if self.with_teacher_scores:
-            batch["teacher_scores"] = teacher
-        batch["query_index"] = torch.tensor([int(it["query_index"]) for it in items], dtype=torch.long)
-        batch["group_size"] = n
-        batch["doc_ids"] = doc_ids
-        batch["query_ids"] = [str(it["query_id"]) for it in items]
-        return batch
 
 
 __all__ = [

@@ -38,6 +38,10 @@ class RecipeConfig:
             YAML: the step's config wins over it) and ``all_after`` (after everything: wins).
         variants: student variant name → extra CLI arguments for the distill step.
         run_no_cpt_baseline: also train the teacher without CPT (the report's first row).
+        fallbacks: never worse than the start (:mod:`kdlab.pipeline.fallbacks`): the untouched
+            student backbone zero-shot as a bi-encoder, every model interpolated with the first
+            stage (α chosen on validation), and the students taught the interpolated teacher when
+            the teacher does not beat the first stage on validation. Each is in the report.
     """
 
     cpt_config: str = "experiments/quickstart/disranker/cpt.yaml"
@@ -46,6 +50,7 @@ class RecipeConfig:
     step_args: dict[str, list[str]] = field(default_factory=dict)
     variants: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_VARIANTS.items()})
     run_no_cpt_baseline: bool = True
+    fallbacks: bool = True
 
 
 @dataclass
@@ -59,11 +64,16 @@ class DataConfig:
         train: the teacher's rank-SFT queries (and, labeled by it, the students').
         val: the validation split (best checkpoints).
         test: the held-out split of the report.
+        clicks_train / clicks_val: the click logs of the teacher's CPT step (JSONL ``{"query",
+            "title", "summary"}``, :class:`~kdlab.data.ClickLogDataModule`); None: what the CPT
+            config reads (the embedded sample's).
     """
 
     train: RankingSource | str | None = None
     val: RankingSource | str | None = None
     test: RankingSource | str | None = None
+    clicks_train: str | None = None
+    clicks_val: str | None = None
 
 
 @dataclass

@@ -59,7 +59,7 @@ class PreparedData:
 
 def read_ranking_data(config: PipelineConfig) -> PreparedData:
     """Read and validate every split from the user's files (errors name their file and line), cut
-    the splits to ``max_*_queries`` and give every test candidate a first-stage score (BM25 over the
+    the splits to ``max_*_queries`` and give every validation and test candidate a first-stage score (BM25 over the
     candidates when the data has none). Writes nothing."""
     from kdlab.data.readers import RankingGroup, with_scores
     from kdlab.data.sources import as_source, read_source
@@ -82,7 +82,7 @@ def read_ranking_data(config: PipelineConfig) -> PreparedData:
                               "val": "max_eval_queries" if config.budget.max_val_queries is None else "max_val_queries"}[split]
                 cut = f"test_query_offset={offset}, {field_name}={limit}" if offset else f"{field_name}={limit}"
                 raise ConfigError(f"{source.label()}: no queries left after {cut}; expected at least one")
-        if split == "test" and any(d.first_stage_score is None for g in groups for d in g.docs):
+        if split in ("val", "test") and any(d.first_stage_score is None for g in groups for d in g.docs):
             from kdlab.data.first_stage import (
                 BM25Options,
                 bm25_candidate_scores,

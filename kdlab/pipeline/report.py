@@ -109,6 +109,15 @@ def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str
         lines.append(f"| {row['model']} | {row['ndcg@10']:.4f} | {row['mrr@10']:.4f} | {row['pnr']:.3f} | {p_t} | {p_l} "
                      f"| {params} | {ms} |")
     lines += ["", "## Checks", "", *review_checks(rows, config, evidence)]
+    if evidence.get("fallbacks"):
+        lines += ["", "## Never worse than the start", "", *_fallback_lines(evidence["fallbacks"])]
+    chosen = _validation_choices(steps)
+    if chosen:
+        lines += ["", "## What validation chose", "",
+                  "Each training step keeps the weights of its best validation (its stage's main metric on the "
+                  "validation split) and stops when the step config's early stopping says so; `model/` is exported "
+                  "from that checkpoint.", "", "| step | exported weights | validation metric | steps trained |",
+                  "|---|---|---|---|", *chosen]
     if sizes:
         lines += ["", "## Data", "", "| split | queries | (query, doc) pairs |", "|---|---|---|"]
         names = {"train": "train (teacher rank SFT)", LABELED_TRAIN: "train, labeled by the teacher (students)"}
@@ -148,6 +157,51 @@ def write_report(pipeline_dir: Path, config: PipelineConfig, rows: list[dict[str
     _plot(rows, pipeline_dir / "report.png", title=config.name)
     write_text_atomic(report, "\n".join(lines) + "\n")
     return report
+
+
+def _validation_choices(steps: dict[str, StepResult]) -> list[str]:
+    """One table line per training step whose export came from a best checkpoint (its manifest)."""
+    import json
+    import re
+
+    lines = []
+    for name, step in steps.items():
+        manifest = step.run_dir / "manifest.json"
+        if not manifest.is_file():
+            continue
+        record = json.loads(manifest.read_text())
+        weights = record.get("exported_weights") or {}
+        if weights.get("weights") != "best":
+            continue
+        found = re.search(r"best-epoch(\d+)-step(\d+)", str(weights.get("checkpoint", "")))
+        where = f"epoch {int(found.group(1)) + 1}, step {found.group(2)}" if found else str(weights.get("checkpoint"))
+        trained = record.get("global_step")
+        lines.append(f"| {name} | {where} | {weights.get('monitor')} = {float(weights.get('score', float('nan'))):.4f} | "
+                     f"{'–' if trained is None else int(trained)} |")
+    return lines
+
+
+def _fallback_lines(fallbacks: dict[str, Any]) -> list[str]:
+    """What the fallbacks measured and chose (:mod:`kdlab.pipeline.fallbacks`), one line each."""
+    lines = []
+    check = fallbacks.get("teacher_on_validation")
+    if check:
+        head = (f"- On the validation split ({check['queries']} queries) the CPT teacher's NDCG@10 is "
+                f"{check['teacher_val_ndcg']:.4f}, the pre-ranker's {check['pre_ranker_val_ndcg']:.4f}: ")
+        lines.append(head + ("it beats it, so the students learn its own scores." if check["teacher_beats_pre_ranker"]
+                             else "it does NOT beat it, so the students learn its scores interpolated with the "
+                                  f"pre-ranker's, α = {check['label_alpha']:g} chosen on validation (its raw labels: "
+                                  "`labels/train.teacher.jsonl`)."))
+    for name, chosen in fallbacks.get("alpha", {}).items():
+        alone = "" if chosen["alpha"] < 1 else ": the model alone is best there, so no interpolated row"
+        lines.append(f"- {name}: α = {chosen['alpha']:g} on validation (NDCG@10 {chosen['val_ndcg_at_alpha']:.4f}; "
+                     f"the model alone {chosen['val_ndcg_model']:.4f}, the pre-ranker {chosen['val_ndcg_pre_ranker']:.4f})"
+                     f"{alone}.")
+    if fallbacks.get("zero_shot"):
+        lines.append(f"- {fallbacks['zero_shot']}: the students' backbone before any training (cosine of mean-pooled "
+                     "embeddings). Untouched, it has no ranking head, so there is no zero-shot cross-encoder row "
+                     "(a fresh head scores at random).")
+    return lines
 
 
 def review_checks(rows: list[dict[str, Any]], config: PipelineConfig, evidence: dict[str, Any]) -> list[str]:

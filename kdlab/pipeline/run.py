@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from kdlab.machine import cpu_time_counters, inference_dtype, steal_share
 from kdlab.pipeline.config import PipelineConfig
@@ -141,7 +142,10 @@ def _step_commands(config: PipelineConfig, pipeline_dir: Path, splits: dict[str,
     step_args: dict[str, list[str]] = {}
     if config.recipe.run_no_cpt_baseline:
         step_args["rank_sft_no_cpt"] = sft_args
-    step_args["cpt"] = [*common, "--config", config.recipe.cpt_config, *config.recipe.step_args.get("cpt", []), *last]
+    clicks = [f"--data.init_args.{name}_path={path}" for name, path in
+              (("train", config.data.clicks_train), ("val", config.data.clicks_val)) if path]
+    step_args["cpt"] = [*common, "--config", config.recipe.cpt_config, *clicks, *config.recipe.step_args.get("cpt", []),
+                        *last]
     step_args["rank_sft_cpt"] = [*sft_args, f"--model.init_args.backbone={cpt_model}"]
     for variant, extra in config.recipe.variants.items():
         step_args[f"student_{slug(variant)}"] = [*common, "--config", config.recipe.distill_config, *label_args,
@@ -184,9 +188,10 @@ def run_pipeline(config: PipelineConfig) -> Path:
             steps[name] = run_step(name, pipeline_dir, step_args[name], config.hardware.launcher)
     teacher_dir = pipeline_dir / "rank_sft_cpt" / "model"
     precision = label_precision(pipeline_dir, config)
+    teacher_check = _teacher_check(pipeline_dir, config, prepared, teacher_dir, steps)
     for split, output in labels.items():
         with _timed_step(pipeline_dir, f"labels_{split}", steps, output):
-            label_split(teacher_dir, label_sources[split], output, config, precision["dtype"])
+            _label_with_fallback(teacher_dir, label_sources[split], output, config, precision["dtype"], teacher_check)
     for variant in config.recipe.variants:
         step = f"student_{slug(variant)}"
         steps[step] = run_step(step, pipeline_dir, step_args[step], config.hardware.launcher)
@@ -208,12 +213,91 @@ def run_pipeline(config: PipelineConfig) -> Path:
                                gain=config.report.gain,
                                scores_out=scores, device=config.hardware.eval_device, dtype=config.hardware.eval_dtype,
                                interleaved=config.hardware.eval_interleaved)
+    if config.recipe.fallbacks:
+        with _timed_step(pipeline_dir, "fallbacks", steps, pipeline_dir / "report.md", always=True):
+            fallback = _fallback_rows(config, prepared, splits, models, lengths, rows, scores, step_args)
     evidence = review_figures(rows, scores, splits["test"], pipeline_dir, config, prepared.pre_ranker_name)
+    if config.recipe.fallbacks:
+        evidence["fallbacks"] = {**fallback, "teacher_on_validation": teacher_check}
     evidence["label_dtype"] = precision
     total, steal = time.perf_counter() - started, steal_share(counters, cpu_time_counters())
     sizes = data_sizes(prepared.groups if prepared.labeled_train is None
                        else {**prepared.groups, LABELED_TRAIN: prepared.labeled_train})
     return write_report(pipeline_dir, config, rows, steps, total, sizes, evidence, steal)
+
+FALLBACKS = "fallbacks.json"
+
+
+def _teacher_check(pipeline_dir: Path, config: PipelineConfig, prepared: Any, teacher_dir: Path,
+                   steps: dict[str, StepResult]) -> dict[str, Any] | None:
+    """Whether the teacher beats the first stage on validation (once per pipeline directory), or
+    None when fallbacks are off or the data has no first-stage scores."""
+    from kdlab.pipeline.fallbacks import has_first_stage, teacher_on_validation
+
+    val = prepared.groups["val"]
+    if not config.recipe.fallbacks or not has_first_stage(val) or not has_first_stage(prepared.groups["train"]):
+        return None
+    record_path = pipeline_dir / FALLBACKS
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    with _timed_step(pipeline_dir, "teacher_on_validation", steps, record_path):
+        record = teacher_on_validation(str(teacher_dir), val, config.budget.teacher_length, gain=config.report.gain,
+                                       device=config.hardware.eval_device, dtype=config.hardware.eval_dtype)
+    write_json_atomic(record_path, record)
+    return record
+
+
+def _label_with_fallback(teacher_dir: Path, source: str, output: Path, config: PipelineConfig, dtype: str,
+                         check: dict[str, Any] | None) -> None:
+    """The teacher's labels; interpolated with the first stage (α of ``check``) when the teacher did
+    not beat it on validation. The raw labels stay beside them (``<split>.teacher.jsonl``)."""
+    if output.exists():
+        return
+    if check is None or check["teacher_beats_pre_ranker"]:
+        label_split(teacher_dir, source, output, config, dtype)
+        return
+    from kdlab.data.readers import read_ranking_jsonl, write_ranking_jsonl
+    from kdlab.pipeline.fallbacks import interpolate_labels
+
+    raw = output.with_name(output.stem + ".teacher.jsonl")
+    label_split(teacher_dir, source, raw, config, dtype)
+    write_ranking_jsonl(output, interpolate_labels(read_ranking_jsonl(raw), float(check["label_alpha"])))
+
+
+def _fallback_rows(config: PipelineConfig, prepared: Any, splits: dict[str, str], models: dict[str, Any],
+                   lengths: dict[str, int], rows: list[dict[str, Any]], scores: dict[str, list[list[float]]],
+                   step_args: dict[str, list[str]]) -> dict[str, Any]:
+    """The report's never-worse-than-the-start rows (:mod:`kdlab.pipeline.fallbacks`), added to
+    ``rows`` and ``scores``: every trained model interpolated with the first stage (α on the
+    validation split), and the untouched student backbone zero-shot as a bi-encoder."""
+    from kdlab.data.readers import read_ranking_jsonl
+    from kdlab.evaluation import PRE_RANKER, RANDOM, score_models_per_query
+    from kdlab.lightning_cli import parse_lightning
+    from kdlab.pipeline.fallbacks import has_first_stage, interpolated_rows, zero_shot_row
+
+    val_groups, test_groups = read_ranking_jsonl(splits["val"]), read_ranking_jsonl(splits["test"])
+    out: dict[str, Any] = {}
+    if has_first_stage(val_groups) and has_first_stage(test_groups):
+        trained = {name: (spec, lengths.get(name, config.budget.eval_max_length)) for name, spec in models.items()
+                   if spec not in (RANDOM, PRE_RANKER)}
+        val = score_models_per_query(trained, val_groups, device=config.hardware.eval_device,
+                                     dtype=config.hardware.eval_dtype, interleaved=config.hardware.eval_interleaved)
+        new_rows, new_scores, out["alpha"] = interpolated_rows({n: v[0] for n, v in val.items()}, scores, val_groups,
+                                                               test_groups, rows, gain=config.report.gain)
+        rows.extend(new_rows)
+        scores.update(new_scores)
+    students = [name for name in step_args if name.startswith("student_")]
+    if students:
+        cfg = parse_lightning(["fit", *step_args[students[0]]]).fit
+        init = cfg.model.init_args
+        if getattr(init, "architecture", "cross-encoder") == "cross-encoder":
+            row, zero_scores = zero_shot_row(str(init.backbone), test_groups, config.budget.eval_max_length,
+                                             gain=config.report.gain)
+            rows.append(row)
+            scores[row["model"]] = zero_scores
+            out["zero_shot"] = row["model"]
+    return out
+
 
 def pipeline_command(config: PipelineConfig) -> list[Path]:
     """Run a whole distillation pipeline (CPT → rank SFT → label → distill → report)."""
