@@ -54,3 +54,19 @@ def test_interpolated_labels_replace_only_the_teacher_score() -> None:
     out = interpolate_labels([g], 0.3)[0]
     assert [d.teacher_score for d in out.docs] == pytest.approx(interpolate([[0.0, 1.0, 2.0]], [g], 0.3)[0])
     assert [(d.id, d.label, d.first_stage_score) for d in out.docs] == [(d.id, d.label, d.first_stage_score) for d in g.docs]
+
+
+def test_the_best_on_validation_is_chosen_among_every_fallback() -> None:
+    from kdlab.pipeline.fallbacks import best_on_validation
+
+    record = {"alpha": {"teacher": {"alpha": 1.0, "val_ndcg_at_alpha": 0.70, "val_ndcg_model": 0.70, "val_ndcg_pre_ranker": 0.65},
+                        "student": {"alpha": 0.4, "val_ndcg_at_alpha": 0.72, "val_ndcg_model": 0.60, "val_ndcg_pre_ranker": 0.65}},
+              "zero_shot": "zero-shot", "zero_shot_val_ndcg": 0.71}
+    choice = best_on_validation(record, "BM25")
+    assert choice["model"] == "student ⊕ pre-ranker (α=0.4, chosen on validation)" and choice["val_ndcg"] == 0.72
+    assert list(choice["candidates"]) == ["BM25", "teacher", "student", choice["model"], "zero-shot"]
+    record["zero_shot_val_ndcg"] = 0.9
+    assert best_on_validation(record, "BM25")["model"] == "zero-shot"
+    tied = {"alpha": {"m": {"alpha": 0.0, "val_ndcg_at_alpha": 0.65, "val_ndcg_model": 0.5, "val_ndcg_pre_ranker": 0.65}}}
+    assert best_on_validation(tied, "BM25")["model"] == "BM25"  # a tie goes to the start
+    assert best_on_validation({}, "BM25") is None

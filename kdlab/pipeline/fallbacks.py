@@ -179,5 +179,27 @@ def zero_shot_row(backbone: str, test_groups: Sequence[RankingGroup], max_length
     return row, scores
 
 
-__all__ = ["ALPHAS", "bi_encoder_scores", "choose_alpha", "first_stage_component", "has_first_stage", "interpolate",
+def best_on_validation(record: dict[str, Any], pre_ranker: str) -> dict[str, Any] | None:
+    """What to ship, chosen on validation among every candidate the fallbacks measured: the
+    pre-ranker, each model alone, each model ⊕ pre-ranker at its α, the zero-shot bi-encoder.
+    Ties go to the earlier (cheaper) candidate: the pre-ranker first."""
+    alphas = record.get("alpha") or {}
+    candidates: list[tuple[str, float]] = []
+    if alphas:
+        candidates.append((pre_ranker, next(iter(alphas.values()))["val_ndcg_pre_ranker"]))
+    for name, chosen in alphas.items():
+        candidates.append((name, chosen["val_ndcg_model"]))
+        if chosen["alpha"] < 1.0:
+            candidates.append((f"{name} ⊕ pre-ranker (α={chosen['alpha']:g}, chosen on validation)",
+                               chosen["val_ndcg_at_alpha"]))
+    if record.get("zero_shot") and record.get("zero_shot_val_ndcg") is not None:
+        candidates.append((record["zero_shot"], record["zero_shot_val_ndcg"]))
+    if not candidates:
+        return None
+    best = max(range(len(candidates)), key=lambda i: (round(candidates[i][1], 12), -i))
+    return {"model": candidates[best][0], "val_ndcg": candidates[best][1],
+            "candidates": {name: value for name, value in candidates}}
+
+
+__all__ = ["ALPHAS", "best_on_validation", "bi_encoder_scores", "choose_alpha", "first_stage_component", "has_first_stage", "interpolate",
            "interpolate_labels", "interpolated_rows", "teacher_on_validation", "zero_shot_row", "zscores"]

@@ -197,6 +197,11 @@ def _fallback_lines(fallbacks: dict[str, Any]) -> list[str]:
         lines.append(f"- {name}: α = {chosen['alpha']:g} on validation (NDCG@10 {chosen['val_ndcg_at_alpha']:.4f}; "
                      f"the model alone {chosen['val_ndcg_model']:.4f}, the pre-ranker {chosen['val_ndcg_pre_ranker']:.4f})"
                      f"{alone}.")
+    choice = fallbacks.get("choice")
+    if choice:
+        lines.append(f"- **Best on validation: {choice['model']}** (NDCG@10 {choice['val_ndcg']:.4f} on the validation "
+                     f"split, among {len(choice['candidates'])} candidates: the pre-ranker, each model alone and "
+                     "interpolated, the zero-shot bi-encoder) — what to ship if the test split were not there.")
     if fallbacks.get("zero_shot"):
         lines.append(f"- {fallbacks['zero_shot']}: the students' backbone before any training (cosine of mean-pooled "
                      "embeddings). Untouched, it has no ranking head, so there is no zero-shot cross-encoder row "

@@ -273,7 +273,7 @@ def _fallback_rows(config: PipelineConfig, prepared: Any, splits: dict[str, str]
     from kdlab.data.readers import read_ranking_jsonl
     from kdlab.evaluation import PRE_RANKER, RANDOM, score_models_per_query
     from kdlab.lightning_cli import parse_lightning
-    from kdlab.pipeline.fallbacks import has_first_stage, interpolated_rows, zero_shot_row
+    from kdlab.pipeline.fallbacks import best_on_validation, has_first_stage, interpolated_rows, zero_shot_row
 
     val_groups, test_groups = read_ranking_jsonl(splits["val"]), read_ranking_jsonl(splits["test"])
     out: dict[str, Any] = {}
@@ -296,6 +296,9 @@ def _fallback_rows(config: PipelineConfig, prepared: Any, splits: dict[str, str]
             rows.append(row)
             scores[row["model"]] = zero_scores
             out["zero_shot"] = row["model"]
+            out["zero_shot_val_ndcg"] = zero_shot_row(str(init.backbone), val_groups, config.budget.eval_max_length,
+                                                      gain=config.report.gain)[0]["ndcg@10"]
+    out["choice"] = best_on_validation(out, prepared.pre_ranker_name)
     return out
 
 
