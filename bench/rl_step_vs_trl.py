@@ -195,10 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-source-tokens", type=int, default=48)
     parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--student-config", type=json.loads,
-                        default={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128})
-    parser.add_argument("--teacher-config", type=json.loads,
-                        default={"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 256})
+    # tiny-llama defaults; a real --teacher / --student keeps its own config unless one is given
+    parser.add_argument("--student-config", type=json.loads, default=None)
+    parser.add_argument("--teacher-config", type=json.loads, default=None)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     parser.add_argument("--kdlab-sampler", default="kdlab", choices=["kdlab", "hf-generate"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (TRL then runs through accelerate on the GPU)")
@@ -206,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student", default="tiny-llama",
                         help="the student's backbone (its --student-config, e.g. {\"num_hidden_layers\": 10}, cuts real weights)")
     ns = parser.parse_args(argv)
+    tiny = {"student": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+                        "intermediate_size": 128},
+            "teacher": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+                        "intermediate_size": 256}}
+    for side in ("student", "teacher"):
+        if getattr(ns, f"{side}_config") is None and getattr(ns, side) == "tiny-llama":
+            setattr(ns, f"{side}_config", tiny[side])
     if ns.threads:
         torch.set_num_threads(ns.threads)
     tok = load_tokenizer(ns.student)
@@ -241,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
               f"  ({flops / r['tokens'] / 1e6:.2f} MFLOP per generated token)")
     print(f"torch threads inside TRL's generation: {int(theirs['threads_during_generation'])}")
     print(f"ratio kdlab/TRL: step tokens/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x   "
-          f"generation-only {ours['gen_tokens_per_s'] / theirs['gen_tokens_per_s']:.2f}x   (target >= 1.2x)")
+          f"generation-only {ours['gen_tokens_per_s'] / theirs['gen_tokens_per_s']:.2f}x   (target >= 1.5x)")
     return 0
 
 
