@@ -226,6 +226,8 @@ def score_file(
     """
     from tqdm.auto import tqdm
 
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
+        raise ConfigError(f"num_nodes: expected an integer >= 1, got {num_nodes!r}")
     groups = read_source(as_source(input_path, "input"), "input").groups  # validated before the model loads
     if isinstance(teacher, nn.Module) and (not hasattr(teacher, "text_format") or tokenizer is None):
         raise TypeError("score_file takes a ranker export directory, or a ranker module "
@@ -248,8 +250,6 @@ def score_file(
     pending = [i for i in range(len(batches)) if i not in done]
     writer = _ShardWriter(shard_dir, None, on_batch)
     module = _ScoringModule(teacher, tok, fmt, max_length, batches, pending, dtype, quantization)
-    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
-        raise ConfigError(f"num_nodes: expected an integer >= 1, got {num_nodes!r}")
     distributed = _several(devices) or num_nodes > 1
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                         strategy="ddp" if distributed else "auto",

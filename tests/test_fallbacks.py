@@ -70,3 +70,30 @@ def test_the_best_on_validation_is_chosen_among_every_fallback() -> None:
     tied = {"alpha": {"m": {"alpha": 0.0, "val_ndcg_at_alpha": 0.65, "val_ndcg_model": 0.5, "val_ndcg_pre_ranker": 0.65}}}
     assert best_on_validation(tied, "BM25")["model"] == "BM25"  # a tie goes to the start
     assert best_on_validation({}, "BM25") is None
+
+
+def test_a_teacher_that_loses_on_validation_teaches_its_interpolated_scores(tmp_path, monkeypatch) -> None:
+    """The pipeline's labeling step: when the validation check says the teacher does not beat the
+    first stage, the students' file holds the interpolated scores and the raw ones stay beside it;
+    when it does, the raw labels are the students' file."""
+    import kdlab.pipeline.run as run
+    from kdlab.data.readers import read_ranking_jsonl, write_ranking_jsonl
+    from kdlab.pipeline import PipelineConfig
+
+    group = _group([3.0, 2.0, 1.0], [1, 0, 0], teacher=[0.0, 1.0, 2.0])
+
+    def fake_label(teacher_dir, source, output, config, dtype):
+        write_ranking_jsonl(output, [group])
+        return output
+
+    monkeypatch.setattr(run, "label_split", fake_label)
+    lost = tmp_path / "lost" / "train.jsonl"
+    run._label_with_fallback(tmp_path, "in.jsonl", lost, PipelineConfig(), "float32",
+                             {"teacher_beats_pre_ranker": False, "label_alpha": 0.3})
+    assert read_ranking_jsonl(lost) == interpolate_labels([group], 0.3)
+    assert read_ranking_jsonl(lost.with_name("train.teacher.jsonl")) == [group]
+    won = tmp_path / "won" / "train.jsonl"
+    won.parent.mkdir()
+    run._label_with_fallback(tmp_path, "in.jsonl", won, PipelineConfig(), "float32",
+                             {"teacher_beats_pre_ranker": True, "label_alpha": 1.0})
+    assert read_ranking_jsonl(won) == [group] and not won.with_name("train.teacher.jsonl").exists()

@@ -121,9 +121,10 @@ def test_the_pipeline_runs_its_training_and_labeling_steps_on_two_nodes(tmp_path
 
 
 def test_num_nodes_without_a_launcher_is_a_config_error() -> None:
+    from kdlab.errors import ConfigError
     from kdlab.pipeline import HardwareConfig
 
-    with pytest.raises(Exception, match=r"hardware.num_nodes > 1 needs hardware.launcher"):
+    with pytest.raises(ConfigError, match=r"hardware.num_nodes > 1 needs hardware.launcher"):
         HardwareConfig(num_nodes=2)
     assert HardwareConfig(train_devices=2).train_args() == ["--trainer.devices=2", "--trainer.strategy=ddp"]
     assert HardwareConfig(train_accelerator="gpu", train_devices=8, num_nodes=4, launcher=["srun"]).train_args() == [

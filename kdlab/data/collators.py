@@ -305,12 +305,13 @@ class RankingCollator:
         reasons: list[list[int]] = []
         for g, it in enumerate(items):
             docs = list(it["docs"])[:n]
+            item_reasons = it.get("reasons") if self.reason_max_length else None
             ids = []
             for j in range(n):
                 reason = None
                 if j < len(docs):
                     doc_id, title, body = docs[j]
-                    reason = it.get("reasons", [None] * len(docs))[j] if self.reason_max_length else None
+                    reason = item_reasons[j] if item_reasons else None
                     encodings.append(self.encode(it["query"], f"{title} {body}".strip()))
                     labels[g, j] = float(it["labels"][j])
                     teacher[g, j] = float(it["teacher_scores"][j])

@@ -41,12 +41,14 @@ def zscores(values: Sequence[float]) -> list[float]:
 
 
 def first_stage_component(group: RankingGroup) -> list[float]:
-    """``z(first_stage_score)`` of a group, its ties broken by the first stage's own order (group
-    order), by less than any real score gap: ranking by it is ranking by the first stage."""
-    raw = [float(d.first_stage_score) for d in group.docs]  # type: ignore[arg-type]
-    z = zscores(raw)
-    n = len(raw)
-    return [v + 1e-6 * (n - i) / n for i, v in enumerate(z)]
+    """``z(first_stage_score)`` of a group, its ties broken as the pre-ranker row breaks them
+    (:func:`kdlab.evaluation.first_stage_scores`), by less than any real score gap: ranking by it is
+    ranking by the first stage."""
+    from kdlab.evaluation import first_stage_scores
+
+    z = zscores([float(d.first_stage_score) for d in group.docs])  # type: ignore[arg-type]
+    strict = first_stage_scores([group], "(groups)")[0]
+    return [v + 1e-6 * rank / len(z) for v, rank in zip(z, strict)]
 
 
 def interpolate(model_scores: Sequence[Sequence[float]], groups: Sequence[RankingGroup], alpha: float) -> list[list[float]]:
@@ -132,9 +134,10 @@ def teacher_on_validation(teacher_dir: str, val_groups: Sequence[RankingGroup], 
                                     dtype=dtype)["teacher"][0]
     alpha, by_alpha = choose_alpha(scores, val_groups, k, gain)
     beats = by_alpha[1.0] > by_alpha[0.0]
+    # the scores are kept so the report's interpolated rows do not score the teacher on validation again
     return {"teacher_val_ndcg": by_alpha[1.0], "pre_ranker_val_ndcg": by_alpha[0.0], "teacher_beats_pre_ranker": beats,
             "label_alpha": 1.0 if beats else alpha, "val_ndcg_by_alpha": {str(a): v for a, v in by_alpha.items()},
-            "queries": len(val_groups)}
+            "queries": len(val_groups), "val_scores": scores}
 
 
 def interpolated_rows(val_scores: dict[str, list[list[float]]], test_scores: dict[str, list[list[float]]],
@@ -164,19 +167,25 @@ def interpolated_rows(val_scores: dict[str, list[list[float]]], test_scores: dic
     return new_rows, new_scores, record
 
 
-def zero_shot_row(backbone: str, test_groups: Sequence[RankingGroup], max_length: int, k: int = 10,
-                  gain: str = "linear") -> tuple[dict[str, Any], list[list[float]]]:
-    """The untouched student backbone as a bi-encoder on the test split: a report row and its scores."""
+def zero_shot_row(backbone: str, test_groups: Sequence[RankingGroup], val_groups: Sequence[RankingGroup],
+                  max_length: int, k: int = 10, gain: str = "linear") -> tuple[dict[str, Any], list[list[float]], float]:
+    """The untouched student backbone as a bi-encoder (loaded once): the test split's report row and
+    scores, and its NDCG@k on the validation split."""
     import statistics
 
     from kdlab.evaluation import _metrics_row
 
-    scores, latencies, parameters = bi_encoder_scores(backbone, test_groups, max_length)
-    labels = [[float(d.label or 0.0) for d in g.docs] for g in test_groups]
-    row = _metrics_row(f"untouched student backbone ({backbone}), zero-shot bi-encoder", list(zip(scores, labels)), k, gain)
-    row.update(parameters=parameters, ms_per_query=statistics.median(latencies) if latencies else None,
-               queries=len(labels))
-    return row, scores
+    groups = [*test_groups, *val_groups]
+    scores, latencies, parameters = bi_encoder_scores(backbone, groups, max_length)
+    labels = [[float(d.label or 0.0) for d in g.docs] for g in groups]
+    test = len(test_groups)
+    row = _metrics_row(f"untouched student backbone ({backbone}), zero-shot bi-encoder",
+                       list(zip(scores[:test], labels[:test])), k, gain)
+    test_latencies = latencies[:max(0, test - 2)]  # bi_encoder_scores skips 2 warm-up queries
+    row.update(parameters=parameters, ms_per_query=statistics.median(test_latencies) if test_latencies else None,
+               queries=test)
+    val_ndcg = _metrics_row("val", list(zip(scores[test:], labels[test:])), k, gain)[f"ndcg@{k}"]
+    return row, scores[:test], val_ndcg
 
 
 def best_on_validation(record: dict[str, Any], pre_ranker: str) -> dict[str, Any] | None:

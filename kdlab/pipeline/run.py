@@ -215,10 +215,11 @@ def run_pipeline(config: PipelineConfig) -> Path:
                                interleaved=config.hardware.eval_interleaved)
     if config.recipe.fallbacks:
         with _timed_step(pipeline_dir, "fallbacks", steps, pipeline_dir / "report.md", always=True):
-            fallback = _fallback_rows(config, prepared, splits, models, lengths, rows, scores, step_args)
+            fallback = _fallback_rows(config, prepared, splits, models, lengths, rows, scores, step_args, teacher_check)
     evidence = review_figures(rows, scores, splits["test"], pipeline_dir, config, prepared.pre_ranker_name)
     if config.recipe.fallbacks:
-        evidence["fallbacks"] = {**fallback, "teacher_on_validation": teacher_check}
+        evidence["fallbacks"] = {**fallback, "teacher_on_validation": teacher_check and
+                                 {k: v for k, v in teacher_check.items() if k != "val_scores"}}
     evidence["label_dtype"] = precision
     total, steal = time.perf_counter() - started, steal_share(counters, cpu_time_counters())
     sizes = data_sizes(prepared.groups if prepared.labeled_train is None
@@ -266,7 +267,7 @@ def _label_with_fallback(teacher_dir: Path, source: str, output: Path, config: P
 
 def _fallback_rows(config: PipelineConfig, prepared: Any, splits: dict[str, str], models: dict[str, Any],
                    lengths: dict[str, int], rows: list[dict[str, Any]], scores: dict[str, list[list[float]]],
-                   step_args: dict[str, list[str]]) -> dict[str, Any]:
+                   step_args: dict[str, list[str]], teacher_check: dict[str, Any] | None) -> dict[str, Any]:
     """The report's never-worse-than-the-start rows (:mod:`kdlab.pipeline.fallbacks`), added to
     ``rows`` and ``scores``: every trained model interpolated with the first stage (α on the
     validation split), and the untouched student backbone zero-shot as a bi-encoder."""
@@ -278,12 +279,14 @@ def _fallback_rows(config: PipelineConfig, prepared: Any, splits: dict[str, str]
     val_groups, test_groups = read_ranking_jsonl(splits["val"]), read_ranking_jsonl(splits["test"])
     out: dict[str, Any] = {}
     if has_first_stage(val_groups) and has_first_stage(test_groups):
+        known = {"teacher, CPT": teacher_check["val_scores"]} if teacher_check and "val_scores" in teacher_check else {}
         trained = {name: (spec, lengths.get(name, config.budget.eval_max_length)) for name, spec in models.items()
-                   if spec not in (RANDOM, PRE_RANKER)}
+                   if spec not in (RANDOM, PRE_RANKER) and name not in known}
         val = score_models_per_query(trained, val_groups, device=config.hardware.eval_device,
                                      dtype=config.hardware.eval_dtype, interleaved=config.hardware.eval_interleaved)
-        new_rows, new_scores, out["alpha"] = interpolated_rows({n: v[0] for n, v in val.items()}, scores, val_groups,
-                                                               test_groups, rows, gain=config.report.gain)
+        val_scores = {name: known[name] if name in known else val[name][0] for name in models if name in known or name in val}
+        new_rows, new_scores, out["alpha"] = interpolated_rows(val_scores, scores, val_groups, test_groups, rows,
+                                                               gain=config.report.gain)
         rows.extend(new_rows)
         scores.update(new_scores)
     students = [name for name in step_args if name.startswith("student_")]
@@ -291,13 +294,11 @@ def _fallback_rows(config: PipelineConfig, prepared: Any, splits: dict[str, str]
         cfg = parse_lightning(["fit", *step_args[students[0]]]).fit
         init = cfg.model.init_args
         if getattr(init, "architecture", "cross-encoder") == "cross-encoder":
-            row, zero_scores = zero_shot_row(str(init.backbone), test_groups, config.budget.eval_max_length,
-                                             gain=config.report.gain)
+            row, zero_scores, out["zero_shot_val_ndcg"] = zero_shot_row(
+                str(init.backbone), test_groups, val_groups, config.budget.eval_max_length, gain=config.report.gain)
             rows.append(row)
             scores[row["model"]] = zero_scores
             out["zero_shot"] = row["model"]
-            out["zero_shot_val_ndcg"] = zero_shot_row(str(init.backbone), val_groups, config.budget.eval_max_length,
-                                                      gain=config.report.gain)[0]["ndcg@10"]
     out["choice"] = best_on_validation(out, prepared.pre_ranker_name)
     return out
 
