@@ -276,3 +276,21 @@ def test_the_paper_ketchup_table_builds_every_step() -> None:
         built[name] = (init["objective"], init["k"], type(model).__name__)
     assert built["XSum KETCHUP K=16"] == ("pg", 16, "RLDistillKStep") and built["setup gsm8k-kl"][0] == "kl"
     assert sorted({k for o, k, _ in built.values() if o == "pg"}) == [1, 2, 4, 8, 16]
+
+
+def test_generation_runs_write_every_evaluation_example_by_example(tmp_path: Path, tiny_teacher: str) -> None:
+    """RLDistillKStep in a run directory writes val_generations/step{N}.jsonl (loader order), whose
+    lengths average to the logged val/gen_length: what scripts/ketchup_paired.py compares."""
+    run_dir = run_lightning([
+        "fit", "--config", str(EXPERIMENTS / "quickstart" / "ketchup.yaml"), f"--teacher.backbone={tiny_teacher}",
+        "--model.init_args.max_new_tokens=4", "--model.init_args.ce_warmup_steps=0", "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2", "--trainer.check_val_every_n_epoch=null", "--trainer.limit_val_batches=1",
+        "--data.init_args.eval_batch_size=3", "--data.init_args.batch_size=2", "--grad_variance.every_n_steps=1000",
+        "--trainer.logger=false", f"--run.dir={tmp_path / 'run'}",
+    ])
+    rows = [json.loads(line) for line in (run_dir / "val_generations" / "step2.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    assert set(rows[0]) == {"prediction", "target", "gen_length", "teacher_logprob"}
+    assert all(isinstance(r["teacher_logprob"], float) and r["teacher_logprob"] <= 0 for r in rows)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["val/gen_length"] == pytest.approx(sum(r["gen_length"] for r in rows) / 3)

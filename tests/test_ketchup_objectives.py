@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 
 from kdlab.errors import ConfigError
 from kdlab.lightning_cli import run_lightning
-from kdlab.losses.returns import kstep_returns_from_logits, policy_gradient_loss
+from kdlab.losses.returns import induced_rewards, kstep_returns, kstep_returns_from_logits, policy_gradient_loss
 from kdlab.models.backbones import load_backbone, load_tokenizer, pad_token_id
 from kdlab.models.served import freeze, load_teacher
 
@@ -136,6 +136,8 @@ def test_every_baseline_trains_a_step(baseline: str) -> None:
 
 @pytest.mark.parametrize("option,value,field", [
     ("weight_clip", 0.0, "weight_clip"), ("js_beta", 1.0, "js_beta"), ("reward_divisor", 0.0, "reward_divisor"),
+    ("teacher_kl_weight", -0.1, "teacher_kl_weight"), ("start_kl_weight", -1.0, "start_kl_weight"),
+    ("teacher_logit_normalization", "log-softmax", "teacher_logit_normalization"),  # with center_logits on
 ])
 def test_bad_estimator_options_fail_in_one_line(option: str, value: float, field: str) -> None:
     with pytest.raises(ConfigError, match=f"model.init_args.{field}") as err:
@@ -182,3 +184,88 @@ def test_t5_teacher_to_t5_student_ketchup_fast_dev_run(tmp_path: Path) -> None:
     assert manifest["status"] == "finished"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "train/pg_loss" in metrics and "val/rouge1" in metrics
+
+
+def _rollout_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor) -> float:
+    """mean over valid positions of KL(softmax(p) ‖ softmax(q)), written out."""
+    p, log_p, log_q = p_logits.softmax(-1), p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+    return (p * (log_p - log_q)).sum(-1)[mask].mean().item()
+
+
+def test_teacher_kl_regulariser_adds_beta_times_on_policy_forward_kl() -> None:
+    """pg + β_T·KL(p_T ‖ π_θ) on the same rollout: the difference to β_T = 0 is β_T times the KL
+    written out from the two models' logits."""
+    stage = make_stage(objective="pg", k=2, max_new_tokens=5, baseline="none", teacher_kl_weight=0.5)
+    stage.attach_teacher(make_teacher())
+    batch = seq2seq_batches(2, 2)[0]
+    torch.manual_seed(4)
+    with_kl = stage.batch_loss(batch)
+    stage.hparams.teacher_kl_weight = 0.0
+    torch.manual_seed(4)
+    without = stage.batch_loss(batch)
+    torch.manual_seed(4)
+    ro = stage.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+    kl = _rollout_kl(stage.teacher_action_logits(ro), stage.student_action_logits(ro).detach(), ro.action_mask)
+    assert kl > 0
+    assert (with_kl - without).item() == pytest.approx(0.5 * kl, rel=1e-4)
+
+
+def test_start_kl_regulariser_is_zero_at_the_start_and_pulls_back_after_a_change() -> None:
+    """KL(π_θ ‖ π_0): 0 (value and gradient) while the student is its start; after the student
+    moves, the term equals β_0 · the KL written out, and π_0 is not a parameter or in the checkpoint."""
+    stage = make_stage(objective="pg", k=1, max_new_tokens=5, baseline="none", start_kl_weight=2.0)
+    stage.attach_teacher(make_teacher())
+    batch = seq2seq_batches(2, 2)[0]
+    assert not any(name.startswith("start_policy") for name in stage.state_dict())
+    assert all(not p.requires_grad for p in stage.start_policy.parameters())
+    torch.manual_seed(4)
+    ro = stage.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+    assert _rollout_kl(stage.student_action_logits(ro).detach(), stage.start_policy_action_logits(ro), ro.action_mask) \
+        == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        stage.student.get_output_embeddings().weight.add_(0.05 * torch.randn_like(stage.student.get_output_embeddings().weight))
+    torch.manual_seed(4)
+    with_kl = stage.batch_loss(batch)
+    stage.hparams.start_kl_weight = 0.0
+    torch.manual_seed(4)
+    without = stage.batch_loss(batch)
+    torch.manual_seed(4)
+    ro = stage.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+    kl = _rollout_kl(stage.student_action_logits(ro).detach(), stage.start_policy_action_logits(ro), ro.action_mask)
+    assert kl > 1e-4
+    assert (with_kl - without).item() == pytest.approx(2.0 * kl, rel=1e-4)
+
+
+def test_log_softmax_normalisation_makes_the_return_the_teachers_continuation_loglik() -> None:
+    """teacher_logit_normalization=log-softmax, state_value=logsumexp, K=1: G_t = Σ_{i≥t} log p_T(a_i|s_i)."""
+    stage = make_stage(objective="pg", k=1, max_new_tokens=5, baseline="none", state_value="logsumexp",
+                       center_logits=False, teacher_logit_normalization="log-softmax", num_samples_per_prompt=1)
+    stage.attach_teacher(make_teacher())
+    batch = seq2seq_batches(2, 2)[0]
+    torch.manual_seed(4)
+    loss = stage.batch_loss(batch)
+    torch.manual_seed(4)
+    ro = stage.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+    log_pt = stage.teacher_action_logits(ro).log_softmax(-1).gather(-1, ro.actions.unsqueeze(-1)).squeeze(-1)
+    log_pt = log_pt.masked_fill(~ro.action_mask, 0.0)
+    returns = log_pt.flip(-1).cumsum(-1).flip(-1)
+    lp = stage.student_action_logprobs(ro).detach()
+    expected = -(returns * lp)[ro.action_mask].sum() / ro.action_mask.sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_length_normalised_returns_enter_the_pg_loss() -> None:
+    """return_normalization=length: the loss is −mean_t (G_t / (n − t)) log π on the same rollout."""
+    stage = make_stage(objective="pg", k=2, max_new_tokens=5, baseline="none", return_normalization="length")
+    stage.attach_teacher(make_teacher())
+    batch = seq2seq_batches(2, 2)[0]
+    torch.manual_seed(4)
+    loss = stage.batch_loss(batch)
+    torch.manual_seed(4)
+    ro = stage.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+    returns = kstep_returns(induced_rewards(stage.teacher_action_logits(ro), ro.actions, ro.action_mask, k=2),
+                            ro.action_mask, 2)
+    remaining = ro.action_mask.long().flip(-1).cumsum(-1).flip(-1).clamp_min(1)
+    lp = stage.student_action_logprobs(ro).detach()
+    expected = -((returns / remaining) * lp)[ro.action_mask].sum() / ro.action_mask.sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -13,7 +13,9 @@ from kdlab.losses.returns import (
     induced_rewards,
     kstep_returns,
     kstep_returns_from_logits,
+    length_normalized_returns,
     logprob_grad_sq,
+    normalized_teacher_logits,
     one_step_returns,
     one_step_rewards,
     policy_gradient_loss,
@@ -481,3 +483,37 @@ def test_policy_gradient_padding_never_leaks(baseline: str, pg_weight: str) -> N
     )
     assert torch.isfinite(b.loss) and a.loss.item() == pytest.approx(b.loss.item(), abs=1e-6)
     assert a.advantage_std.item() == pytest.approx(b.advantage_std.item(), abs=1e-6)
+
+
+def test_normalized_teacher_logits_hand_computed() -> None:
+    logits = torch.tensor([[[1.0, 2.0, 0.0], [1.0, 1.0, 1.0]]])
+    assert normalized_teacher_logits(logits, "none") is logits
+    # [1, 2, 0]: mean 1, population std √(2/3); a flat row has std 0 and stays 0 (no division by 0)
+    s = math.sqrt(2 / 3)
+    expected = torch.tensor([[[0.0, 1 / s, -1 / s], [0.0, 0.0, 0.0]]])
+    assert torch.allclose(normalized_teacher_logits(logits, "token-std"), expected, atol=1e-6)
+    lse = math.log(math.e + math.e**2 + 1)
+    expected = torch.tensor([[[1 - lse, 2 - lse, -lse], [-math.log(3)] * 3]])
+    assert torch.allclose(normalized_teacher_logits(logits, "log-softmax"), expected, atol=1e-6)
+    # token-std is invariant to each position's shift and scale (the point of it)
+    shifted = logits * torch.tensor([3.0, 0.5]).view(1, 2, 1) + 7.0
+    assert torch.allclose(normalized_teacher_logits(shifted, "token-std"), normalized_teacher_logits(logits, "token-std"),
+                          atol=1e-5)
+    with pytest.raises(ValueError, match="teacher_logit_normalization"):
+        normalized_teacher_logits(logits, "z")  # type: ignore[arg-type]
+
+
+def test_length_normalized_returns_hand_computed() -> None:
+    returns = torch.tensor([[-6.0, -4.0, -3.0, 2.0], [-2.0, 1.0, 9.0, 9.0]])
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    # row 0: n = 4 → divide by 4, 3, 2, 1; row 1: n = 2 → 2, 1, padding stays 0
+    expected = torch.tensor([[-1.5, -4 / 3, -1.5, 2.0], [-1.0, 1.0, 0.0, 0.0]])
+    assert torch.allclose(length_normalized_returns(returns, mask), expected)
+    # the point of it: a row of equal per-token rewards r has G_t / (n − t) = r whatever its length
+    r = torch.full((1, 6), -0.5)
+    for n in (1, 3, 6):
+        m = torch.arange(6)[None] < n
+        g = kstep_returns(r.masked_fill(~m, 0.0), m, k=1)
+        assert torch.allclose(length_normalized_returns(g, m)[m], torch.full((n,), -0.5))
+    assert torch.equal(length_normalized_returns(torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.bool)),
+                       torch.zeros(1, 3))

@@ -57,7 +57,9 @@ __all__ = [
     "induced_rewards",
     "kstep_returns",
     "kstep_returns_from_logits",
+    "length_normalized_returns",
     "logprob_grad_sq",
+    "normalized_teacher_logits",
     "one_step_returns",
     "one_step_rewards",
     "policy_gradient_loss",
@@ -69,11 +71,13 @@ __all__ = [
 StateValue = Literal["max", "expected", "logsumexp"]
 KStepTail = Literal["zero", "last-state"]
 PGWeight = Literal["logprob", "student-prob"]
+LogitNormalization = Literal["none", "token-std", "log-softmax"]
 Baseline = Literal["none", "mean", "min-variance", "batch-mean", "running-mean", "teacher-expected"]
 
 _STATE_VALUES = ("max", "expected", "logsumexp")
 _TAILS = ("zero", "last-state")
 _PG_WEIGHTS = ("logprob", "student-prob")
+_NORMALIZATIONS = ("none", "token-std", "log-softmax")
 _BASELINES = ("none", "mean", "min-variance", "batch-mean", "running-mean", "teacher-expected")
 
 
@@ -104,6 +108,32 @@ def _centred(logits: Tensor, center_logits: bool) -> Tensor:
     if center_logits:
         logits = logits - logits.mean(dim=-1, keepdim=True)
     return logits
+
+
+def normalized_teacher_logits(teacher_logits: Tensor, normalization: LogitNormalization = "none") -> Tensor:
+    """The teacher's logits on a per-token scale before rewards are induced from them. [reading]
+
+    ::
+
+        "none"         q = logits                                         (both codes)
+        "token-std"    q = (logits − mean_v logits) / std_v logits        at each position
+        "log-softmax"  q = log softmax(logits) = logits − logsumexp_v logits
+
+    Raw logit scales differ from position to position (a confident position has a wide spread), so
+    the induced rewards ``q − V`` of some tokens dwarf the rest; ``token-std`` puts every position
+    on unit spread (centring afterwards is then a no-op). ``log-softmax`` makes ``q`` the teacher's
+    log-probability; with ``state_value="logsumexp"`` each ``V`` is then 0 and ``G_t`` is the
+    teacher's log-likelihood of the continuation from ``t``. A position whose logits are all equal
+    (std 0) keeps std 1 under ``token-std``.
+    """
+    _check_choice("teacher_logit_normalization", normalization, _NORMALIZATIONS)
+    if normalization == "none":
+        return teacher_logits
+    logits = teacher_logits.float()
+    if normalization == "log-softmax":
+        return torch.log_softmax(logits, dim=-1)
+    std = logits.std(dim=-1, keepdim=True, unbiased=False)
+    return (logits - logits.mean(dim=-1, keepdim=True)) / torch.where(std > 0, std, torch.ones_like(std))
 
 
 def taken_action_values(teacher_logits: Tensor, actions: Tensor, center_logits: bool = True) -> Tensor:
@@ -307,6 +337,21 @@ def kstep_returns_from_logits(
         clip=clip, divisor=divisor, kstep_tail=kstep_tail,
     )
     return KStepReturns(rewards, kstep_returns(rewards, mask, k, kstep_tail))
+
+
+def length_normalized_returns(returns: Tensor, mask: Tensor) -> Tensor:
+    """``G_t / (n − t)``: each return divided by the number of actions it covers, from ``t`` to the
+    row's end ``n`` (0 on padding). [reading, after MiniLLM (Gu et al., ICLR 2024), which normalises
+    its long-term reward by the remaining length]
+
+    The induced per-token terms ``q(s_i, a_i) − V(s_i)`` are ≤ 0 with ``V = max``, so an unnormalised
+    return grows more negative with every token and the policy learns to stop early (the length
+    collapse of the real-weight runs); the per-token mean removes that pull.
+    """
+    mask = mask.bool()
+    _check_bt("returns", returns, mask)
+    remaining = mask.long().flip(-1).cumsum(-1).flip(-1)  # n − t on valid positions (prefix mask)
+    return (returns / remaining.clamp_min(1)).masked_fill(~mask, 0.0)
 
 
 def one_step_returns(rewards: Tensor, mask: Tensor) -> Tensor:

@@ -31,6 +31,8 @@ from torch import Tensor, nn
 from kdlab.defaults import IGNORE_INDEX
 from kdlab.losses.returns import (
     kstep_returns_from_logits,
+    length_normalized_returns,
+    normalized_teacher_logits,
     policy_gradient_loss,
     teacher_expected_baseline,
 )
@@ -227,6 +229,8 @@ class KStepPolicy(Protocol):
 
     def teacher_action_logits(self, ro: Rollout) -> Tensor: ...
 
+    def start_policy_action_logits(self, ro: Rollout) -> Tensor: ...
+
 
 def _token_mean(stage: KStepPolicy, total: Tensor, count: Tensor, across_ranks: bool) -> Tensor:
     return global_token_mean(stage, total, count) if across_ranks else total / count.clamp(min=1)
@@ -236,11 +240,18 @@ def pg_loss(stage: KStepPolicy, batch: Batch) -> LossAndStats:
     """KETCHUP's estimator on fresh rollouts of the batch's prompts (``objective="pg"``)::
 
         y ~ π_θ(· | x)                       stage.rollout (sampled, or greedy with greedy_rollouts)
-        R^(K)_t = q(s_t,a_t) − V(s_{t+K})    kstep_returns_from_logits (teacher logits q, one pass)
-        G^(K)_t = Σ_j R^(K)_{t+jK}
+        q = normalized_teacher_logits(teacher logits, teacher_logit_normalization)   (one pass)
+        R^(K)_t = q(s_t,a_t) − V(s_{t+K})    kstep_returns_from_logits
+        G^(K)_t = Σ_j R^(K)_{t+jK}          (÷ (n − t) with return_normalization="length")
         loss = − mean_t w_t · log π_θ(a_t | s_t)    policy_gradient_loss (baseline, pg_weight, clip)
+             + β_T · mean_t KL(p_T(·|s_t) ‖ π_θ(·|s_t))     teacher_kl_weight     [reading: GKD, on-policy]
+             + β_0 · mean_t KL(π_θ(·|s_t) ‖ π_0(·|s_t))     start_kl_weight       [reading: TRL's reference KL]
 
-    Stats: reward / return / log-prob means, the PG loss, the advantages' std, rollout length and speed.
+    The KL terms use the untempered logits over the whole vocabulary on the rollout's valid
+    positions (exact, not the sampled ``log π_θ − log π_0`` estimate PPO puts in its reward).
+
+    Stats: reward / return / log-prob means, the PG loss, the advantages' std, rollout length and
+    speed, and each KL term that is on.
     """
     hp = stage.hparams
     for key in ("prompt_input_ids", "prompt_attention_mask"):
@@ -248,21 +259,36 @@ def pg_loss(stage: KStepPolicy, batch: Batch) -> LossAndStats:
             raise KeyError(f"objective 'pg' needs {key!r} in the batch (use kdlab.data.Seq2SeqDataModule)")
     ro = stage.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"], greedy=hp.greedy_rollouts)
     t_logits = stage.teacher_action_logits(ro)
+    q_logits = normalized_teacher_logits(t_logits, hp.teacher_logit_normalization)
     rewards, returns = kstep_returns_from_logits(
-        t_logits, ro.actions, ro.action_mask, k=hp.k, state_value=hp.state_value, kstep_tail=hp.kstep_tail,
+        q_logits, ro.actions, ro.action_mask, k=hp.k, state_value=hp.state_value, kstep_tail=hp.kstep_tail,
         center_logits=hp.center_logits, clip=hp.reward_clip, divisor=hp.reward_divisor,
     )
+    if hp.return_normalization == "length":
+        returns = length_normalized_returns(returns, ro.action_mask)
     running = None if torch.isnan(stage.return_running_mean) else stage.return_running_mean
-    logprobs = stage.student_action_logprobs(ro)
+    s_logits = stage.student_action_logits(ro)
+    logprobs = stage.student_action_logprobs(ro, s_logits)
     teacher_baseline = None
     if hp.baseline == "teacher-expected":
-        teacher_baseline = teacher_expected_baseline(t_logits, ro.action_mask, hp.center_logits, divisor=hp.reward_divisor)
+        teacher_baseline = teacher_expected_baseline(q_logits, ro.action_mask, hp.center_logits, divisor=hp.reward_divisor)
     # min-variance: grad_sq=None is the released code's (its per-token g is all ones).
     out = policy_gradient_loss(
         logprobs, returns, ro.action_mask, hp.baseline, running, hp.normalize_advantages,
         pg_weight=hp.pg_weight, weight_clip=hp.weight_clip, teacher_baseline=teacher_baseline,
     )
+    loss = out.loss
     n_valid = ro.action_mask.sum().clamp_min(1)
+    kl_stats: dict[str, Tensor] = {}
+    if hp.teacher_kl_weight > 0:
+        teacher_kl = _token_mean(stage, *forward_kl(s_logits, t_logits, ro.action_mask), False)
+        loss = loss + hp.teacher_kl_weight * teacher_kl
+        kl_stats["teacher_kl"] = teacher_kl.detach()
+    if hp.start_kl_weight > 0:
+        # KL(π_θ ‖ π_0) is forward_kl with π_θ in the "teacher" slot: Σ π_θ (log π_θ − log π_0).
+        start_kl = _token_mean(stage, *forward_kl(stage.start_policy_action_logits(ro), s_logits, ro.action_mask), False)
+        loss = loss + hp.start_kl_weight * start_kl
+        kl_stats["start_kl"] = start_kl.detach()
     stats = {
         "reward_mean": rewards.sum() / n_valid,
         "return_mean": out.return_mean,
@@ -271,8 +297,9 @@ def pg_loss(stage: KStepPolicy, batch: Batch) -> LossAndStats:
         "gen_length": ro.action_mask.sum(-1).float().mean(),
         "gen_tokens_per_s": torch.tensor(ro.num_generated / max(ro.seconds, 1e-9)),
         "logprob_mean": (logprobs.detach().sum() / n_valid),
+        **kl_stats,
     }
-    return out.loss, stats
+    return loss, stats
 
 
 def ce_loss(stage: KStepPolicy, batch: Batch, across_ranks: bool = False) -> LossAndStats:

@@ -28,8 +28,11 @@ rollouts and the teacher / student logits — is :mod:`kdlab.stages.kstep_estima
 
 from __future__ import annotations
 
+import copy
+import json
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -92,6 +95,23 @@ class RLDistillKStep(L.LightningModule):
             released code: chains reaching the end take the last state's value and every chain ends
             with the terminal reward). See :mod:`kdlab.losses.returns`.
         center_logits: centre teacher logits over the vocabulary before inducing rewards (LMReward).
+        teacher_logit_normalization: per-token scale of ``q`` (and so of ``V``) before rewards are
+            induced ([reading]): ``none`` (both codes), ``token-std`` (``q ← (q − mean) / std`` over
+            the vocabulary at each position), ``log-softmax`` (``q ← log p_T``; with
+            ``state_value=logsumexp`` then ``V = 0`` and the return is the teacher's log-likelihood
+            of the rest of the sequence; needs ``center_logits: false``, which would undo it).
+            See :func:`~kdlab.losses.returns.normalized_teacher_logits`.
+        return_normalization: ``none`` (the paper) or ``length``: each return divided by the number
+            of actions it covers, ``G_t / (n − t)`` (MiniLLM's length normalisation [reading]): with
+            ``V = max`` every later token adds a term ≤ 0, so raw returns reward stopping early.
+            See :func:`~kdlab.losses.returns.length_normalized_returns`.
+        teacher_kl_weight: β_T of an on-policy teacher-KL term added to ``pg``:
+            ``+ β_T · mean_t KL(p_T(·|s_t) ‖ π_θ(·|s_t))`` on the student's rollouts (GKD's
+            on-policy forward KL, λ = 1 [reading]). 0 = off (the paper).
+        start_kl_weight: β_0 of a KL-to-the-start-policy term added to ``pg``:
+            ``+ β_0 · mean_t KL(π_θ(·|s_t) ‖ π_0(·|s_t))`` with π_0 a frozen copy of the student
+            as loaded (the reference policy of TRL's PPO/GRPO, exact over the vocabulary instead of
+            sampled [reading]). 0 = off (the paper); > 0 keeps one more student copy in memory.
         reward_clip / reward_divisor: ``R ← clamp(R / divisor, ±clip)`` (the divisor is the released
             code's ``denom``; this clip of the step reward is kdlab's own — the released code clips the
             weight ``G·π``, see ``weight_clip``).
@@ -154,6 +174,13 @@ class RLDistillKStep(L.LightningModule):
         divisor = init_args.get("reward_divisor", 1.0)
         if divisor is None or not divisor > 0:
             raise ConfigError(f"model.init_args.reward_divisor: expected > 0, got {divisor}")
+        if init_args.get("teacher_logit_normalization") == "log-softmax" and init_args.get("center_logits", True):
+            raise ConfigError("model.init_args.teacher_logit_normalization: log-softmax needs center_logits: false "
+                              "(centring log p_T over the vocabulary gives back the centred logits)")
+        for name in ("teacher_kl_weight", "start_kl_weight"):
+            value = init_args.get(name, 0.0)
+            if value is None or not value >= 0:
+                raise ConfigError(f"model.init_args.{name}: expected a weight >= 0 (0 = off), got {value}")
         beta = init_args.get("js_beta", 0.5)
         if beta is None or not 0 < beta < 1:
             raise ConfigError(f"model.init_args.js_beta: the JS mixture weight must be in (0, 1), got {beta}")
@@ -171,6 +198,10 @@ class RLDistillKStep(L.LightningModule):
         center_logits: bool = True,
         reward_clip: float | None = None,
         reward_divisor: float = 1.0,
+        teacher_logit_normalization: Literal["none", "token-std", "log-softmax"] = "none",
+        teacher_kl_weight: float = 0.0,
+        start_kl_weight: float = 0.0,
+        return_normalization: Literal["none", "length"] = "none",
         pg_weight: Literal["logprob", "student-prob"] = "logprob",
         weight_clip: float | None = 50.0,
         baseline: Literal["none", "mean", "min-variance", "batch-mean", "teacher-expected", "running-mean"] = "batch-mean",
@@ -199,7 +230,9 @@ class RLDistillKStep(L.LightningModule):
         super().__init__()
         self.check_options({"k": k, "temperature": temperature, "num_samples_per_prompt": num_samples_per_prompt,
                             "weight_clip": weight_clip, "reward_clip": reward_clip, "reward_divisor": reward_divisor,
-                            "js_beta": js_beta})
+                            "js_beta": js_beta, "teacher_kl_weight": teacher_kl_weight,
+                            "start_kl_weight": start_kl_weight, "center_logits": center_logits,
+                            "teacher_logit_normalization": teacher_logit_normalization})
         # Recorded resolved (save_hyperparameters reads the locals): Lightning refuses a data module
         # whose ``tokenizer`` hparam differs, which also catches stage and data tokenising differently.
         tokenizer = tokenizer or backbone
@@ -219,6 +252,10 @@ class RLDistillKStep(L.LightningModule):
         self.needs_teacher: bool = objective != "ce" or teacher_for_eval
         self._teacher_outputs: dict[tuple[int, ...], Tensor] = {}  # prompt ids → the teacher's greedy output
         attach_unregistered(self, "teacher", None)
+        # π_0 is the student as loaded here: on resume __init__ reloads the same start weights, so
+        # it stays out of the checkpoint (unregistered) and is still the start, not the resumed policy.
+        start = copy.deepcopy(self.student).eval().requires_grad_(False) if start_kl_weight > 0 else None
+        attach_unregistered(self, "start_policy", start)
         self.register_buffer("return_running_mean", torch.tensor(float("nan")), persistent=True)
         eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.student.config.eos_token_id
         if eos_token_ids is not None:
@@ -229,6 +266,7 @@ class RLDistillKStep(L.LightningModule):
         key, mode = resolve_val_metric(val_metric)
         self.main_metric: tuple[str, str] = (f"val/{key}", mode)  # the best checkpoint's
         self.test_metrics = TaskMetrics()
+        self._eval_rows: list[dict[str, Any]] = []  # this evaluation's examples, written at its end
 
     # ------------------------------------------------------------------ teacher protocol
     def attach_teacher(self, teacher: nn.Module) -> None:
@@ -389,6 +427,13 @@ class RLDistillKStep(L.LightningModule):
         return lp.masked_fill(~ro.action_mask, 0.0)
 
     @torch.no_grad()
+    def start_policy_action_logits(self, ro: Rollout) -> Tensor:
+        """Logits ``[B, N, V]`` of the frozen start policy π_0 predicting each action (``start_kl_weight > 0``)."""
+        if self.start_policy is None:
+            raise RuntimeError("start_policy_action_logits needs start_kl_weight > 0")
+        return action_logits(self.start_policy, ro, self.pad_id, self.device).float()
+
+    @torch.no_grad()
     def teacher_action_logits(self, ro: Rollout) -> Tensor:
         """Teacher logits ``[B, N, V]`` (float32) predicting each action, one forward pass, no grad
         (a decoder-only teacher reads prompt ⊕ actions; an encoder-decoder one encodes the prompt)."""
@@ -429,16 +474,45 @@ class RLDistillKStep(L.LightningModule):
         preds = self.decode(ro)
         targets = list(batch["target_text"])
         metrics.update(preds, targets)  # ROUGE-1/2/L, BLEU-4, answer accuracy
-        metrics.gen_length.update(ro.action_mask.sum(-1).float())
+        lengths = ro.action_mask.sum(-1)
+        metrics.gen_length.update(lengths.float())
+        teacher_ll: list[float | None] = [None] * len(preds)
         if getattr(self, "teacher", None) is not None and ro.num_generated > 0:
             logp = torch.log_softmax(self.teacher_action_logits(ro), dim=-1)
             ll = logp.gather(-1, ro.actions.unsqueeze(-1)).squeeze(-1)
             metrics.teacher_logprob.update(ll[ro.action_mask])
+            per_row = ll.masked_fill(~ro.action_mask, 0.0).sum(-1) / lengths.clamp_min(1)
+            teacher_ll = [float(v) for v in per_row]
+        self._eval_rows.extend(
+            {"prediction": p, "target": t, "gen_length": int(n), "teacher_logprob": ll_row}
+            for p, t, n, ll_row in zip(preds, targets, lengths.tolist(), teacher_ll)
+        )
 
     def _eval_epoch_end(self, metrics: TaskMetrics, prefix: str) -> None:
         for name, value in metrics.compute().items():
             self.log(f"{prefix}/{name}", value, prog_bar=f"val/{name}" == self.main_metric[0])
         metrics.reset()
+        self._write_generations(prefix)
+
+    def _write_generations(self, prefix: str) -> None:
+        """``{prefix}_generations/step{N}.jsonl`` in the run directory: one line per evaluation
+        example, in loader order (prediction, reference, length, the teacher's mean log-likelihood),
+        so runs can be compared example by example (``scripts/ketchup_paired.py``). Only inside a
+        kdlab run directory (one with a ``manifest.json``; ``python -m kdlab fit``). Per-rank files
+        (``step{N}.rank{r}.jsonl``) under DDP, whose sampler splits the examples."""
+        rows, self._eval_rows = self._eval_rows, []
+        trainer = self._trainer
+        if trainer is None or trainer.sanity_checking or not rows:
+            return
+        from kdlab.runs import write_text_atomic
+
+        run_dir = Path(trainer.default_root_dir)
+        if not (run_dir / "manifest.json").exists():  # not a kdlab run directory (a bare Trainer: cwd)
+            return
+        rank = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        path = run_dir / f"{prefix}_generations" / f"step{self.global_step}{rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows), durable=False)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(self.val_metrics, batch)
@@ -459,6 +533,10 @@ class RLDistillKStep(L.LightningModule):
         """Continuations as text (tokens after the first EOS dropped, special tokens skipped)."""
         ids = ro.actions.masked_fill(~ro.action_mask, self.pad_id)
         return [s.strip() for s in self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
+
+    def on_fit_start(self) -> None:
+        if self.start_policy is not None:  # unregistered, so Lightning does not move it
+            self.start_policy.to(self.device)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
