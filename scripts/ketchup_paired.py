@@ -70,15 +70,23 @@ def check_against_log(run_dir: Path, steps: dict[int, list[dict]], split: str = 
 
 
 def grad_variance_trace(run_dir: Path) -> list[tuple[int, float]]:
-    """``(step, trace/|ḡ|²)`` of each gradient-variance measurement in the run's CSV log."""
+    """``(logged step, trace/|ḡ|²)`` of each gradient-variance measurement in the run's CSV log.
+
+    The CSV logger repeats a callback's last value at every logging step until the next measurement,
+    so a value equal to the previous row's is the same measurement and is kept once (at the step it
+    was first logged, up to ``log_every_n_steps`` after the step it was measured at).
+    """
     points: list[tuple[int, float]] = []
     for path in sorted(run_dir.rglob("metrics.csv")):
+        previous = None
         with open(path, newline="") as handle:
             for row in csv.DictReader(handle):
                 value = row.get("grad_var/ratio", "")
-                if value not in ("", None):
-                    points.append((int(float(row.get("step") or 0)), float(value)))
-    return sorted(set(points))
+                if value in ("", None) or value == previous:
+                    continue
+                previous = value
+                points.append((int(float(row.get("step") or 0)), float(value)))
+    return points
 
 
 def token_mean_loglik(rows: list[dict]) -> float:
@@ -163,7 +171,9 @@ def summarise(config: str, root: str, reference: str, split: str) -> tuple[str, 
         per_example_mean[variant] = per_example
         lengths = [statistics.fmean(r["gen_length"] for r in rows) for rows in finals]
         logliks = [token_mean_loglik(rows) for rows in finals]
-        ratios = [v for run in entry["runs"] for _, v in run["grad_var"] if math.isfinite(v)]
+        # per run: the mean of its measurements (the callback's grad_var/ratio_mean); then over seeds
+        ratios = [statistics.fmean(values) for run in entry["runs"]
+                  if (values := [v for _, v in run["grad_var"] if math.isfinite(v)])]
         collapsed = [length < MIN_LENGTH_RATIO * ref_len or (math.isfinite(ref_loglik) and ll < ref_loglik)
                      for length, ll in zip(lengths, logliks)]
         summary[variant] = {"rougeL": per_seed, "gen_length": lengths, "teacher_logprob": logliks,
@@ -176,7 +186,7 @@ def summarise(config: str, root: str, reference: str, split: str) -> tuple[str, 
             f"| {'–' if variant == first else _fmt(wilcoxon_p(per_example, per_example_mean[first]))} "
             f"| {'–' if variant == first else _fmt(ttest_p(per_seed, first_seeds))} "
             f"| {_mean_std(lengths)} | {_mean_std(logliks)} "
-            f"| {'–' if not ratios else f'{statistics.fmean(ratios):.3g}'} "
+            f"| {'–' if not ratios else _mean_std(ratios)} "
             f"| {'**yes** (' + str(sum(collapsed)) + '/' + str(len(collapsed)) + ')' if any(collapsed) else 'no'} |"
         )
     report = out_dir / "paired.md"
@@ -220,7 +230,7 @@ def plot(result: dict, path: Path, title: str) -> None:
     axes[1].set(xlabel="optimiser step", ylabel="mean generated tokens")
     axes[1].legend(fontsize=7)
     if has_var:
-        axes[2].set(xlabel="optimiser step", ylabel="trace(Σ̂) / ‖ḡ‖²", yscale="log")
+        axes[2].set(xlabel="optimiser step (as logged)", ylabel="trace(Σ̂) / ‖ḡ‖² (mean over seeds)", yscale="log")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=7)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 0.83, 1))

@@ -30,7 +30,7 @@ def _run(run_dir: Path, steps: dict[int, list[str]], lengths: list[int], ll: flo
     (run_dir / "metrics.json").write_text(json.dumps({"val/rougeL": score}))
     if ratio is not None:
         (run_dir / "logs").mkdir(exist_ok=True)
-        (run_dir / "logs" / "metrics.csv").write_text(f"step,grad_var/ratio,train/loss\n0,{ratio},\n5,,1.0\n10,{ratio / 2},\n")
+        (run_dir / "logs" / "metrics.csv").write_text(f"step,grad_var/ratio,train/loss\n0,{ratio},\n5,,1.0\n9,{ratio},\n10,{ratio / 2},\n")
 
 
 def test_paired_report_tests_over_examples_and_flags_collapse(tmp_path: Path) -> None:
@@ -46,7 +46,7 @@ def test_paired_report_tests_over_examples_and_flags_collapse(tmp_path: Path) ->
     good, short = result["variants"]["good"], result["variants"]["short"]
     assert good["rougeL"] == [pytest.approx(1.0)] and good["collapsed"] == [False]
     assert short["collapsed"] == [True]  # length 1 < half of 4, though its log-lik is higher
-    assert good["grad_var_ratio_mean"] == pytest.approx(6.0)  # (8 + 4) / 2, empty CSV cells skipped
+    assert good["grad_var_ratio_mean"] == pytest.approx(6.0)  # (8 + 4) / 2: empty cells and the logger's repeat skipped
     start_scores = [paired._rouge_l(p, t) for p, t in zip(start, TARGETS)]
     expected_p = stats.wilcoxon([1.0] * 6, start_scores).pvalue
     row = next(line for line in text.splitlines() if line.startswith("| good "))
