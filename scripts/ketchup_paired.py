@@ -46,6 +46,10 @@ def _rouge_l(prediction: str, target: str) -> float:
 
 def read_steps(run_dir: Path, split: str = "val") -> dict[int, list[dict]]:
     """``{step: rows}`` of a run's evaluations, each row with its per-example ``rougeL`` added."""
+    if not (run_dir / "manifest.json").exists():
+        raise SystemExit(f"{run_dir}: no such run (run the ablation first, with the same --root)")
+    if not (run_dir / "metrics.json").exists():
+        raise SystemExit(f"{run_dir}: the run has not finished (no metrics.json); rerun the ablation to complete it")
     out: dict[int, list[dict]] = {}
     for path in sorted((run_dir / f"{split}_generations").glob("step*.jsonl")):
         if ".rank" in path.name:
@@ -124,7 +128,7 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def summarise(config: str, root: str, reference: str, split: str) -> tuple[str, dict, Path]:
+def summarise(config: str, root: str, reference: str, split: str) -> tuple[str, dict]:
     spec = load_ablation(config)
     out_dir = Path(root) / spec.name
     ref_dir = out_dir / f"setup-{reference}"
@@ -189,11 +193,10 @@ def summarise(config: str, root: str, reference: str, split: str) -> tuple[str, 
             f"| {'–' if not ratios else _mean_std(ratios)} "
             f"| {'**yes** (' + str(sum(collapsed)) + '/' + str(len(collapsed)) + ')' if any(collapsed) else 'no'} |"
         )
-    report = out_dir / "paired.md"
     return "\n".join(lines) + "\n", {"reference": {"rougeL": statistics.fmean(ref_score), "gen_length": ref_len,
                                                    "teacher_logprob": ref_loglik},
                                      "variants": summary, "data": data, "ref_len": ref_len,
-                                     "ref_score": statistics.fmean(ref_score)}, report
+                                     "ref_score": statistics.fmean(ref_score)}
 
 
 def plot(result: dict, path: Path, title: str) -> None:
@@ -246,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="val", help="the evaluation files to read ({split}_generations)")
     parser.add_argument("--out", default=None, help="output prefix (default: ROOT/NAME/<config stem>_paired)")
     args = parser.parse_args(argv)
-    text, result, _ = summarise(args.config, args.root, args.reference, args.split)
+    text, result = summarise(args.config, args.root, args.reference, args.split)
     spec = load_ablation(args.config)
     prefix = Path(args.out) if args.out else Path(args.root) / spec.name / f"{Path(args.config).stem}_paired"
     write_text_atomic(prefix.with_suffix(".md"), text)

@@ -7,6 +7,8 @@ from ``generate``, the pure losses of :mod:`kdlab.losses`) and compared, and its
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 from pathlib import Path
 
@@ -192,26 +194,30 @@ def _rollout_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tens
     return (p * (log_p - log_q)).sum(-1)[mask].mean().item()
 
 
+def _added_term_and_rollout(stage: Any, batch: dict[str, Any], option: str) -> tuple[float, Any]:
+    """The loss with ``option`` on minus the loss with it set to 0, on one seeded rollout, and that rollout."""
+    torch.manual_seed(4)
+    with_term = stage.batch_loss(batch)
+    setattr(stage.hparams, option, 0.0)
+    torch.manual_seed(4)
+    without = stage.batch_loss(batch)
+    torch.manual_seed(4)
+    return (with_term - without).item(), stage.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+
+
 def test_teacher_kl_regulariser_adds_beta_times_on_policy_forward_kl() -> None:
     """pg + β_T·KL(p_T ‖ π_θ) on the same rollout: the difference to β_T = 0 is β_T times the KL
     written out from the two models' logits."""
     stage = make_stage(objective="pg", k=2, max_new_tokens=5, baseline="none", teacher_kl_weight=0.5)
     stage.attach_teacher(make_teacher())
-    batch = seq2seq_batches(2, 2)[0]
-    torch.manual_seed(4)
-    with_kl = stage.batch_loss(batch)
-    stage.hparams.teacher_kl_weight = 0.0
-    torch.manual_seed(4)
-    without = stage.batch_loss(batch)
-    torch.manual_seed(4)
-    ro = stage.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+    added, ro = _added_term_and_rollout(stage, seq2seq_batches(2, 2)[0], "teacher_kl_weight")
     kl = _rollout_kl(stage.teacher_action_logits(ro), stage.student_action_logits(ro).detach(), ro.action_mask)
     assert kl > 0
-    assert (with_kl - without).item() == pytest.approx(0.5 * kl, rel=1e-4)
+    assert added == pytest.approx(0.5 * kl, rel=1e-4)
 
 
 def test_start_kl_regulariser_is_zero_at_the_start_and_pulls_back_after_a_change() -> None:
-    """KL(π_θ ‖ π_0): 0 (value and gradient) while the student is its start; after the student
+    """KL(π_θ ‖ π_0): 0 while the student is its start; after the student
     moves, the term equals β_0 · the KL written out, and π_0 is not a parameter or in the checkpoint."""
     stage = make_stage(objective="pg", k=1, max_new_tokens=5, baseline="none", start_kl_weight=2.0)
     stage.attach_teacher(make_teacher())
@@ -224,16 +230,10 @@ def test_start_kl_regulariser_is_zero_at_the_start_and_pulls_back_after_a_change
         == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
         stage.student.get_output_embeddings().weight.add_(0.05 * torch.randn_like(stage.student.get_output_embeddings().weight))
-    torch.manual_seed(4)
-    with_kl = stage.batch_loss(batch)
-    stage.hparams.start_kl_weight = 0.0
-    torch.manual_seed(4)
-    without = stage.batch_loss(batch)
-    torch.manual_seed(4)
-    ro = stage.rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+    added, ro = _added_term_and_rollout(stage, batch, "start_kl_weight")
     kl = _rollout_kl(stage.student_action_logits(ro).detach(), stage.start_policy_action_logits(ro), ro.action_mask)
     assert kl > 1e-4
-    assert (with_kl - without).item() == pytest.approx(2.0 * kl, rel=1e-4)
+    assert added == pytest.approx(2.0 * kl, rel=1e-4)
 
 
 def test_log_softmax_normalisation_makes_the_return_the_teachers_continuation_loglik() -> None:

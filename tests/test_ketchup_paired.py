@@ -28,6 +28,7 @@ def _run(run_dir: Path, steps: dict[int, list[str]], lengths: list[int], ll: flo
     last = steps[max(steps)]
     score = sum(paired._rouge_l(p, t) for p, t in zip(last, TARGETS)) / len(TARGETS)
     (run_dir / "metrics.json").write_text(json.dumps({"val/rougeL": score}))
+    (run_dir / "manifest.json").write_text(json.dumps({"status": "finished"}))
     if ratio is not None:
         (run_dir / "logs").mkdir(exist_ok=True)
         (run_dir / "logs" / "metrics.csv").write_text(f"step,grad_var/ratio,train/loss\n0,{ratio},\n5,,1.0\n9,{ratio},\n10,{ratio / 2},\n")
@@ -42,7 +43,7 @@ def test_paired_report_tests_over_examples_and_flags_collapse(tmp_path: Path) ->
     _run(out / "setup-student", {150: start}, [4] * 6, -2.0)
     _run(out / "good" / "seed0", {10: start, 20: TARGETS}, [5] * 6, -1.5, ratio=8.0)
     _run(out / "short" / "seed0", {20: ["the"] * 6}, [1] * 6, -1.0)
-    text, result, _ = paired.summarise(str(config), str(tmp_path / "root"), "student", "val")
+    text, result = paired.summarise(str(config), str(tmp_path / "root"), "student", "val")
     good, short = result["variants"]["good"], result["variants"]["short"]
     assert good["rougeL"] == [pytest.approx(1.0)] and good["collapsed"] == [False]
     assert short["collapsed"] == [True]  # length 1 < half of 4, though its log-lik is higher
@@ -63,3 +64,12 @@ def test_a_logged_figure_that_disagrees_with_the_examples_stops_the_script(tmp_p
     with pytest.raises(SystemExit, match="!= logged val/rougeL"):
         paired.check_against_log(run_dir, paired.read_steps(run_dir))
     assert math.isnan(paired.wilcoxon_p([1.0, 2.0], [1.0, 2.0]))
+
+
+def test_a_missing_or_unfinished_run_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no such run"):
+        paired.read_steps(tmp_path / "absent")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "manifest.json").write_text("{}")
+    with pytest.raises(SystemExit, match="has not finished"):
+        paired.read_steps(tmp_path / "half")

@@ -345,8 +345,9 @@ def length_normalized_returns(returns: Tensor, mask: Tensor) -> Tensor:
     its long-term reward by the remaining length]
 
     The induced per-token terms ``q(s_i, a_i) − V(s_i)`` are ≤ 0 with ``V = max``, so an unnormalised
-    return grows more negative with every token and the policy learns to stop early (the length
-    collapse of the real-weight runs); the per-token mean removes that pull.
+    return grows more negative with every token and the policy learns to stop early; the per-token
+    mean is meant to weaken that pull. (On the real SmolLM2 pair it did not stop the length collapse:
+    docs/real_ketchup.md, the search's ``length-normalised return`` row.)
     """
     mask = mask.bool()
     _check_bt("returns", returns, mask)

@@ -103,7 +103,8 @@ class RLDistillKStep(L.LightningModule):
             See :func:`~kdlab.losses.returns.normalized_teacher_logits`.
         return_normalization: ``none`` (the paper) or ``length``: each return divided by the number
             of actions it covers, ``G_t / (n − t)`` (MiniLLM's length normalisation [reading]): with
-            ``V = max`` every later token adds a term ≤ 0, so raw returns reward stopping early.
+            ``V = max`` every later token adds a term ≤ 0, so raw returns reward stopping early
+            (it did not prevent that on the real-weight search, docs/real_ketchup.md).
             See :func:`~kdlab.losses.returns.length_normalized_returns`.
         teacher_kl_weight: β_T of an on-policy teacher-KL term added to ``pg``:
             ``+ β_T · mean_t KL(p_T(·|s_t) ‖ π_θ(·|s_t))`` on the student's rollouts (GKD's
